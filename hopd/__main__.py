@@ -1,0 +1,5 @@
+import sys
+
+from hopd.cli import main
+
+sys.exit(main())

@@ -1,0 +1,461 @@
+"""On-policy distillation with a rollout-horizon schedule: the loop, top to bottom.
+
+Each optimizer step:  H = schedule(step) -> the student samples <= H tokens per prompt -> the
+teacher scores them in one forward pass -> per-token loss, backward over micro-batches -> clip,
+AdamW, LR schedule -> one flushed line in metrics.jsonl. Every few steps: a full-budget greedy
+evaluation, per-position diagnostics, a checkpoint. Each phase is timed.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import resource
+import shutil
+import signal
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+from transformers import PreTrainedModel
+
+from hopd import config as C
+from hopd.evaluate import encode_prompts, evaluate
+from hopd.horizon import HorizonConfig, describe, horizon_at
+from hopd.losses import distribution_loss, sampled_rkl, token_logprobs
+from hopd.models import DTYPES, check_compatible, load_model, load_tokenizer, resolve_model_path
+from hopd.progress import Bar, MetricsLog, read_metrics
+from hopd.rollout import Rollout, sample
+from hopd.sft import warmup_cosine
+from hopd.tasks import default_budget, is_chain, load_examples
+from hopd.teacher import TeacherScores, response_logits, score
+
+LOSSES = ("sampled_rkl", "rkl", "fkl", "jsd")
+
+
+@dataclass
+class LossConfig:
+    kind: str = "sampled_rkl"  # sampled_rkl | rkl | fkl | jsd
+    beta: float = 0.5  # jsd weight: 0 = forward KL, 1 = reverse KL
+    top_k: int = 0  # full-vocabulary losses on the teacher's top-k + tail (0: all tokens)
+    gamma: float = 0.0  # sampled_rkl discount over future tokens (0: per-token advantage)
+    clip_eps: float = 0.0  # sampled_rkl PPO-style ratio clipping (0: off)
+
+
+@dataclass
+class SamplingConfig:
+    temperature: float = 1.0  # student sampling temperature for rollouts
+    top_p: float = 1.0  # nucleus sampling (1: off)
+    top_k: int = 0  # top-k sampling (0: off)
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 5e-4  # peak learning rate (AdamW)
+    warmup_steps: int = 5  # linear warm-up steps
+    min_lr_ratio: float = 0.1  # cosine decay floor, as a fraction of lr
+    weight_decay: float = 0.0  # AdamW weight decay
+    grad_clip: float = 1.0  # max global gradient norm
+
+
+@dataclass
+class DistillConfig:
+    student: str = "testbed:student"  # student checkpoint: path or testbed:student
+    teacher: str = "testbed:teacher"  # teacher checkpoint: path or testbed:teacher
+    data: str = "chain:default"  # prompt source: chain:PRESET
+    budget: int = 0  # full response budget L in tokens (0: the task's default)
+    max_steps: int = 60  # optimizer steps
+    batch_size: int = 32  # prompts (rollouts) per optimizer step
+    grad_accum: int = 1  # micro-batches per optimizer step (same gradient, less memory)
+    horizon: HorizonConfig = field(default_factory=HorizonConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    sampling: SamplingConfig = field(default_factory=SamplingConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    eval_every: int = 10  # full-budget greedy evaluation every N steps (0: start and end only)
+    eval_n: int = 200  # held-out prompts per evaluation
+    diag_every: int = 10  # per-position diagnostics every N steps (0: off)
+    diag_n: int = 16  # prompts sampled at the full budget for diagnostics
+    diag_buckets: int = 16  # position buckets over [0, L)
+    save_every: int = 0  # checkpoint every N steps (0: only at the end)
+    keep_last: int = 2  # checkpoints kept
+    max_bad_steps: int = 5  # stop after this many non-finite steps in a row
+    seed: int = 0  # data order, sampling and evaluation seed
+    device: str = "cpu"  # student device
+    teacher_device: str = ""  # teacher device ("": same as the student)
+    dtype: str = "float32"  # student weights dtype
+    teacher_dtype: str = ""  # teacher weights dtype ("": same as the student)
+    threads: int = 0  # torch CPU threads (0: torch's default)
+
+    def validate(self) -> None:
+        C.check(self.max_steps >= 1, f"max_steps={self.max_steps}: must be >= 1")
+        C.check(self.batch_size >= 1, f"batch_size={self.batch_size}: must be >= 1")
+        C.check(self.grad_accum >= 1, f"grad_accum={self.grad_accum}: must be >= 1")
+        C.check(self.grad_accum <= self.batch_size, f"grad_accum={self.grad_accum} exceeds "
+                f"batch_size={self.batch_size}: each micro-batch needs at least one prompt")
+        C.check(self.budget >= 0, f"budget={self.budget}: must be >= 0 (0: task default)")
+        C.check(self.loss.kind in LOSSES,
+                f"loss.kind={self.loss.kind!r}: choose one of {', '.join(LOSSES)}")
+        C.check(0 <= self.loss.beta <= 1, f"loss.beta={self.loss.beta}: must be in [0, 1]")
+        C.check(self.loss.top_k >= 0, f"loss.top_k={self.loss.top_k}: must be >= 0")
+        C.check(0 <= self.loss.gamma <= 1, f"loss.gamma={self.loss.gamma}: must be in [0, 1]")
+        C.check(self.loss.clip_eps >= 0, f"loss.clip_eps={self.loss.clip_eps}: must be >= 0")
+        C.check(self.sampling.temperature > 0,
+                f"sampling.temperature={self.sampling.temperature}: must be > 0")
+        C.check(0 < self.sampling.top_p <= 1,
+                f"sampling.top_p={self.sampling.top_p}: must be in (0, 1]")
+        C.check(self.optim.lr > 0, f"optim.lr={self.optim.lr}: must be > 0")
+        C.check(self.optim.grad_clip > 0, f"optim.grad_clip={self.optim.grad_clip}: must be > 0")
+        C.check(0 <= self.optim.min_lr_ratio <= 1,
+                f"optim.min_lr_ratio={self.optim.min_lr_ratio}: must be in [0, 1]")
+        for name in ("eval_every", "diag_every", "save_every"):
+            C.check(getattr(self, name) >= 0, f"{name}={getattr(self, name)}: must be >= 0")
+        C.check(self.eval_n >= 1, f"eval_n={self.eval_n}: must be >= 1")
+        C.check(self.diag_n >= 1 and self.diag_buckets >= 1, "diag_n and diag_buckets must be >= 1")
+        C.check(self.keep_last >= 1, f"keep_last={self.keep_last}: must be >= 1")
+        C.check(self.max_bad_steps >= 1, f"max_bad_steps={self.max_bad_steps}: must be >= 1")
+        for name in ("dtype", "teacher_dtype"):
+            v = getattr(self, name)
+            C.check(v in DTYPES or (name == "teacher_dtype" and v == ""),
+                    f"{name}={v!r}: choose one of {', '.join(sorted(DTYPES))}")
+        for name in ("device", "teacher_device"):
+            v = getattr(self, name)
+            if v.startswith("cuda"):
+                C.check(torch.cuda.is_available(), f"{name}={v!r}: CUDA is not available here; "
+                        "use device=cpu")
+            else:
+                C.check(v in ("cpu", "mps") or (name == "teacher_device" and v == ""),
+                        f"{name}={v!r}: use cpu, cuda or cuda:N")
+        C.check(is_chain(self.data), f"data={self.data!r}: use chain:default|hard|tiny")
+        self.horizon.validate(self.resolved_budget())
+
+    def resolved_budget(self) -> int:
+        return self.budget or default_budget(self.data)
+
+
+ALIASES = {"steps": "max_steps", "lr": "optim.lr", "H": "horizon.tokens"}
+
+
+def load_config(path: str | Path | None, overrides: list[str]) -> DistillConfig:
+    return C.load(DistillConfig, path, overrides, aliases=ALIASES)
+
+
+# ---------------------------------------------------------------------------------------------
+# Pieces of one step
+
+
+def train_prompts(cfg: DistillConfig, step: int) -> list[str]:
+    """The prompts of optimizer step `step`: deterministic in (seed, step), so resume is exact."""
+    return [e.prompt for e in load_examples(cfg.data, cfg.batch_size, "train",
+                                            seed=cfg.seed * 1_000_003 + step)]
+
+
+def learn(student: PreTrainedModel, rollout: Rollout, teacher: TeacherScores, cfg: DistillConfig,
+          vocab: int) -> dict[str, float]:
+    """Accumulates the step's gradient over `grad_accum` micro-batches; returns loss stats.
+
+    Every micro-batch loss is divided by the step's total response-token count, so the summed
+    gradient equals the full batch's token-mean gradient whatever the split.
+    """
+    n_tokens = rollout.num_tokens
+    B = rollout.ids_B_T.size(0)
+    mb = math.ceil(B / cfg.grad_accum)
+    total, stats, act_bytes = 0.0, {"rho_mean": 0.0, "rho_max": 0.0}, 0
+    teacher_in = None if cfg.loss.kind == "sampled_rkl" else teacher.as_loss_input()
+    for lo in range(0, B, mb):
+        rows = slice(lo, lo + mb)
+        mask = rollout.response_mask_B_R[rows]
+        with _count_saved_bytes() as saved:
+            logits = response_logits(student, rollout.ids_B_T[rows], rollout.attn_B_T[rows],
+                                     rollout.prompt_len, vocab)
+            if cfg.loss.kind == "sampled_rkl":
+                learner_logp = token_logprobs(logits, rollout.response_ids_B_R[rows])
+                loss, s = sampled_rkl(learner_logp, rollout.sampler_logp_B_R[rows],
+                                      teacher.logp_B_R[rows], mask, n_tokens,
+                                      gamma=cfg.loss.gamma, clip_eps=cfg.loss.clip_eps)
+                stats["rho_mean"] += s["rho_mean"] * float(mask.sum()) / max(n_tokens, 1)
+                stats["rho_max"] = max(stats["rho_max"], s["rho_max"])
+            else:
+                sub = {k: v[rows] for k, v in teacher_in.items()}
+                loss = distribution_loss(logits, sub, mask, n_tokens, cfg.loss.kind,
+                                         cfg.loss.beta)
+        act_bytes = max(act_bytes, saved.bytes)
+        loss.backward()
+        total += loss.item()
+    return {"loss": total, "act_mem_mb": act_bytes / 2**20, **stats}
+
+
+class _count_saved_bytes:
+    """Sums the bytes autograd saves for backward inside the block: the activation memory."""
+
+    def __enter__(self) -> _count_saved_bytes:
+        self.bytes = 0
+
+        def pack(t: torch.Tensor) -> torch.Tensor:
+            self.bytes += t.numel() * t.element_size()
+            return t
+
+        self.ctx = torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t)
+        self.ctx.__enter__()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.ctx.__exit__(*exc)
+
+
+def position_diagnostics(student: PreTrainedModel, teacher_model: PreTrainedModel,
+                         prompts: list[list[int]], cfg: DistillConfig, budget: int, vocab: int,
+                         eos: int, pad: int, step: int) -> dict[str, Any]:
+    """Per-position feedback at the full budget: rollouts of L tokens, bucketed by position.
+
+    rkl_by_pos: mean sampled reverse KL log q(y_t) - log t(y_t) per bucket (an unbiased estimate
+    of KL(q || t) at those positions); teacher_entropy_by_pos: mean teacher entropy per bucket.
+    """
+    gen = torch.Generator(device=cfg.device).manual_seed(cfg.seed * 7919 + step)
+    student.eval()
+    r = sample(student, prompts, budget, eos, pad, temperature=cfg.sampling.temperature,
+               generator=gen)
+    student.train()
+    t = score(teacher_model, r, with_entropy=True, vocab=vocab)
+    nb = cfg.diag_buckets
+    bucket_R = (torch.arange(r.response_mask_B_R.size(1)) * nb // budget).clamp(max=nb - 1)
+    mask = r.response_mask_B_R.float()
+    rkl = (r.sampler_logp_B_R - t.logp_B_R) * mask
+    ent = t.entropy_B_R * mask
+    count = torch.zeros(nb).index_add_(0, bucket_R, mask.sum(0))
+    rkl_b = torch.zeros(nb).index_add_(0, bucket_R, rkl.sum(0)) / count.clamp(min=1)
+    ent_b = torch.zeros(nb).index_add_(0, bucket_R, ent.sum(0)) / count.clamp(min=1)
+    nan = float("nan")
+    return {"diag_rkl_by_pos": [v if c > 0 else nan for v, c in zip(rkl_b.tolist(), count)],
+            "diag_teacher_entropy_by_pos": [v if c > 0 else nan
+                                            for v, c in zip(ent_b.tolist(), count)],
+            "diag_tokens_by_pos": count.int().tolist()}
+
+
+def peak_memory_mb(device: str) -> float:
+    """CUDA: peak allocated since the last reset. CPU: the process's peak resident set size."""
+    if device.startswith("cuda"):
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    scale = 1 if sys.platform == "darwin" else 1024  # ru_maxrss is bytes on macOS, KiB on Linux
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale / 2**20
+
+
+# ---------------------------------------------------------------------------------------------
+# Checkpoints
+
+
+def save_checkpoint(run: Path, step: int, student: PreTrainedModel, tokenizer: Any,
+                    opt: torch.optim.Optimizer, sched: Any, extra: dict[str, Any],
+                    keep_last: int) -> Path:
+    """Writes RUN/checkpoints/step_N atomically (a temporary folder, then a rename)."""
+    ckpts = run / "checkpoints"
+    ckpts.mkdir(exist_ok=True)
+    final = ckpts / f"step_{step:07d}"
+    tmp = ckpts / f".tmp_step_{step:07d}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    student.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    torch.save({"optimizer": opt.state_dict(), "scheduler": sched.state_dict(), "step": step,
+                "torch_rng": torch.get_rng_state(), **extra}, tmp / "trainer_state.pt")
+    shutil.rmtree(final, ignore_errors=True)
+    os.replace(tmp, final)
+    for old in sorted(ckpts.glob("step_*"))[:-keep_last]:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def latest_checkpoint(run: Path) -> Path | None:
+    found = sorted((run / "checkpoints").glob("step_*"))
+    return found[-1] if found else None
+
+
+class _StopFlag:
+    """SIGINT/SIGTERM set a flag: the loop finishes its step, saves, and exits cleanly."""
+
+    def __init__(self) -> None:
+        self.stop = False
+        self.old: dict[int, Any] = {}
+
+    def __enter__(self) -> _StopFlag:
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            try:
+                self.old[sig] = signal.signal(sig, self._handle)
+            except ValueError:  # not the main thread
+                pass
+        return self
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        if self.stop:  # a second signal: give up at once
+            raise KeyboardInterrupt
+        self.stop = True
+        print(f"\nhopd: got signal {signum}; finishing this step, then saving", file=sys.stderr)
+
+    def __exit__(self, *exc: Any) -> None:
+        for sig, handler in self.old.items():
+            signal.signal(sig, handler)
+
+
+# ---------------------------------------------------------------------------------------------
+# The loop
+
+
+def distill(cfg: DistillConfig, run: Path, resume: bool = False, progress: bool = True
+            ) -> dict[str, Any]:
+    """Runs OPD with the configured horizon schedule; writes everything under `run`."""
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    budget = cfg.resolved_budget()
+    # Check the pair before loading data or sampling: tokenizers first (cheap), then vocab sizes.
+    s_path, t_path = resolve_model_path(cfg.student), resolve_model_path(cfg.teacher)
+    tok, t_tok = load_tokenizer(str(s_path)), load_tokenizer(str(t_path))
+    s_vocab = json.loads((s_path / "config.json").read_text()).get("vocab_size", len(tok))
+    t_vocab = json.loads((t_path / "config.json").read_text()).get("vocab_size", len(t_tok))
+    check_compatible(t_tok, tok, t_vocab, s_vocab)
+    vocab = min(s_vocab, t_vocab)
+
+    run.mkdir(parents=True, exist_ok=True)
+    ckpt = latest_checkpoint(run) if resume else None
+    student = load_model(str(ckpt or s_path), cfg.device, cfg.dtype)
+    teacher_model = load_model(str(t_path), cfg.teacher_device or cfg.device,
+                               cfg.teacher_dtype or cfg.dtype).eval()
+    teacher_model.requires_grad_(False)
+    student.train()
+    opt = torch.optim.AdamW(student.parameters(), lr=cfg.optim.lr, betas=(0.9, 0.95),
+                            weight_decay=cfg.optim.weight_decay)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: warmup_cosine(
+        s, cfg.max_steps, cfg.optim.warmup_steps, cfg.optim.min_lr_ratio))
+    start, totals = 0, {"train_time_s": 0.0, "sampled_tokens": 0}
+    if ckpt is not None:
+        state = torch.load(ckpt / "trainer_state.pt", weights_only=True)
+        opt.load_state_dict(state["optimizer"])
+        sched.load_state_dict(state["scheduler"])
+        torch.set_rng_state(state["torch_rng"])
+        start, totals = state["step"], dict(state["totals"])
+        _truncate_metrics(run / "metrics.jsonl", start)
+        print(f"distill: resuming from {ckpt.name} (step {start})", flush=True)
+    (run / "config.yaml").write_text(yaml.safe_dump(C.to_dict(cfg), sort_keys=False))
+
+    eos, pad = tok.eos_token_id, tok.pad_token_id
+    eval_examples = load_examples(cfg.data, cfg.eval_n, "eval", seed=cfg.seed)
+    diag_prompts = encode_prompts(tok, [e.prompt for e in eval_examples[: cfg.diag_n]])
+    need = "sampled" if cfg.loss.kind == "sampled_rkl" else ("topk" if cfg.loss.top_k else "full")
+    print(describe(cfg.max_steps, budget, cfg.horizon), flush=True)
+    print(f"distill: student {cfg.student} -> teacher {cfg.teacher}, loss {cfg.loss.kind}, "
+          f"{cfg.max_steps} steps x {cfg.batch_size} prompts, run folder {run}", flush=True)
+
+    log = MetricsLog(run / "metrics.jsonl")
+
+    def run_eval(step: int) -> float:
+        ev = evaluate(student, tok, eval_examples, cfg.data, budget, seed=cfg.seed)
+        log.write({"step": step, "eval_accuracy": ev["accuracy"],
+                   "eval_mean_response_tokens": ev["mean_response_tokens"],
+                   "eval_truncated_fraction": ev["truncated_fraction"],
+                   "eval_time_s": ev["eval_time_s"], **totals})
+        return ev["accuracy"]
+
+    acc = run_eval(0) if start == 0 else float("nan")
+    bar = Bar(cfg.max_steps, f"distill[{cfg.horizon.kind}]", enabled=progress)
+    bar.update(start)
+    bad_in_row, stopped_by_signal, step = 0, False, start
+    with _StopFlag() as flag:
+        for step in range(start, cfg.max_steps):
+            t_step = time.perf_counter()
+            if cfg.device.startswith("cuda"):
+                torch.cuda.reset_peak_memory_stats(cfg.device)
+            H = horizon_at(step, cfg.max_steps, budget, cfg.horizon)
+
+            # 1. sample: the student draws <= H tokens per prompt
+            prompts = encode_prompts(tok, train_prompts(cfg, step))
+            gen = torch.Generator(device=cfg.device).manual_seed(cfg.seed * 1_000_003 + step)
+            student.eval()
+            rollout = sample(student, prompts, H, eos, pad, cfg.sampling.temperature,
+                             cfg.sampling.top_k, cfg.sampling.top_p, generator=gen)
+            student.train()
+            t_sampled = time.perf_counter()
+
+            # 2. score: one teacher forward pass over prompt + response
+            scores = score(teacher_model, rollout, need, cfg.loss.top_k, vocab=vocab)
+            t_scored = time.perf_counter()
+
+            # 3. learn: per-token loss, backward, clip, AdamW
+            opt.zero_grad(set_to_none=True)
+            stats = learn(student, rollout, scores, cfg, vocab)
+            gnorm = float(torch.nn.utils.clip_grad_norm_(student.parameters(),
+                                                         cfg.optim.grad_clip))
+            finite = math.isfinite(stats["loss"]) and math.isfinite(gnorm)
+            if finite:
+                opt.step()
+                bad_in_row = 0
+            else:
+                bad_in_row += 1
+            sched.step()
+            t_end = time.perf_counter()
+
+            # 4. log
+            mask = rollout.response_mask_B_R.float()
+            n_tok = rollout.num_tokens
+            totals["train_time_s"] += t_end - t_step
+            totals["sampled_tokens"] += n_tok
+            rkl = float(((rollout.sampler_logp_B_R - scores.logp_B_R) * mask).sum()) / max(n_tok, 1)
+            ended = rollout.response_mask_B_R.size(1) > 0
+            rec = {
+                "step": step + 1, "horizon": H, "loss": stats["loss"],
+                "step_time_s": t_end - t_step, "sample_time_s": t_sampled - t_step,
+                "teacher_time_s": t_scored - t_sampled, "learn_time_s": t_end - t_scored,
+                "sampled_tokens": n_tok, "cut_fraction": float(rollout.cut_B.float().mean()),
+                "eos_fraction": float((~rollout.cut_B).float().mean()) if ended else 0.0,
+                "mean_response_tokens": n_tok / len(prompts), "sampled_rkl": rkl,
+                "tokens_per_s": n_tok / max(t_sampled - t_step, 1e-9),
+                "lr": sched.get_last_lr()[0], "grad_norm": gnorm, "skipped": not finite,
+                "rho_mean": stats["rho_mean"], "act_mem_mb": stats["act_mem_mb"],
+                "peak_mem_mb": peak_memory_mb(cfg.device), **totals,
+            }
+            if cfg.diag_every and (step + 1) % cfg.diag_every == 0:
+                t0 = time.perf_counter()
+                rec.update(position_diagnostics(student, teacher_model, diag_prompts, cfg,
+                                                budget, vocab, eos, pad, step))
+                rec["diag_time_s"] = time.perf_counter() - t0
+            log.write(rec)
+            last = step + 1 == cfg.max_steps or flag.stop
+            if (cfg.eval_every and (step + 1) % cfg.eval_every == 0) or last:
+                acc = run_eval(step + 1)
+            if (cfg.save_every and (step + 1) % cfg.save_every == 0) or last:
+                save_checkpoint(run, step + 1, student, tok, opt, sched, {"totals": totals},
+                                cfg.keep_last)
+            bar.update(1, H=H, loss=rec["loss"], rkl=rkl, acc=acc)
+            if bad_in_row >= cfg.max_bad_steps:
+                bar.close()
+                log.close()
+                raise RuntimeError(
+                    f"{bad_in_row} steps in a row had a non-finite loss or gradient (last at step "
+                    f"{step + 1}); stopping. The last good checkpoint is in {run / 'checkpoints'}; "
+                    "lower optim.lr or check the models' dtype")
+            if flag.stop:
+                stopped_by_signal = True
+                break
+    bar.close()
+    log.close()
+    if not stopped_by_signal:
+        final = run / "model"
+        shutil.rmtree(final, ignore_errors=True)
+        student.save_pretrained(final)
+        tok.save_pretrained(final)
+    result = {"final_eval_accuracy": acc, "steps": step + 1, "stopped_by_signal": stopped_by_signal,
+              **totals}
+    (run / "result.json").write_text(json.dumps(result, indent=2))
+    print(f"distill: {'stopped' if stopped_by_signal else 'done'} at step {step + 1}, full-budget "
+          f"accuracy {acc:.3f}, {totals['train_time_s']:.0f}s training, "
+          f"{totals['sampled_tokens']} sampled tokens", flush=True)
+    return result
+
+
+def _truncate_metrics(path: Path, step: int) -> None:
+    """Drops metrics lines past `step` (written after the checkpoint we resume from)."""
+    keep = [r for r in read_metrics(path) if r.get("step", 0) <= step]
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text("".join(json.dumps(r) + "\n" for r in keep))
+    os.replace(tmp, path)

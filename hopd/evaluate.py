@@ -1,0 +1,98 @@
+"""Evaluation at the full response budget L: generate, check answers, report.
+
+Whatever horizon training used, evaluation always generates up to L tokens: the question is
+whether a student trained on short rollouts is good at complete answers.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import torch
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from hopd.rollout import sample
+from hopd.tasks import Example, is_correct
+
+
+def encode_prompts(tokenizer: PreTrainedTokenizerBase, prompts: list[str]) -> list[list[int]]:
+    """Chat-template token ids of user prompts, ending where the assistant's answer starts."""
+    out = []
+    for p in prompts:
+        ids = tokenizer.apply_chat_template([{"role": "user", "content": p}],
+                                            add_generation_prompt=True, tokenize=True)
+        if isinstance(ids, dict) or hasattr(ids, "keys"):
+            ids = ids["input_ids"]
+        out.append(list(ids))
+    return out
+
+
+def decode_responses(tokenizer: PreTrainedTokenizerBase, ids_B_R: torch.Tensor,
+                     mask_B_R: torch.Tensor) -> list[str]:
+    """Response texts without EOS/padding."""
+    texts = []
+    for ids, m in zip(ids_B_R.tolist(), mask_B_R.tolist()):
+        toks = [t for t, keep in zip(ids, m) if keep and t != tokenizer.eos_token_id]
+        texts.append(tokenizer.decode(toks, skip_special_tokens=True))
+    return texts
+
+
+@torch.inference_mode()
+def evaluate(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    examples: list[Example],
+    source: str,
+    budget: int,
+    batch_size: int = 64,
+    samples: int = 1,
+    temperature: float = 1.0,
+    seed: int = 0,
+    keep_responses: int = 0,
+) -> dict[str, Any]:
+    """Accuracy of `model` on `examples`: greedy when `samples == 1`, else `samples` draws each.
+
+    Returns accuracy (mean over all generations), pass@k when sampling, mean response tokens
+    (EOS included), the fraction of generations cut by the budget, and decode tokens/s.
+    """
+    was_training = model.training
+    model.eval()
+    gen = torch.Generator(device=next(model.parameters()).device).manual_seed(seed)
+    correct, tokens, cut, responses = [], 0, 0, []
+    t0 = time.perf_counter()
+    prompts = encode_prompts(tokenizer, [e.prompt for e in examples])
+    for k in range(samples):
+        row = []
+        for i in range(0, len(examples), batch_size):
+            batch = examples[i:i + batch_size]
+            r = sample(model, prompts[i:i + batch_size], budget, tokenizer.eos_token_id,
+                       tokenizer.pad_token_id, temperature=temperature, greedy=samples == 1,
+                       generator=gen)
+            texts = decode_responses(tokenizer, r.response_ids_B_R, r.response_mask_B_R)
+            row += [is_correct(t, e.answer, source) for t, e in zip(texts, batch)]
+            tokens += r.num_tokens
+            cut += int(r.cut_B.sum())
+            if len(responses) < keep_responses:
+                responses += [{"prompt": e.prompt, "response": t, "answer": e.answer}
+                              for t, e in zip(texts, batch)][: keep_responses - len(responses)]
+        correct.append(row)
+    elapsed = time.perf_counter() - t0
+    model.train(was_training)
+    n_gen = samples * len(examples)
+    out: dict[str, Any] = {
+        "accuracy": sum(map(sum, correct)) / n_gen,
+        "n": len(examples),
+        "samples": samples,
+        "mean_response_tokens": tokens / n_gen,
+        "truncated_fraction": cut / n_gen,
+        "tokens_per_s": tokens / elapsed,
+        "eval_time_s": elapsed,
+        "budget": budget,
+        "greedy": samples == 1,
+    }
+    if samples > 1:
+        out[f"pass@{samples}"] = sum(any(c) for c in zip(*correct)) / len(examples)
+    if keep_responses:
+        out["examples"] = responses
+    return out

@@ -1,0 +1,99 @@
+"""Rollout-horizon schedules: H as a pure function of the optimizer step.
+
+With L the full response budget and K the number of optimizer steps:
+
+- `full` (OPD):        H_k = L.
+- `truncated` (TOPD):  H_k = `tokens` if set, else ceil(`fraction` * L), for every k.
+- `progressive` (POPD): H grows from H0 (`start_tokens`, or ceil(`start` * L)) and reaches L at
+  step K_r = ceil(`reach_at` * K), then stays at L. Shapes, with u = min(1, k / K_r):
+    step:    H_k = min(L, H0 + dH * floor(k / dk)), dk = ceil(K_r / n), dH = ceil((L - H0) / n),
+             n = `increments` (the paper's form);
+    linear:  H_k = H0 + (L - H0) * u;
+    cosine:  H_k = H0 + (L - H0) * (1 - cos(pi * u)) / 2;
+    exp:     H_k = H0 * (L / H0) ** u  (geometric growth).
+  Non-integer values round to the nearest token; H is always in [1, L].
+
+Being pure functions of the step, schedules resume exactly.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from hopd import config as C
+
+KINDS = ("full", "truncated", "progressive", "adaptive")
+SHAPES = ("step", "linear", "cosine", "exp")
+
+
+@dataclass
+class HorizonConfig:
+    kind: str = "full"  # full (OPD) | truncated (TOPD) | progressive (POPD) | adaptive
+    fraction: float = 0.1  # truncated: H = ceil(fraction * L) ...
+    tokens: int = 0  # ... or exactly this many tokens when > 0
+    start: float = 0.1  # progressive/adaptive: H0 = ceil(start * L) ...
+    start_tokens: int = 0  # ... or exactly this many tokens when > 0
+    shape: str = "step"  # progressive: step | linear | cosine | exp
+    reach_at: float = 0.5  # progressive: fraction of training at which H reaches L
+    increments: int = 4  # progressive `step` shape: number of increments
+
+    def validate(self, budget: int | None = None) -> None:
+        C.check(self.kind in KINDS, f"horizon.kind={self.kind!r}: choose one of {', '.join(KINDS)}")
+        C.check(self.shape in SHAPES,
+                f"horizon.shape={self.shape!r}: choose one of {', '.join(SHAPES)}")
+        C.check(0 < self.fraction <= 1, f"horizon.fraction={self.fraction}: must be in (0, 1]")
+        C.check(0 < self.start <= 1, f"horizon.start={self.start}: must be in (0, 1]")
+        C.check(0 < self.reach_at <= 1, f"horizon.reach_at={self.reach_at}: must be in (0, 1] "
+                "so that the schedule reaches L within the run")
+        C.check(self.increments >= 1, f"horizon.increments={self.increments}: must be >= 1")
+        C.check(self.tokens >= 0 and self.start_tokens >= 0,
+                "horizon.tokens and horizon.start_tokens must be >= 0")
+        if budget is not None:
+            C.check(self.tokens <= budget, f"horizon.tokens={self.tokens} exceeds the response "
+                    f"budget L={budget}: lower it or raise budget")
+            C.check(self.start_tokens <= budget, f"horizon.start_tokens={self.start_tokens} "
+                    f"exceeds the response budget L={budget} (H0 <= L is required)")
+
+
+def initial_horizon(cfg: HorizonConfig, budget: int) -> int:
+    """H0 of progressive and adaptive schedules."""
+    h0 = cfg.start_tokens or math.ceil(cfg.start * budget)
+    return max(1, min(budget, h0))
+
+
+def horizon_at(step: int, total_steps: int, budget: int, cfg: HorizonConfig) -> int:
+    """H for optimizer step `step` (0-based) of `total_steps`, with full budget L = `budget`.
+
+    For `adaptive`, this is the schedule's starting point; `hopd.adaptive` moves it.
+    """
+    L = budget
+    if cfg.kind == "full":
+        return L
+    if cfg.kind == "truncated":
+        h = cfg.tokens or math.ceil(cfg.fraction * L)
+        return max(1, min(L, h))
+    h0 = initial_horizon(cfg, L)
+    if cfg.kind == "adaptive":
+        return h0
+    reach = max(1, math.ceil(cfg.reach_at * total_steps))
+    u = min(1.0, step / reach)
+    if cfg.shape == "step":
+        dk = max(1, math.ceil(reach / cfg.increments))
+        dh = math.ceil((L - h0) / cfg.increments)
+        h = h0 + dh * (step // dk)
+    elif cfg.shape == "linear":
+        h = h0 + (L - h0) * u
+    elif cfg.shape == "cosine":
+        h = h0 + (L - h0) * (1 - math.cos(math.pi * u)) / 2
+    else:  # exp
+        h = h0 * (L / h0) ** u
+    return max(1, min(L, int(round(h))))
+
+
+def describe(total_steps: int, budget: int, cfg: HorizonConfig, rows: int = 6) -> str:
+    """A few rows of `step -> H` for printing at start."""
+    steps = sorted({round(i * (total_steps - 1) / max(1, rows - 1)) for i in range(rows)})
+    pairs = ", ".join(f"{s}->{horizon_at(s, total_steps, budget, cfg)}" for s in steps)
+    extra = f", shape {cfg.shape}" if cfg.kind == "progressive" else ""
+    return f"horizon {cfg.kind}{extra} (L={budget}): step->H {pairs}"

@@ -1,0 +1,153 @@
+"""Per-token distillation objectives.
+
+Notation: s = student (learner, pi_theta), q = the sampler that drew the rollout (pi_old), t =
+teacher. Inputs are per response position: (B, R) for sampled-token terms, (B, R, V) for
+distributions. `mask_B_R` is 1 on sampled tokens (EOS included) and 0 on padding after EOS or past
+the horizon.
+
+Normalisation: every loss is a *sum* over masked positions divided by `num_tokens`, the number of
+response tokens in the whole optimizer step (all micro-batches, all ranks). Summing the losses of
+micro-batches therefore gives exactly the token mean of the full batch, so gradient accumulation
+and batch splitting do not change the gradient (unlike dividing each micro-batch by its own count,
+or by the count of reference-answer tokens).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def token_logprobs(logits_B_R_V: torch.Tensor, ids_B_R: torch.Tensor) -> torch.Tensor:
+    """log softmax(logits)[id] at each position, in float32 or higher."""
+    logits = logits_B_R_V if logits_B_R_V.dtype == torch.float64 else logits_B_R_V.float()
+    return logits.log_softmax(-1).gather(-1, ids_B_R.unsqueeze(-1)).squeeze(-1)
+
+
+def discounted_returns(reward_B_R: torch.Tensor, mask_B_R: torch.Tensor, gamma: float
+                       ) -> torch.Tensor:
+    """G_t = sum_{u >= t} gamma^(u - t) r_u over masked positions; G_t = r_t when gamma == 0."""
+    r = reward_B_R * mask_B_R
+    if gamma == 0.0:
+        return r
+    out = torch.zeros_like(r)
+    running = torch.zeros_like(r[:, 0])
+    for t in range(r.size(1) - 1, -1, -1):
+        running = r[:, t] + gamma * running
+        out[:, t] = running
+    return out * mask_B_R
+
+
+def sampled_rkl(
+    learner_logp_B_R: torch.Tensor,
+    sampler_logp_B_R: torch.Tensor,
+    teacher_logp_B_R: torch.Tensor,
+    mask_B_R: torch.Tensor,
+    num_tokens: int | float,
+    gamma: float = 0.0,
+    clip_eps: float = 0.0,
+) -> tuple[torch.Tensor, dict[str, float]]:
+    """Sampled-token reverse KL used as a per-token advantage (Thinking Machines / tinker recipe).
+
+    r_t = -(log q(y_t) - log t(y_t))                  (detached; minus the per-token reverse KL)
+    A_t = sum_{u >= t} gamma^(u - t) r_u               (gamma = 0: A_t = r_t, the default)
+    rho_t = exp(log s(y_t) - log q(y_t))               (importance ratio learner / sampler)
+    loss = -sum_t mask_t * rho_t * A_t / num_tokens
+
+    With `clip_eps` > 0 the PPO surrogate min(rho A, clip(rho, 1 - eps, 1 + eps) A) replaces
+    rho A. At rho = 1 the gradient is -A_t grad log s(y_t): the REINFORCE gradient of the
+    reverse KL with the teacher's log-prob ratio as reward.
+    """
+    mask = mask_B_R.to(learner_logp_B_R.dtype)
+    reward = -(sampler_logp_B_R - teacher_logp_B_R).detach().to(learner_logp_B_R.dtype)
+    adv = discounted_returns(reward, mask, gamma)
+    rho = torch.exp(learner_logp_B_R - sampler_logp_B_R.detach())
+    surrogate = rho * adv
+    if clip_eps > 0:
+        surrogate = torch.minimum(surrogate, rho.clamp(1 - clip_eps, 1 + clip_eps) * adv)
+    loss = -(surrogate * mask).sum() / max(float(num_tokens), 1.0)
+    with torch.no_grad():
+        n = mask.sum().clamp(min=1)
+        stats = {"sampled_rkl_sum": float(-(reward * mask).sum()),
+                 "rho_mean": float((rho * mask).sum() / n),
+                 "rho_max": float((rho * mask).max()) if mask.any() else 1.0}
+    return loss, stats
+
+
+def _kl(logp_a: torch.Tensor, logp_b: torch.Tensor) -> torch.Tensor:
+    """KL(a || b) over the last axis, from log-probabilities (0 * log 0 taken as 0)."""
+    p_a = logp_a.exp()
+    return torch.where(p_a > 0, p_a * (logp_a - logp_b), torch.zeros_like(p_a)).sum(-1)
+
+
+def divergence(student_logp_B_R_V: torch.Tensor, teacher_logp_B_R_V: torch.Tensor, kind: str,
+               beta: float = 0.5) -> torch.Tensor:
+    """Per-position divergence (B, R) between full next-token distributions.
+
+    rkl: KL(s || t) = sum_v s_v (log s_v - log t_v)
+    fkl: KL(t || s) = sum_v t_v (log t_v - log s_v)
+    jsd: generalized JSD with weight beta (GKD; TRL's convention): with m = beta t + (1 - beta) s,
+         JSD_beta = beta KL(t || m) + (1 - beta) KL(s || m); beta = 0 is fkl and beta = 1 is rkl.
+    """
+    s, t = student_logp_B_R_V, teacher_logp_B_R_V
+    if kind == "rkl" or (kind == "jsd" and beta == 1.0):
+        return _kl(s, t)
+    if kind == "fkl" or (kind == "jsd" and beta == 0.0):
+        return _kl(t, s)
+    if kind == "jsd":
+        if not 0.0 < beta < 1.0:
+            raise ValueError(f"beta={beta}: must be in [0, 1]")
+        b = torch.tensor(beta, dtype=s.dtype, device=s.device)
+        m = torch.logsumexp(torch.stack([t + torch.log(b), s + torch.log1p(-b)]), dim=0)
+        return beta * _kl(t, m) + (1 - beta) * _kl(s, m)
+    raise ValueError(f"unknown divergence {kind!r}: choose rkl, fkl or jsd")
+
+
+def topk_with_tail(student_logp_B_R_V: torch.Tensor, teacher_topk_logp_B_R_K: torch.Tensor,
+                   teacher_topk_ids_B_R_K: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Both distributions restricted to the teacher's top-k tokens plus one tail bucket.
+
+    Returns (student, teacher) log-probs of shape (B, R, K + 1): the K tokens, then log(1 - mass).
+    A divergence on these coarsened distributions is a lower bound of the full one (data
+    processing inequality) and equals it when the teacher's tail mass is zero.
+    """
+    s_k = student_logp_B_R_V.gather(-1, teacher_topk_ids_B_R_K)
+    return _with_tail(s_k), _with_tail(teacher_topk_logp_B_R_K)
+
+
+TAIL_FLOOR = 1e-10
+
+
+def _with_tail(logp_k: torch.Tensor) -> torch.Tensor:
+    mass = torch.logsumexp(logp_k, dim=-1, keepdim=True)
+    # log(1 - exp(mass)) via expm1 for accuracy; the floor keeps the value and its gradient
+    # finite when the tail is (numerically) empty
+    tail = torch.log((-torch.expm1(mass)).clamp(min=TAIL_FLOOR))
+    return torch.cat([logp_k, tail], dim=-1)
+
+
+def distribution_loss(student_logits_B_R_V: torch.Tensor, teacher: dict[str, torch.Tensor],
+                      mask_B_R: torch.Tensor, num_tokens: int | float, kind: str,
+                      beta: float = 0.5) -> torch.Tensor:
+    """sum_t mask_t * D_t / num_tokens for D in {rkl, fkl, jsd} on full or top-k distributions.
+
+    `teacher` holds either `logp_B_R_V` (full) or `topk_logp_B_R_K` and `topk_ids_B_R_K`.
+    """
+    dtype = torch.float64 if student_logits_B_R_V.dtype == torch.float64 else torch.float32
+    s = student_logits_B_R_V.to(dtype).log_softmax(-1)
+    if "topk_ids_B_R_K" in teacher:
+        s, t = topk_with_tail(s, teacher["topk_logp_B_R_K"].to(dtype), teacher["topk_ids_B_R_K"])
+    else:
+        t = teacher["logp_B_R_V"].to(dtype)
+    d = divergence(s, t, kind, beta)
+    return (d * mask_B_R.to(dtype)).sum() / max(float(num_tokens), 1.0)
+
+
+def entropy(logp_B_R_V: torch.Tensor) -> torch.Tensor:
+    p = logp_B_R_V.exp()
+    return -torch.where(p > 0, p * logp_B_R_V, torch.zeros_like(p)).sum(-1)
+
+
+def cross_entropy_ref(logits_B_T_V: torch.Tensor, targets_B_T: torch.Tensor) -> torch.Tensor:
+    """Plain per-position cross-entropy (used by tests as a reference)."""
+    return F.cross_entropy(logits_B_T_V.transpose(1, 2), targets_B_T, reduction="none")

@@ -1,0 +1,175 @@
+"""Models and tokenizers: the testbed's character tokenizer, tiny Llama configs, loading, checks.
+
+Everything goes through the Hugging Face parts users use with real checkpoints
+(`PreTrainedTokenizerFast`, `AutoModelForCausalLM`, safetensors), so code that works on the testbed
+works unchanged on a local checkpoint pair.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+from transformers import (
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    LlamaConfig,
+    LlamaForCausalLM,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+    PreTrainedTokenizerFast,
+)
+
+from hopd.tasks.chain import VARIABLES
+
+SPECIALS = ["<pad>", "<bos>", "<eos>", "<unk>"]
+CHARS = "0123456789" + VARIABLES + "=+-*;:?#., \n"
+# The user turn ends with a newline; the assistant turn ends with EOS. No generation prompt is
+# needed beyond the newline, so a prompt is exactly: BOS + program + "\n".
+CHAT_TEMPLATE = (
+    "{{ bos_token }}{% for message in messages %}"
+    "{% if message['role'] == 'assistant' %}{{ message['content'] + eos_token }}"
+    "{% else %}{{ message['content'] + '\n' }}{% endif %}{% endfor %}"
+)
+BUNDLED_DIR = Path(__file__).parent / "checkpoints"
+BUNDLED = {"testbed:teacher": "teacher", "testbed:student": "student"}
+
+
+def build_testbed_tokenizer() -> PreTrainedTokenizerFast:
+    """A character-level fast tokenizer with pad/bos/eos/unk and a chat template."""
+    vocab = {tok: i for i, tok in enumerate(SPECIALS + list(CHARS))}
+    core = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    core.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")
+    core.decoder = decoders.Fuse()
+    tok = PreTrainedTokenizerFast(
+        tokenizer_object=core,
+        pad_token="<pad>",
+        bos_token="<bos>",
+        eos_token="<eos>",
+        unk_token="<unk>",
+        padding_side="left",
+    )
+    tok.chat_template = CHAT_TEMPLATE
+    return tok
+
+
+@dataclass(frozen=True)
+class TinySize:
+    hidden: int
+    layers: int
+    heads: int
+    intermediate: int
+
+
+# Named sizes for the testbed. `teacher` is what the bundled teacher uses; `student` is smaller.
+TINY_SIZES = {
+    "teacher": TinySize(hidden=128, layers=4, heads=4, intermediate=512),
+    "student": TinySize(hidden=96, layers=3, heads=4, intermediate=384),
+    "micro": TinySize(hidden=32, layers=2, heads=2, intermediate=64),  # for tests
+}
+
+
+def tiny_llama(size: str, tokenizer: PreTrainedTokenizerBase, max_positions: int = 1024,
+               seed: int = 0) -> LlamaForCausalLM:
+    """A randomly initialised `LlamaForCausalLM` of a named size for `tokenizer`'s vocabulary."""
+    if size not in TINY_SIZES:
+        raise ValueError(f"unknown model size {size!r}: choose one of {sorted(TINY_SIZES)}")
+    s = TINY_SIZES[size]
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=s.hidden,
+        intermediate_size=s.intermediate,
+        num_hidden_layers=s.layers,
+        num_attention_heads=s.heads,
+        num_key_value_heads=s.heads,
+        max_position_embeddings=max_positions,
+        pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        tie_word_embeddings=True,
+    )
+    torch.manual_seed(seed)
+    return LlamaForCausalLM(config)
+
+
+def resolve_model_path(name: str) -> Path:
+    """A local path for a model name: a bundled `testbed:*` name or a directory."""
+    if name in BUNDLED:
+        path = BUNDLED_DIR / BUNDLED[name]
+        if not (path / "config.json").exists():
+            raise FileNotFoundError(
+                f"bundled checkpoint {name} is missing at {path}; reinstall hopd or rebuild it "
+                "with the command in the README"
+            )
+        return path
+    if name.startswith("testbed:"):
+        raise ValueError(f"unknown bundled model {name!r}: choose one of {sorted(BUNDLED)}")
+    path = Path(name)
+    if not path.is_dir():
+        raise FileNotFoundError(
+            f"model {name!r} is neither a bundled name ({', '.join(sorted(BUNDLED))}) nor a "
+            "directory with a Hugging Face checkpoint"
+        )
+    if not (path / "config.json").exists():
+        raise FileNotFoundError(f"model directory {path} has no config.json: not an HF checkpoint")
+    return path
+
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def load_model(name: str, device: str = "cpu", dtype: str = "float32") -> PreTrainedModel:
+    """Loads a causal LM from safetensors; bundled 16-bit checkpoints are upcast to `dtype`."""
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype={dtype!r}: choose one of {sorted(DTYPES)}")
+    path = resolve_model_path(name)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=DTYPES[dtype], use_safetensors=True)
+    return model.to(device)
+
+
+def load_tokenizer(name: str) -> PreTrainedTokenizerBase:
+    tok = AutoTokenizer.from_pretrained(resolve_model_path(name))
+    if tok.pad_token is None:  # many real checkpoints ship without one
+        tok.pad_token = tok.eos_token
+    tok.padding_side = "left"
+    return tok
+
+
+def save_checkpoint(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, path: Path,
+                    dtype: torch.dtype | None = None) -> None:
+    """Saves model (safetensors) and tokenizer in HF format; `dtype` e.g. bf16 for small files."""
+    path.mkdir(parents=True, exist_ok=True)
+    if dtype is not None:
+        state = {k: v.to(dtype) for k, v in model.state_dict().items()}
+        model.save_pretrained(path, state_dict=state)
+    else:
+        model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+
+
+def check_compatible(teacher_tok: PreTrainedTokenizerBase, student_tok: PreTrainedTokenizerBase,
+                     teacher_vocab: int, student_vocab: int) -> None:
+    """Fails with a clear message unless teacher and student share the vocabulary exactly."""
+    problems = []
+    # Real families pad their embedding matrices differently (Qwen2.5 1.5B: 151936 rows, 7B:
+    # 152064), so sizes may differ as long as both cover every token the tokenizer can produce;
+    # losses then use the first min(V_teacher, V_student) logits.
+    if min(teacher_vocab, student_vocab) < len(student_tok):
+        problems.append(f"an output vocabulary is smaller than the tokenizer (teacher "
+                        f"{teacher_vocab}, student {student_vocab}, tokenizer {len(student_tok)})")
+    tv, sv = teacher_tok.get_vocab(), student_tok.get_vocab()
+    if tv != sv:
+        diff = sorted(set(tv.items()) ^ set(sv.items()))[:5]
+        problems.append(f"token-id mappings differ (e.g. {diff})")
+    for attr in ("eos_token_id", "pad_token_id"):
+        if getattr(teacher_tok, attr) != getattr(student_tok, attr):
+            problems.append(f"{attr} differs (teacher {getattr(teacher_tok, attr)}, "
+                            f"student {getattr(student_tok, attr)})")
+    if problems:
+        raise ValueError(
+            "teacher and student do not share a tokenizer: " + "; ".join(problems)
+            + ". On-policy distillation compares per-token distributions, so both models must use "
+            "the same tokenizer; pick a teacher of the student's model family."
+        )

@@ -1,0 +1,103 @@
+"""Progress display and the run folder's metrics log.
+
+On a terminal: a rich progress bar with rate and ETA, and live fields (loss, H, accuracy). Off a
+terminal (CI, a log file): one plain line every few seconds, so background logs stay readable.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
+
+
+class Bar:
+    """A progress bar over `total` steps; `update(n, **fields)` shows fields beside it."""
+
+    def __init__(self, total: int, desc: str, every_s: float = 10.0, enabled: bool = True):
+        self.total, self.desc, self.every_s, self.enabled = total, desc, every_s, enabled
+        self.t0 = time.perf_counter()
+        self.last_print = 0.0
+        self.done = 0
+        self.tty = sys.stderr.isatty() and not os.environ.get("CI")
+        self.progress: Progress | None = None
+        if enabled and self.tty:
+            self.progress = Progress(
+                TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+                TextColumn("{task.fields[info]}"), TimeElapsedColumn(), TextColumn("ETA"),
+                TimeRemainingColumn(), console=Console(stderr=True), transient=False)
+            self.task = self.progress.add_task(desc, total=total, info="")
+            self.progress.start()
+
+    def update(self, advance: int = 1, **fields: Any) -> None:
+        self.done += advance
+        info = "  ".join(f"{k}={_fmt(v)}" for k, v in fields.items())
+        if self.progress is not None:
+            self.progress.update(self.task, advance=advance, info=info)
+            return
+        now = time.perf_counter() - self.t0
+        if self.enabled and (now - self.last_print >= self.every_s or self.done >= self.total):
+            self.last_print = now
+            rate = self.done / now if now > 0 else 0.0
+            eta = (self.total - self.done) / rate if rate > 0 else math.inf
+            print(f"{self.desc} {self.done}/{self.total} [{now:.0f}s, {rate:.2f} it/s, "
+                  f"ETA {eta:.0f}s] {info}", file=sys.stderr, flush=True)
+
+    def close(self) -> None:
+        if self.progress is not None:
+            self.progress.stop()
+
+
+def _fmt(v: Any) -> str:
+    if isinstance(v, float):
+        return f"{v:.4g}"
+    return str(v)
+
+
+class MetricsLog:
+    """Appends one JSON object per line to `path`, flushed and fsynced after each write."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self.f = open(path, "a", encoding="utf-8")
+
+    def write(self, record: dict[str, Any]) -> None:
+        self.f.write(json.dumps(record, allow_nan=True) + "\n")
+        self.f.flush()
+        os.fsync(self.f.fileno())
+
+    def close(self) -> None:
+        self.f.close()
+
+
+def read_metrics(path: Path) -> list[dict[str, Any]]:
+    """Reads metrics.jsonl, skipping a partial last line left by a hard kill."""
+    records = []
+    if not path.exists():
+        return records
+    lines = path.read_text(encoding="utf-8", errors="replace").splitlines()
+    for i, line in enumerate(lines):
+        if not line.strip():
+            continue
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
+            if i == len(lines) - 1:  # torn final line from a kill: ignore it
+                break
+            raise ValueError(f"{path}:{i + 1}: not valid JSON; the metrics file is corrupt")
+    return records

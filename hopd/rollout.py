@@ -1,0 +1,146 @@
+"""Student sampling up to a horizon of H new tokens, batched, with a KV cache.
+
+Sampling is H sequential decode steps, the dominant cost of an OPD step, so this loop does the
+least per step: one model call on a (B, 1) slice with the cache, sampling on the last logits, and
+an early exit once every sequence has emitted EOS.
+
+Layout: prompts are left-padded to a common length P, so every response starts at column P and
+`ids_B_T[:, P:]` are the (right-padded) responses: T = P + (number of decode steps taken) <= P + H.
+"""
+
+from __future__ import annotations
+
+import inspect
+from dataclasses import dataclass
+
+import torch
+from transformers import DynamicCache, PreTrainedModel
+
+
+@dataclass
+class Rollout:
+    ids_B_T: torch.Tensor  # prompt (left-padded) + response tokens (right-padded with pad)
+    attn_B_T: torch.Tensor  # 1 on real prompt tokens and response tokens up to and incl. EOS
+    response_mask_B_R: torch.Tensor  # (B, R) 1 on sampled tokens, incl. EOS; R = T - P
+    sampler_logp_B_R: torch.Tensor  # log-prob of each sampled token under the sampling dist.
+    prompt_len: int  # P: column where responses start
+    cut_B: torch.Tensor  # bool: no EOS within the horizon (cut by H)
+    horizon: int  # H this rollout was sampled with
+
+    @property
+    def response_ids_B_R(self) -> torch.Tensor:
+        return self.ids_B_T[:, self.prompt_len:]
+
+    @property
+    def num_tokens(self) -> int:
+        return int(self.response_mask_B_R.sum())
+
+
+def left_pad(prompts: list[list[int]], pad_id: int, device: torch.device | str = "cpu"
+             ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Left-pads token lists to (B, P) ids and a (B, P) attention mask."""
+    if not prompts or any(len(p) == 0 for p in prompts):
+        raise ValueError("every prompt needs at least one token")
+    P = max(len(p) for p in prompts)
+    ids = torch.full((len(prompts), P), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(prompts), P), dtype=torch.long)
+    for i, p in enumerate(prompts):
+        ids[i, P - len(p):] = torch.tensor(p, dtype=torch.long)
+        mask[i, P - len(p):] = 1
+    return ids.to(device), mask.to(device)
+
+
+def positions_from_mask(attn_B_T: torch.Tensor) -> torch.Tensor:
+    """Position ids that start at 0 on each row's first real token (left padding)."""
+    return (attn_B_T.cumsum(-1) - 1).clamp(min=0)
+
+
+def filter_logits(logits_B_V: torch.Tensor, top_k: int = 0, top_p: float = 1.0) -> torch.Tensor:
+    """Masks (to -inf) tokens outside the top-k and outside the top-p nucleus."""
+    if top_k > 0 and top_k < logits_B_V.size(-1):
+        kth = torch.topk(logits_B_V, top_k, dim=-1).values[:, -1:]
+        logits_B_V = logits_B_V.masked_fill(logits_B_V < kth, float("-inf"))
+    if top_p < 1.0:
+        sorted_logits, order = torch.sort(logits_B_V, descending=True, dim=-1)
+        probs = sorted_logits.softmax(-1)
+        # drop a token when the mass strictly before it already reaches top_p (keeps >= 1 token)
+        drop_sorted = probs.cumsum(-1) - probs >= top_p
+        drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
+        logits_B_V = logits_B_V.masked_fill(drop, float("-inf"))
+    return logits_B_V
+
+
+def cache_kw(model: PreTrainedModel) -> str:
+    """The forward() keyword for a KV cache: `cache` in newer transformers, else
+    `past_key_values`."""
+    params = inspect.signature(model.forward).parameters
+    return "cache" if "cache" in params else "past_key_values"
+
+
+@torch.no_grad()  # not inference_mode: the rollout's tensors feed the learner's autograd graph
+def sample(
+    model: PreTrainedModel,
+    prompts: list[list[int]],
+    horizon: int,
+    eos_id: int,
+    pad_id: int,
+    temperature: float = 1.0,
+    top_k: int = 0,
+    top_p: float = 1.0,
+    greedy: bool = False,
+    generator: torch.Generator | None = None,
+) -> Rollout:
+    """Samples at most `horizon` tokens after each prompt; each row stops at its EOS.
+
+    `sampler_logp_B_R` is the log-probability of each chosen token under the distribution it was
+    drawn from: softmax(filter(logits / temperature)); with `greedy`, under softmax(logits).
+    """
+    if horizon < 1:
+        raise ValueError(f"horizon={horizon}: must be >= 1")
+    if not greedy and temperature <= 0:
+        raise ValueError(f"temperature={temperature}: must be > 0 (or use greedy)")
+    device = next(model.parameters()).device
+    prompt_B_P, prompt_attn_B_P = left_pad(prompts, pad_id, device)
+    attn = prompt_attn_B_P
+    B, P = prompt_B_P.shape
+    out_ids = torch.full((B, horizon), pad_id, dtype=torch.long, device=device)
+    out_logp = torch.zeros((B, horizon), dtype=torch.float32, device=device)
+    out_mask = torch.zeros((B, horizon), dtype=torch.long, device=device)
+    done = torch.zeros(B, dtype=torch.bool, device=device)
+
+    cache = DynamicCache()
+    step_ids, positions = prompt_B_P, positions_from_mask(attn)
+    n_steps = 0
+    for t in range(horizon):
+        logits = model(input_ids=step_ids, attention_mask=attn, position_ids=positions,
+                       use_cache=True, **{cache_kw(model): cache}).logits[:, -1, :].float()
+        if greedy:
+            logp_B_V = logits.log_softmax(-1)
+            tok = logp_B_V.argmax(-1)
+        else:
+            logp_B_V = filter_logits(logits / temperature, top_k, top_p).log_softmax(-1)
+            tok = torch.multinomial(logp_B_V.exp(), 1, generator=generator).squeeze(-1)
+        alive = ~done
+        out_ids[:, t] = torch.where(alive, tok, pad_id)
+        out_logp[:, t] = torch.where(alive, logp_B_V.gather(-1, tok[:, None]).squeeze(-1), 0.0)
+        out_mask[:, t] = alive.long()
+        done |= tok == eos_id
+        n_steps = t + 1
+        if bool(done.all()):
+            break
+        step_ids = out_ids[:, t:t + 1]
+        attn = torch.cat([attn, alive.long()[:, None]], dim=1)
+        positions = positions[:, -1:] + 1
+    R = n_steps
+    ids_B_T = torch.cat([prompt_B_P, out_ids[:, :R]], dim=1)
+    resp_mask = out_mask[:, :R]
+    return Rollout(
+        ids_B_T=ids_B_T,
+        attn_B_T=torch.cat([prompt_attn_B_P, resp_mask], dim=1),
+        response_mask_B_R=resp_mask,
+        sampler_logp_B_R=out_logp[:, :R],
+        prompt_len=P,
+        cut_B=~done,
+        horizon=horizon,
+    )
+

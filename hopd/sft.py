@@ -1,0 +1,171 @@
+"""Supervised training on worked solutions: trains the testbed teacher, warm-starts the student.
+
+The loss is next-token cross-entropy on response tokens only (EOS included), averaged over them;
+the prompt is context, never a target.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from hopd import config as C
+from hopd.evaluate import encode_prompts, evaluate
+from hopd.models import (
+    DTYPES,
+    TINY_SIZES,
+    build_testbed_tokenizer,
+    load_model,
+    load_tokenizer,
+    save_checkpoint,
+    tiny_llama,
+)
+from hopd.progress import Bar, MetricsLog
+from hopd.tasks import Example, default_budget, is_chain, load_examples
+
+
+@dataclass
+class SFTConfig:
+    model: str = "size:teacher"  # "size:NAME" (fresh tiny Llama), testbed:* or a checkpoint path
+    task: str = "chain:default"  # prompt source with reference solutions
+    steps: int = 2400  # optimizer steps
+    batch_size: int = 32  # sequences per step
+    lr: float = 2e-3  # peak learning rate (AdamW)
+    warmup_steps: int = 100  # linear warm-up steps
+    min_lr_ratio: float = 0.1  # cosine decays to lr * min_lr_ratio
+    weight_decay: float = 0.01  # AdamW weight decay
+    grad_clip: float = 1.0  # max global gradient norm
+    eval_every: int = 300  # evaluate every N steps (0: only at the end)
+    eval_n: int = 100  # held-out problems per periodic evaluation
+    seed: int = 0  # model init, data order and evaluation seed
+    save_dtype: str = "float32"  # dtype of the saved weights (bfloat16 halves the file)
+    threads: int = 0  # torch CPU threads (0: torch's default)
+
+    def validate(self) -> None:
+        C.check(self.steps >= 1, f"steps={self.steps}: must be >= 1")
+        C.check(self.batch_size >= 1, f"batch_size={self.batch_size}: must be >= 1")
+        C.check(self.lr > 0, f"lr={self.lr}: must be > 0")
+        C.check(0 <= self.warmup_steps, f"warmup_steps={self.warmup_steps}: must be >= 0")
+        C.check(0 <= self.min_lr_ratio <= 1, f"min_lr_ratio={self.min_lr_ratio}: must be in [0, 1]")
+        C.check(self.grad_clip > 0, f"grad_clip={self.grad_clip}: must be > 0")
+        C.check(self.eval_every >= 0, f"eval_every={self.eval_every}: must be >= 0")
+        C.check(self.eval_n >= 1, f"eval_n={self.eval_n}: must be >= 1")
+        C.check(self.save_dtype in DTYPES,
+                f"save_dtype={self.save_dtype!r}: choose one of {sorted(DTYPES)}")
+        C.check(is_chain(self.task),
+                f"task={self.task!r}: SFT needs reference solutions; use chain:default|hard|tiny")
+        if self.model.startswith("size:"):
+            size = self.model[5:]
+            C.check(size in TINY_SIZES, f"model={self.model!r}: unknown size; choose one of "
+                    f"{', '.join('size:' + s for s in TINY_SIZES)}")
+
+
+def warmup_cosine(step: int, total: int, warmup: int, min_ratio: float) -> float:
+    """LR multiplier: linear warm-up to 1, then cosine decay to `min_ratio` at `total`."""
+    if step < warmup:
+        return (step + 1) / (warmup + 1)
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def sft_batch(tokenizer: PreTrainedTokenizerBase, examples: list[Example]
+              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Right-padded (B, T) ids, attention mask and loss mask (1 on response tokens incl. EOS).
+
+    The loss mask marks *target* positions: loss_mask[b, t] = 1 when ids[b, t] is a response token,
+    predicted from position t - 1.
+    """
+    prompts = encode_prompts(tokenizer, [e.prompt for e in examples])
+    seqs, masks = [], []
+    for p, e in zip(prompts, examples):
+        resp = tokenizer(e.response, add_special_tokens=False)["input_ids"] + [
+            tokenizer.eos_token_id]
+        seqs.append(p + resp)
+        masks.append([0] * len(p) + [1] * len(resp))
+    T = max(map(len, seqs))
+    ids = torch.full((len(seqs), T), tokenizer.pad_token_id, dtype=torch.long)
+    attn = torch.zeros((len(seqs), T), dtype=torch.long)
+    loss_mask = torch.zeros((len(seqs), T), dtype=torch.long)
+    for i, (s, m) in enumerate(zip(seqs, masks)):
+        ids[i, : len(s)] = torch.tensor(s)
+        attn[i, : len(s)] = 1
+        loss_mask[i, : len(m)] = torch.tensor(m)
+    return ids, attn, loss_mask
+
+
+def sft_loss(model: PreTrainedModel, ids_B_T: torch.Tensor, attn_B_T: torch.Tensor,
+             loss_mask_B_T: torch.Tensor) -> torch.Tensor:
+    """Mean cross-entropy over response target tokens."""
+    logits = model(input_ids=ids_B_T, attention_mask=attn_B_T).logits[:, :-1].float()
+    targets, mask = ids_B_T[:, 1:], loss_mask_B_T[:, 1:].float()
+    nll = torch.nn.functional.cross_entropy(logits.transpose(1, 2), targets, reduction="none")
+    return (nll * mask).sum() / mask.sum().clamp(min=1)
+
+
+def init_model(name: str, tokenizer_source: str | None = None
+               ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    if name.startswith("size:"):
+        tok = build_testbed_tokenizer()
+        return tiny_llama(name[5:], tok), tok
+    return load_model(name), load_tokenizer(name)
+
+
+def train_sft(cfg: SFTConfig, out: Path, progress: bool = True) -> dict:
+    """Runs SFT and saves an HF checkpoint with its tokenizer in `out`; returns the final eval."""
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    torch.manual_seed(cfg.seed)
+    model, tok = init_model(cfg.model)
+    model.train()
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "sft_config.json").write_text(json.dumps(C.to_dict(cfg), indent=2))
+    budget = default_budget(cfg.task)
+    eval_examples = load_examples(cfg.task, cfg.eval_n, "eval", seed=cfg.seed)
+    decay = [p for n, p in model.named_parameters() if p.ndim >= 2]
+    no_decay = [p for n, p in model.named_parameters() if p.ndim < 2]
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
+                             {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr,
+                            betas=(0.9, 0.95))
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: warmup_cosine(s, cfg.steps, cfg.warmup_steps, cfg.min_lr_ratio))
+    log = MetricsLog(out / "metrics.jsonl")
+    bar = Bar(cfg.steps, "sft", enabled=progress)
+    n_params = sum(p.numel() for p in model.parameters())
+    print(f"sft: {n_params / 1e6:.2f}M parameters, task {cfg.task}, {cfg.steps} steps x "
+          f"{cfg.batch_size}", flush=True)
+    acc = float("nan")
+    t_start = time.perf_counter()
+    for step in range(cfg.steps):
+        t0 = time.perf_counter()
+        batch = load_examples(cfg.task, cfg.batch_size, "train", seed=cfg.seed * 1_000_003 + step)
+        ids, attn, loss_mask = sft_batch(tok, batch)
+        loss = sft_loss(model, ids, attn, loss_mask)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        opt.step()
+        sched.step()
+        dt = time.perf_counter() - t0
+        rec = {"step": step + 1, "loss": loss.item(), "grad_norm": gnorm.item(),
+               "lr": sched.get_last_lr()[0], "step_time_s": dt,
+               "tokens_per_s": int(attn.sum()) / dt}
+        if (cfg.eval_every and (step + 1) % cfg.eval_every == 0) or step + 1 == cfg.steps:
+            ev = evaluate(model, tok, eval_examples, cfg.task, budget)
+            acc = rec["eval_accuracy"] = ev["accuracy"]
+        log.write(rec)
+        bar.update(1, loss=rec["loss"], tok_s=int(rec["tokens_per_s"]), acc=acc)
+    bar.close()
+    log.close()
+    save_checkpoint(model, tok, out, dtype=DTYPES[cfg.save_dtype])
+    result = {"final_eval_accuracy": acc, "steps": cfg.steps,
+              "train_time_s": time.perf_counter() - t_start}
+    (out / "sft_result.json").write_text(json.dumps(result, indent=2))
+    print(f"sft: done, eval accuracy {acc:.3f} on {cfg.eval_n} held-out problems; saved to {out}",
+          flush=True)
+    return result
