@@ -6,7 +6,7 @@ With L the full response budget and K the number of optimizer steps:
 - `truncated` (TOPD):  H_k = `tokens` if set, else ceil(`fraction` * L), for every k.
 - `progressive` (POPD): H grows from H0 (`start_tokens`, or ceil(`start` * L)) and reaches L at
   step K_r = ceil(`reach_at` * K), then stays at L. Shapes, with u = min(1, k / K_r):
-    step:    H_k = min(L, H0 + dH * floor(k / dk)), dk = ceil(K_r / n), dH = ceil((L - H0) / n),
+    step:    H_k = min(L, H0 + dH * floor(k / dk)), dk = floor(K_r / n), dH = ceil((L - H0) / n),
              n = `increments` (the paper's form);
     linear:  H_k = H0 + (L - H0) * u;
     cosine:  H_k = H0 + (L - H0) * (1 - cos(pi * u)) / 2;
@@ -79,7 +79,7 @@ def horizon_at(step: int, total_steps: int, budget: int, cfg: HorizonConfig) -> 
     reach = max(1, math.ceil(cfg.reach_at * total_steps))
     u = min(1.0, step / reach)
     if cfg.shape == "step":
-        dk = max(1, math.ceil(reach / cfg.increments))
+        dk = max(1, reach // cfg.increments)
         dh = math.ceil((L - h0) / cfg.increments)
         h = h0 + dh * (step // dk)
     elif cfg.shape == "linear":

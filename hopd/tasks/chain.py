@@ -94,7 +94,11 @@ def split_of(prompt: str) -> str:
 
 
 def generate(n: int, spec: ChainSpec, split: str, seed: int) -> list[Problem]:
-    """`n` distinct problems of `split` ('train' or 'eval'), deterministic in `seed`."""
+    """`n` distinct problems of `split` ('train' or 'eval'), deterministic in `seed`.
+
+    Final answers are uniform over 0..9 (each problem is drawn for a target digit, by rejection),
+    so that guessing scores 10%: without this, `*` and `x-x` pull a quarter of answers to 0.
+    """
     if split not in ("train", "eval"):
         raise ValueError(f"split={split!r}: use 'train' or 'eval'")
     rng = random.Random(f"{split}-{seed}-{spec}")
@@ -105,7 +109,10 @@ def generate(n: int, spec: ChainSpec, split: str, seed: int) -> list[Problem]:
         tries += 1
         if tries > 1000 * n + 10000:
             raise ValueError(f"cannot draw {n} distinct {split} problems for {spec}: too few exist")
+        target = str(rng.randrange(10))
         p = make_problem(rng, spec)
+        while p.answer != target:
+            p = make_problem(rng, spec)
         if p.prompt in seen or split_of(p.prompt) != split:
             continue
         seen.add(p.prompt)

@@ -1,0 +1,74 @@
+"""The learn step: gradient accumulation invariance, and the SFT loss mask."""
+
+import pytest
+import torch
+
+from hopd.distill import DistillConfig, LossConfig, learn
+from hopd.models import tiny_llama
+from hopd.rollout import sample
+from hopd.sft import sft_batch, sft_loss
+from hopd.tasks import load_examples
+from hopd.teacher import score
+
+
+def _grads(model):
+    return torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None])
+
+
+@pytest.mark.parametrize("kind,top_k", [("sampled_rkl", 0), ("rkl", 0), ("fkl", 0), ("jsd", 0),
+                                        ("rkl", 5)])
+def test_batch8_accum1_equals_batch2_accum4(tokenizer, kind, top_k):
+    student = tiny_llama("micro", tokenizer, seed=1).double()
+    teacher = tiny_llama("micro", tokenizer, seed=2).double().eval()
+    prompts = [[1] + tokenizer(f"a={i}+{i};", add_special_tokens=False)["input_ids"]
+               for i in range(8)]
+    prompts[3] = prompts[3] + [14, 66]  # mixed prompt lengths
+    # a frequent token as EOS so that rows have mixed lengths
+    r = sample(student, prompts, 10, eos_id=14, pad_id=0, generator=torch.Generator().manual_seed(0),
+               temperature=2.0)
+    assert r.cut_B.any() and (~r.cut_B).any()
+    need = "sampled" if kind == "sampled_rkl" else ("topk" if top_k else "full")
+    scores = score(teacher, r, need, top_k)
+    grads = []
+    for accum in (1, 4):
+        cfg = DistillConfig(batch_size=8, grad_accum=accum, loss=LossConfig(kind=kind, top_k=top_k))
+        student.zero_grad(set_to_none=True)
+        stats = learn(student, r, scores, cfg, vocab=len(tokenizer))
+        grads.append((_grads(student), stats["loss"]))
+    assert torch.allclose(grads[0][0], grads[1][0], rtol=1e-9, atol=1e-12)
+    assert grads[0][1] == pytest.approx(grads[1][1], rel=1e-9)
+    assert grads[0][0].abs().sum() > 0
+
+
+def test_per_microbatch_normalisation_would_differ(tokenizer):
+    """Guards the test above: dividing each micro-batch by its own token count changes things."""
+    lengths = torch.tensor([10.0, 2.0])
+    per_token = torch.tensor([1.0, 5.0])  # mean loss per token of each micro-batch
+    right = (per_token * lengths).sum() / lengths.sum()
+    wrong = per_token.mean()
+    assert right != wrong
+
+
+def test_sft_loss_mask_covers_exactly_the_response(tokenizer):
+    ex = load_examples("chain:tiny", 3, "train", seed=0)
+    ids, attn, loss_mask = sft_batch(tokenizer, ex)
+    for row, e in enumerate(ex):
+        n_prompt = 1 + len(e.prompt) + 1  # BOS + program + newline
+        n_resp = len(e.response) + 1  # + EOS
+        assert loss_mask[row].tolist() == [0] * n_prompt + [1] * n_resp + [0] * (
+            ids.size(1) - n_prompt - n_resp)
+        masked = ids[row][loss_mask[row].bool()].tolist()
+        assert tokenizer.decode(masked[:-1]) == e.response and masked[-1] == tokenizer.eos_token_id
+
+
+def test_sft_loss_ignores_prompt_tokens(tokenizer):
+    model = tiny_llama("micro", tokenizer, seed=0)
+    ex = load_examples("chain:tiny", 2, "train", seed=0)
+    ids, attn, loss_mask = sft_batch(tokenizer, ex)
+    base = sft_loss(model, ids, attn, loss_mask)
+    logits = model(input_ids=ids, attention_mask=attn).logits[:, :-1]
+    nll = torch.nn.functional.cross_entropy(logits.transpose(1, 2), ids[:, 1:], reduction="none")
+    m = loss_mask[:, 1:].float()
+    assert base.item() == pytest.approx(((nll * m).sum() / m.sum()).item(), rel=1e-5)
+    # the mask matters: the plain mean over all positions (prompt included) is different
+    assert not torch.isclose(base, (nll.sum() / nll.numel()))

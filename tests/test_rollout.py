@@ -1,0 +1,76 @@
+import torch
+
+from hopd.rollout import filter_logits, left_pad, sample
+from hopd.teacher import score
+
+
+def _prompts(tokenizer, texts):
+    return [[tokenizer.bos_token_id] + tokenizer(t, add_special_tokens=False)["input_ids"]
+            for t in texts]
+
+
+def test_greedy_matches_hf_generate(micro_model, tokenizer):
+    prompts = _prompts(tokenizer, ["a=1+2;", "a=3*4;b=a-1;"])
+    r = sample(micro_model, prompts, 12, eos_id=-1, pad_id=tokenizer.pad_token_id, greedy=True)
+    for i, p in enumerate(prompts):  # one at a time: no padding in the reference
+        ref = micro_model.generate(torch.tensor([p]), max_new_tokens=12, do_sample=False,
+                                   eos_token_id=None, pad_token_id=tokenizer.pad_token_id)
+        assert r.response_ids_B_R[i].tolist() == ref[0, len(p):].tolist()
+
+
+def test_left_padding_does_not_change_the_samples(micro_model, tokenizer):
+    short, long = _prompts(tokenizer, ["a=1+2;", "a=3*4;b=a-1;c=b+b;"])
+    alone = sample(micro_model, [short], 10, -1, 0, greedy=True)
+    padded = sample(micro_model, [short, long], 10, -1, 0, greedy=True)
+    assert padded.response_ids_B_R[0].tolist() == alone.response_ids_B_R[0].tolist()
+    assert torch.allclose(padded.sampler_logp_B_R[0], alone.sampler_logp_B_R[0], atol=1e-5)
+
+
+def test_masks_are_exact_for_eos_and_horizon(micro_model, tokenizer):
+    prompts = _prompts(tokenizer, ["a=1+2;"] * 64)
+    gen = torch.Generator().manual_seed(0)
+    # pick a frequent token as "EOS" so that some rows stop early and others are cut
+    eos = 14
+    r = sample(micro_model, prompts, 8, eos_id=eos, pad_id=0, generator=gen, temperature=3.0)
+    ids, m = r.response_ids_B_R, r.response_mask_B_R
+    for row_ids, row_m, cut in zip(ids.tolist(), m.tolist(), r.cut_B.tolist()):
+        n = sum(row_m)
+        assert row_m == [1] * n + [0] * (len(row_m) - n)  # a prefix
+        if cut:
+            assert n == 8 and eos not in row_ids[:n]
+        else:
+            assert row_ids[n - 1] == eos and eos not in row_ids[: n - 1]
+            assert all(t == 0 for t in row_ids[n:])  # padding after EOS
+    assert r.cut_B.any() and (~r.cut_B).any()
+    assert (r.sampler_logp_B_R[m == 0] == 0).all()
+    assert r.attn_B_T[:, r.prompt_len:].equal(m)
+
+
+def test_sampler_logp_equals_a_full_forward_pass(micro_model, tokenizer):
+    prompts = _prompts(tokenizer, ["a=1+2;", "a=3*4;b=a-1;"])
+    r = sample(micro_model, prompts, 9, -1, 0, generator=torch.Generator().manual_seed(1))
+    s = score(micro_model, r)  # scoring the rollout with the sampler itself
+    mask = r.response_mask_B_R.bool()
+    assert torch.allclose(s.logp_B_R[mask], r.sampler_logp_B_R[mask], atol=1e-4)
+
+
+def test_same_seed_same_tokens(micro_model, tokenizer):
+    prompts = _prompts(tokenizer, ["a=1+2;"] * 4)
+    a = sample(micro_model, prompts, 6, -1, 0, generator=torch.Generator().manual_seed(5))
+    b = sample(micro_model, prompts, 6, -1, 0, generator=torch.Generator().manual_seed(5))
+    c = sample(micro_model, prompts, 6, -1, 0, generator=torch.Generator().manual_seed(6))
+    assert a.ids_B_T.equal(b.ids_B_T)
+    assert not a.ids_B_T.equal(c.ids_B_T)
+
+
+def test_filters_keep_the_right_tokens():
+    logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]]))
+    assert torch.isfinite(filter_logits(logits, top_k=2)).tolist() == [[True, True, False, False]]
+    assert torch.isfinite(filter_logits(logits, top_p=0.7)).tolist() == [[True, True, False, False]]
+    assert torch.isfinite(filter_logits(logits, top_p=0.5)).tolist() == [[True, False, False, False]]
+    assert torch.isfinite(filter_logits(logits, top_p=0.01)).sum() == 1
+
+
+def test_left_pad_layout():
+    ids, mask = left_pad([[5, 6], [7]], pad_id=0)
+    assert ids.tolist() == [[5, 6], [0, 7]] and mask.tolist() == [[1, 1], [0, 1]]

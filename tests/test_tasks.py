@@ -1,0 +1,88 @@
+import random
+
+import pytest
+
+from hopd.tasks import chain, default_budget, load_examples
+from hopd.tasks.chain import PRESETS, extract_answer, generate, is_correct, make_problem
+
+
+def _solve(prompt: str) -> str:
+    """Independent reference: executes the program text."""
+    env: dict[str, int] = {}
+    last = None
+    for stmt in filter(None, prompt.split(";")):
+        name, expr = stmt.split("=")
+        x, op, y = expr[0], expr[1], expr[2]
+        xv = int(x) if x.isdigit() else env[x]
+        yv = int(y) if y.isdigit() else env[y]
+        env[name] = {"+": xv + yv, "-": xv - yv, "*": xv * yv}[op] % 10
+        last = env[name]
+    return str(last)
+
+
+def test_generator_is_deterministic_and_seed_dependent():
+    a = generate(50, PRESETS["default"], "train", seed=3)
+    b = generate(50, PRESETS["default"], "train", seed=3)
+    c = generate(50, PRESETS["default"], "train", seed=4)
+    assert a == b
+    assert a != c
+
+
+def test_answers_match_an_independent_interpreter():
+    for p in generate(200, PRESETS["default"], "train", seed=0):
+        assert p.answer == _solve(p.prompt)
+        assert is_correct(p.response, p.answer)
+
+
+def test_train_and_eval_never_overlap():
+    train = {p.prompt for s in range(5) for p in generate(400, PRESETS["default"], "train", s)}
+    ev = {p.prompt for p in generate(500, PRESETS["default"], "eval", 0)}
+    assert len(ev) == 500
+    assert not train & ev
+
+
+def test_response_lengths_meet_the_presets():
+    d = generate(20, PRESETS["default"], "eval", 0)
+    h = generate(20, PRESETS["hard"], "eval", 0)
+    assert min(len(p.response) for p in d) >= 150
+    assert min(len(p.response) for p in h) >= 400
+    assert default_budget("chain:default") >= max(len(p.response) for p in d) + 1
+
+
+def test_steps_reference_only_recent_variables():
+    spec = chain.ChainSpec(steps=20, reach=2, p_const=0.0)
+    p = make_problem(random.Random(0), spec)
+    for i, stmt in enumerate(filter(None, p.prompt.split(";"))):
+        for operand in (stmt[2], stmt[4]):
+            if not operand.isdigit():
+                assert i - 2 <= chain.VARIABLES.index(operand) < i
+
+
+@pytest.mark.parametrize("response,expected", [
+    ("a=1+1=1+1=2\nAnswer: 2", "2"),
+    ("a=1+1=1+1=2\nAnswer: 3", "3"),
+    ("a=1+1=1+1=2\nb=a", None),  # cut by the budget
+    ("Answer: 2\nb=a*2=", None),  # kept going after the answer
+    ("#$%garbage", None),
+    ("", None),
+    ("Answer: ", None),
+])
+def test_extract_answer(response, expected):
+    assert extract_answer(response) == expected
+
+
+def test_checker_rejects_wrong_and_accepts_right():
+    p = generate(1, PRESETS["default"], "eval", 0)[0]
+    wrong = str((int(p.answer) + 1) % 10)
+    assert is_correct(p.response, p.answer)
+    assert not is_correct(p.response[:-1] + wrong, p.answer)
+    assert not is_correct(p.response[:40], p.answer)
+
+
+def test_bad_specs_and_sources_fail_clearly():
+    with pytest.raises(ValueError, match="steps"):
+        chain.ChainSpec(steps=0)
+    with pytest.raises(ValueError, match="ops"):
+        chain.ChainSpec(ops="/")
+    with pytest.raises(ValueError, match="unknown testbed preset"):
+        load_examples("chain:nope", 1, "train")
