@@ -72,6 +72,73 @@ def _cmd_distill(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_compare(args: argparse.Namespace) -> int:
+    from hopd.compare import DEFAULT, budget_overrides, compare, parse_strategies
+    from hopd.report import write_report
+
+    _split_config(args)
+    strategies = parse_strategies(args.strategies or ",".join(DEFAULT))
+    seeds = _parse_seeds(args.seeds)
+    out = Path(args.out)
+    budget = budget_overrides(args.steps, args.seconds, args.tokens)
+    _check_out(out, args.overwrite, args.resume)
+    runs = compare(args.config, out, strategies, seeds, args.overrides, budget,
+                   progress=not args.quiet, resume=args.resume)
+    summary = write_report(runs, out / "report")
+    _print_summary(summary, out / "report" / "report.md")
+    return 0
+
+
+def _cmd_report(args: argparse.Namespace) -> int:
+    from hopd.report import write_report
+
+    paths = [Path(p) for p in args.runs]
+    out = Path(args.out) if args.out else (paths[0] / "report")
+    summary = write_report(paths, out)
+    _print_summary(summary, out / "report.md")
+    return 0
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from hopd.demo import run_demo
+
+    out = Path(args.out)
+    _check_out(out, args.overwrite, args.resume)
+    summary = run_demo(out, quick=args.quick, progress=not args.quiet, resume=args.resume)
+    _print_summary(summary, out / "report" / "report.md")
+    return 0
+
+
+def _parse_seeds(text: str) -> list[int]:
+    try:
+        seeds = [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise ConfigError(f"--seeds {text!r}: give integers separated by commas, e.g. 0,1,2") from None
+    if not seeds:
+        raise ConfigError("--seeds is empty: give at least one seed, e.g. 0")
+    return seeds
+
+
+def _print_summary(summary: dict, report: Path) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    from hopd.report import table_rows, verdicts
+
+    rows = table_rows(summary)
+    keep = [0, 2, 3, 6, 7, 8, 10, 11]  # the columns that fit a terminal
+    table = Table(title="hopd: strategies compared at the full budget L")
+    for i in keep:
+        table.add_column(rows[0][i], justify="left" if i == 0 else "right")
+    for r in rows[1:]:
+        table.add_row(*[r[i] for i in keep])
+    console = Console()
+    console.print(table)
+    for v in verdicts(summary):
+        console.print("- " + v.replace("**", ""))
+    console.print(f"report: {report}")
+
+
 def _split_config(args: argparse.Namespace) -> None:
     """`hopd sft key=value` has no config file: the first positional is an override."""
     if args.config and "=" in args.config and not Path(args.config).exists():
@@ -112,6 +179,34 @@ def build_parser() -> argparse.ArgumentParser:
                    help="key=value overrides by dotted path (horizon.kind=truncated, optim.lr=1e-4;"
                    " aliases: steps=max_steps, lr=optim.lr, H=horizon.tokens)")
     d.set_defaults(func=_cmd_distill)
+
+    c = sub.add_parser("compare", help="run several horizon strategies and report")
+    c.add_argument("config", nargs="?", help="base distill YAML (default: built-in defaults)")
+    c.add_argument("--out", required=True, help="comparison folder")
+    c.add_argument("--strategies", default="",
+                   help="comma list from opd,popd,topd10,topd25 (default: all four)")
+    c.add_argument("--seeds", default="0", help="comma list of seeds (default 0)")
+    c.add_argument("--steps", type=int, default=0, help="budget: optimizer steps per run")
+    c.add_argument("--seconds", type=float, default=0, help="budget: training seconds per run")
+    c.add_argument("--tokens", type=int, default=0, help="budget: sampled tokens per run")
+    c.add_argument("--resume", action="store_true", help="skip finished runs, resume the others")
+    c.add_argument("--overwrite", action="store_true", help="replace an existing --out")
+    c.add_argument("--quiet", action="store_true")
+    c.add_argument("overrides", nargs="*", help="key=value overrides for every run")
+    c.set_defaults(func=_cmd_compare)
+
+    r = sub.add_parser("report", help="plots and report.md from run folders")
+    r.add_argument("runs", nargs="+", help="run folders, or folders that contain them")
+    r.add_argument("--out", help="output folder (default: FIRST_RUN/report)")
+    r.set_defaults(func=_cmd_report)
+
+    m = sub.add_parser("demo", help="the built-in OPD vs POPD vs TOPD comparison on the testbed")
+    m.add_argument("--quick", action="store_true", help="a smaller run (about 2 minutes)")
+    m.add_argument("--out", default="runs/demo", help="output folder (default runs/demo)")
+    m.add_argument("--resume", action="store_true", help="skip finished runs")
+    m.add_argument("--overwrite", action="store_true", help="replace an existing --out")
+    m.add_argument("--quiet", action="store_true")
+    m.set_defaults(func=_cmd_demo)
 
     e = sub.add_parser("eval", help="evaluate a model at the full response budget")
     e.add_argument("--model", required=True, help="checkpoint path or testbed:teacher|student")

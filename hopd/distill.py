@@ -69,7 +69,9 @@ class DistillConfig:
     teacher: str = "testbed:teacher"  # teacher checkpoint: path or testbed:teacher
     data: str = "chain:default"  # prompt source: chain:PRESET
     budget: int = 0  # full response budget L in tokens (0: the task's default)
-    max_steps: int = 60  # optimizer steps
+    max_steps: int = 60  # optimizer steps (with a time or token budget: the schedules' length)
+    max_time_s: float = 0.0  # stop after this much training time (0: no limit)
+    max_tokens: int = 0  # stop after this many sampled tokens (0: no limit)
     batch_size: int = 32  # prompts (rollouts) per optimizer step
     grad_accum: int = 1  # micro-batches per optimizer step (same gradient, less memory)
     horizon: HorizonConfig = field(default_factory=HorizonConfig)
@@ -97,6 +99,8 @@ class DistillConfig:
         C.check(self.grad_accum >= 1, f"grad_accum={self.grad_accum}: must be >= 1")
         C.check(self.grad_accum <= self.batch_size, f"grad_accum={self.grad_accum} exceeds "
                 f"batch_size={self.batch_size}: each micro-batch needs at least one prompt")
+        C.check(self.max_time_s >= 0 and self.max_tokens >= 0,
+                "max_time_s and max_tokens must be >= 0 (0: no limit)")
         C.check(self.budget >= 0, f"budget={self.budget}: must be >= 0 (0: task default)")
         C.check(self.loss.kind in LOSSES,
                 f"loss.kind={self.loss.kind!r}: choose one of {', '.join(LOSSES)}")
@@ -152,6 +156,26 @@ def train_prompts(cfg: DistillConfig, step: int) -> list[str]:
     """The prompts of optimizer step `step`: deterministic in (seed, step), so resume is exact."""
     return [e.prompt for e in load_examples(cfg.data, cfg.batch_size, "train",
                                             seed=cfg.seed * 1_000_003 + step)]
+
+
+def schedule_step(step: int, totals: dict[str, float], cfg: DistillConfig) -> int:
+    """The step that the horizon and LR schedules see.
+
+    With a steps budget it is the optimizer step. With a time or token budget, schedules follow
+    the fraction of that budget already spent, mapped onto max_steps, so that a progressive
+    schedule reaches L at the same fraction of the budget for every strategy.
+    """
+    fractions = [step / cfg.max_steps]
+    if cfg.max_time_s:
+        fractions.append(totals["train_time_s"] / cfg.max_time_s)
+    if cfg.max_tokens:
+        fractions.append(totals["sampled_tokens"] / cfg.max_tokens)
+    return min(cfg.max_steps - 1, int(max(fractions) * cfg.max_steps))
+
+
+def budget_spent(step: int, totals: dict[str, float], cfg: DistillConfig) -> bool:
+    return (step >= cfg.max_steps or (cfg.max_time_s > 0 and totals["train_time_s"] >= cfg.max_time_s)
+            or (cfg.max_tokens > 0 and totals["sampled_tokens"] >= cfg.max_tokens))
 
 
 def learn(student: PreTrainedModel, rollout: Rollout, teacher: TeacherScores, cfg: DistillConfig,
@@ -249,7 +273,7 @@ def peak_memory_mb(device: str) -> float:
 
 
 def save_checkpoint(run: Path, step: int, student: PreTrainedModel, tokenizer: Any,
-                    opt: torch.optim.Optimizer, sched: Any, extra: dict[str, Any],
+                    opt: torch.optim.Optimizer, extra: dict[str, Any],
                     keep_last: int) -> Path:
     """Writes RUN/checkpoints/step_N atomically (a temporary folder, then a rename)."""
     ckpts = run / "checkpoints"
@@ -259,7 +283,7 @@ def save_checkpoint(run: Path, step: int, student: PreTrainedModel, tokenizer: A
     shutil.rmtree(tmp, ignore_errors=True)
     student.save_pretrained(tmp)
     tokenizer.save_pretrained(tmp)
-    torch.save({"optimizer": opt.state_dict(), "scheduler": sched.state_dict(), "step": step,
+    torch.save({"optimizer": opt.state_dict(), "step": step,
                 "torch_rng": torch.get_rng_state(), **extra}, tmp / "trainer_state.pt")
     shutil.rmtree(final, ignore_errors=True)
     os.replace(tmp, final)
@@ -326,13 +350,10 @@ def distill(cfg: DistillConfig, run: Path, resume: bool = False, progress: bool 
     student.train()
     opt = torch.optim.AdamW(student.parameters(), lr=cfg.optim.lr, betas=(0.9, 0.95),
                             weight_decay=cfg.optim.weight_decay)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: warmup_cosine(
-        s, cfg.max_steps, cfg.optim.warmup_steps, cfg.optim.min_lr_ratio))
     start, totals = 0, {"train_time_s": 0.0, "sampled_tokens": 0}
     if ckpt is not None:
         state = torch.load(ckpt / "trainer_state.pt", weights_only=True)
         opt.load_state_dict(state["optimizer"])
-        sched.load_state_dict(state["scheduler"])
         torch.set_rng_state(state["torch_rng"])
         start, totals = state["step"], dict(state["totals"])
         _truncate_metrics(run / "metrics.jsonl", start)
@@ -362,11 +383,16 @@ def distill(cfg: DistillConfig, run: Path, resume: bool = False, progress: bool 
     bar.update(start)
     bad_in_row, stopped_by_signal, step = 0, False, start
     with _StopFlag() as flag:
-        for step in range(start, cfg.max_steps):
+        while not budget_spent(step, totals, cfg):
             t_step = time.perf_counter()
             if cfg.device.startswith("cuda"):
                 torch.cuda.reset_peak_memory_stats(cfg.device)
-            H = horizon_at(step, cfg.max_steps, budget, cfg.horizon)
+            k = schedule_step(step, totals, cfg)
+            H = horizon_at(k, cfg.max_steps, budget, cfg.horizon)
+            lr = cfg.optim.lr * warmup_cosine(k, cfg.max_steps, cfg.optim.warmup_steps,
+                                              cfg.optim.min_lr_ratio)
+            for group in opt.param_groups:
+                group["lr"] = lr
 
             # 1. sample: the student draws <= H tokens per prompt
             prompts = encode_prompts(tok, train_prompts(cfg, step))
@@ -392,7 +418,6 @@ def distill(cfg: DistillConfig, run: Path, resume: bool = False, progress: bool 
                 bad_in_row = 0
             else:
                 bad_in_row += 1
-            sched.step()
             t_end = time.perf_counter()
 
             # 4. log
@@ -410,7 +435,7 @@ def distill(cfg: DistillConfig, run: Path, resume: bool = False, progress: bool 
                 "eos_fraction": float((~rollout.cut_B).float().mean()) if ended else 0.0,
                 "mean_response_tokens": n_tok / len(prompts), "sampled_rkl": rkl,
                 "tokens_per_s": n_tok / max(t_sampled - t_step, 1e-9),
-                "lr": sched.get_last_lr()[0], "grad_norm": gnorm, "skipped": not finite,
+                "lr": lr, "grad_norm": gnorm, "skipped": not finite,
                 "rho_mean": stats["rho_mean"], "act_mem_mb": stats["act_mem_mb"],
                 "peak_mem_mb": peak_memory_mb(cfg.device), **totals,
             }
@@ -420,11 +445,11 @@ def distill(cfg: DistillConfig, run: Path, resume: bool = False, progress: bool 
                                                 budget, vocab, eos, pad, step))
                 rec["diag_time_s"] = time.perf_counter() - t0
             log.write(rec)
-            last = step + 1 == cfg.max_steps or flag.stop
+            last = budget_spent(step + 1, totals, cfg) or flag.stop
             if (cfg.eval_every and (step + 1) % cfg.eval_every == 0) or last:
                 acc = run_eval(step + 1)
             if (cfg.save_every and (step + 1) % cfg.save_every == 0) or last:
-                save_checkpoint(run, step + 1, student, tok, opt, sched, {"totals": totals},
+                save_checkpoint(run, step + 1, student, tok, opt, {"totals": totals},
                                 cfg.keep_last)
             bar.update(1, H=H, loss=rec["loss"], rkl=rkl, acc=acc)
             if bad_in_row >= cfg.max_bad_steps:
@@ -436,6 +461,8 @@ def distill(cfg: DistillConfig, run: Path, resume: bool = False, progress: bool 
                     "lower optim.lr or check the models' dtype")
             if flag.stop:
                 stopped_by_signal = True
+            step += 1
+            if stopped_by_signal:
                 break
     bar.close()
     log.close()
@@ -444,10 +471,10 @@ def distill(cfg: DistillConfig, run: Path, resume: bool = False, progress: bool 
         shutil.rmtree(final, ignore_errors=True)
         student.save_pretrained(final)
         tok.save_pretrained(final)
-    result = {"final_eval_accuracy": acc, "steps": step + 1, "stopped_by_signal": stopped_by_signal,
+    result = {"final_eval_accuracy": acc, "steps": step, "stopped_by_signal": stopped_by_signal,
               **totals}
     (run / "result.json").write_text(json.dumps(result, indent=2))
-    print(f"distill: {'stopped' if stopped_by_signal else 'done'} at step {step + 1}, full-budget "
+    print(f"distill: {'stopped' if stopped_by_signal else 'done'} at step {step}, full-budget "
           f"accuracy {acc:.3f}, {totals['train_time_s']:.0f}s training, "
           f"{totals['sampled_tokens']} sampled tokens", flush=True)
     return result

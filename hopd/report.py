@@ -1,0 +1,389 @@
+"""`hopd report`: plots and a Markdown report from run folders.
+
+Reads each run's metrics.jsonl (and strategy.json, written by `hopd compare`), groups runs by
+strategy, and writes into the output folder:
+
+- accuracy.png: full-budget accuracy against training wall-clock, sampled tokens and steps (mean
+  over seeds, min-max band);
+- cost.png: step time (split into sample / teacher / learn) and activation memory against H;
+- rkl_heatmap.png: per-position sampled reverse KL (position bucket x step), one panel per strategy;
+- horizon.png: each strategy's horizon schedule;
+- report.md: a table per strategy and verdicts on the paper's two claims, computed from the data.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import statistics
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import yaml  # noqa: E402
+
+from hopd.progress import read_metrics  # noqa: E402
+
+TARGET_FRACTION = 0.95  # target = 95% of full OPD's final accuracy
+MATCH_TOLERANCE = 0.95  # "matches OPD": final accuracy >= 95% of OPD's final accuracy
+
+
+@dataclass
+class Run:
+    path: Path
+    strategy: str
+    seed: int
+    train: list[dict[str, Any]]
+    evals: list[dict[str, Any]]
+    config: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def final_accuracy(self) -> float:
+        return self.evals[-1]["eval_accuracy"] if self.evals else math.nan
+
+    @property
+    def best_accuracy(self) -> float:
+        return max((e["eval_accuracy"] for e in self.evals), default=math.nan)
+
+    def first_reach(self, target: float) -> dict[str, Any] | None:
+        """The first evaluation at or above `target` (with the cost spent until then)."""
+        for e in self.evals:
+            if e["eval_accuracy"] >= target:
+                return e
+        return None
+
+
+def load_run(path: Path) -> Run:
+    metrics = path / "metrics.jsonl"
+    if not metrics.exists():
+        raise FileNotFoundError(f"{path} is not a run folder: it has no metrics.jsonl")
+    lines = read_metrics(metrics)
+    meta_file = path / "strategy.json"
+    meta = json.loads(meta_file.read_text()) if meta_file.exists() else {}
+    cfg_file = path / "config.yaml"
+    cfg = yaml.safe_load(cfg_file.read_text()) if cfg_file.exists() else {}
+    strategy = meta.get("strategy") or _strategy_from_config(cfg) or path.name
+    return Run(path, strategy, int(meta.get("seed", cfg.get("seed", 0) or 0)),
+               [r for r in lines if "loss" in r], [r for r in lines if "eval_accuracy" in r], cfg)
+
+
+def _strategy_from_config(cfg: dict[str, Any]) -> str | None:
+    h = cfg.get("horizon") or {}
+    kind = h.get("kind")
+    if kind == "full":
+        return "opd"
+    if kind == "truncated":
+        return f"topd{h.get('tokens') or round(100 * h.get('fraction', 0))}"
+    if kind == "progressive":
+        return "popd"
+    return kind
+
+
+def find_runs(paths: list[Path]) -> list[Run]:
+    """Run folders given directly or found below the given folders."""
+    found: list[Path] = []
+    for p in paths:
+        if not p.exists():
+            raise FileNotFoundError(f"{p} does not exist")
+        if (p / "metrics.jsonl").exists():
+            found.append(p)
+        else:
+            found += sorted(m.parent for m in p.rglob("metrics.jsonl"))
+    if not found:
+        raise FileNotFoundError(f"no run folders (with metrics.jsonl) under {', '.join(map(str, paths))}")
+    return [load_run(p) for p in found]
+
+
+def group(runs: list[Run]) -> dict[str, list[Run]]:
+    out: dict[str, list[Run]] = {}
+    for r in runs:
+        out.setdefault(r.strategy, []).append(r)
+    return out
+
+
+def _mean(xs: list[float | None]) -> float | None:
+    vals = [x for x in xs if x is not None and not math.isnan(x)]
+    return statistics.fmean(vals) if vals else None
+
+
+def summarize(groups: dict[str, list[Run]], baseline: str = "opd") -> dict[str, Any]:
+    """Per-strategy numbers and the target; all verdicts are computed from these."""
+    base = groups.get(baseline)
+    base_final = _mean([r.final_accuracy for r in base]) if base else None
+    target = TARGET_FRACTION * base_final if base_final is not None else None
+    rows: dict[str, dict[str, Any]] = {}
+    for name, runs in groups.items():
+        reach = [r.first_reach(target) if target is not None else None for r in runs]
+        all_reached = all(x is not None for x in reach)
+        rows[name] = {
+            "seeds": len(runs),
+            "final_accuracy": _mean([r.final_accuracy for r in runs]),
+            "final_accuracy_min": min(r.final_accuracy for r in runs),
+            "final_accuracy_max": max(r.final_accuracy for r in runs),
+            "best_accuracy": _mean([r.best_accuracy for r in runs]),
+            "initial_accuracy": _mean([r.evals[0]["eval_accuracy"] if r.evals else None
+                                       for r in runs]),
+            "steps": _mean([r.train[-1]["step"] if r.train else 0 for r in runs]),
+            "train_time_s": _mean([r.train[-1]["train_time_s"] if r.train else 0.0
+                                   for r in runs]),
+            "total_tokens": _mean([r.train[-1]["sampled_tokens"] if r.train else 0
+                                   for r in runs]),
+            "mean_step_time_s": _mean([statistics.fmean(x["step_time_s"] for x in r.train)
+                                       if r.train else None for r in runs]),
+            "peak_act_mem_mb": _mean([max((x.get("act_mem_mb", 0) for x in r.train), default=0)
+                                      for r in runs]),
+            "peak_mem_mb": _mean([max((x.get("peak_mem_mb", 0) for x in r.train), default=0)
+                                  for r in runs]),
+            "time_to_target_s": _mean([x["train_time_s"] for x in reach if x])
+            if all_reached else None,
+            "tokens_to_target": _mean([x["sampled_tokens"] for x in reach if x])
+            if all_reached else None,
+            "steps_to_target": _mean([x["step"] for x in reach if x]) if all_reached else None,
+            "reached_target": sum(x is not None for x in reach),
+        }
+    if base is not None:
+        b = rows[baseline]
+        for row in rows.values():
+            for key, out in (("time_to_target_s", "speedup_time"),
+                             ("tokens_to_target", "speedup_tokens")):
+                row[out] = (b[key] / row[key] if b[key] and row[key] else None)
+            row["cost_ratio_time"] = (row["train_time_s"] / b["train_time_s"]
+                                      if b["train_time_s"] else None)
+    return {"baseline": baseline, "baseline_final": base_final, "target": target, "rows": rows}
+
+
+def verdicts(summary: dict[str, Any]) -> list[str]:
+    """Plain-language verdicts on the paper's two claims, from the numbers alone."""
+    rows, target = summary["rows"], summary["target"]
+    out = []
+    if target is None:
+        return ["No full-OPD run was given, so neither claim can be judged (both are relative to "
+                "OPD)."]
+    opd = rows[summary["baseline"]]
+    popd = [n for n in rows if n.startswith("popd")]
+    if not popd:
+        out.append("**POPD reaches OPD's accuracy sooner**: not tested (no POPD run).")
+    for n in popd:
+        r = rows[n]
+        if r["time_to_target_s"] is None:
+            out.append(f"**POPD reaches OPD's accuracy sooner**: not supported here. `{n}` did not "
+                       f"reach the target ({_pct(target)}) in all {r['seeds']} seed(s) "
+                       f"(final {_pct(r['final_accuracy'])}).")
+        elif opd["time_to_target_s"] is None or r["time_to_target_s"] < opd["time_to_target_s"]:
+            sp = r["speedup_time"]
+            out.append(f"**POPD reaches OPD's accuracy sooner**: supported here. `{n}` reached "
+                       f"{_pct(target)} after {r['time_to_target_s']:.0f}s of training against "
+                       f"OPD's {opd['time_to_target_s']:.0f}s"
+                       + (f" ({sp:.2f}x faster)." if sp else "."))
+        else:
+            out.append(f"**POPD reaches OPD's accuracy sooner**: not supported here. `{n}` "
+                       f"reached {_pct(target)} after {r['time_to_target_s']:.0f}s, OPD after "
+                       f"{opd['time_to_target_s']:.0f}s.")
+    topd = [n for n in rows if n.startswith("topd")]
+    t10 = [n for n in topd if n in ("topd10", "topd")] or topd[:1]
+    if not t10:
+        out.append("**TOPD at 10% of L matches OPD**: not tested (no TOPD run).")
+    for n in t10:
+        r = rows[n]
+        bar = MATCH_TOLERANCE * summary["baseline_final"]
+        cost = r.get("cost_ratio_time")
+        cost_txt = f" at {cost:.2f}x OPD's training time" if cost else ""
+        if r["final_accuracy"] >= bar:
+            out.append(f"**TOPD at 10% of L matches OPD**: supported here. `{n}` ended at "
+                       f"{_pct(r['final_accuracy'])} against OPD's "
+                       f"{_pct(summary['baseline_final'])} (within 5%){cost_txt}.")
+        else:
+            out.append(f"**TOPD at 10% of L matches OPD**: not supported here. `{n}` ended at "
+                       f"{_pct(r['final_accuracy'])}, below 95% of OPD's "
+                       f"{_pct(summary['baseline_final'])}{cost_txt}.")
+    return out
+
+
+def _pct(x: float | None) -> str:
+    return "n/a" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{100 * x:.1f}%"
+
+
+def _num(x: float | None, fmt: str = "") -> str:
+    """n/a for missing; otherwise `fmt`, or 2/1/0 decimals below 10/100/above."""
+    if x is None:
+        return "n/a"
+    if fmt:
+        return fmt.format(x)
+    return f"{x:.2f}" if abs(x) < 10 else f"{x:.1f}" if abs(x) < 100 else f"{x:.0f}"
+
+
+# ---------------------------------------------------------------------------------------------
+# Plots
+
+
+def _series(runs: list[Run], xkey: str) -> tuple[list[float], list[float], list[float], list[float]]:
+    """Mean and min/max accuracy over seeds at each evaluation index."""
+    n = min(len(r.evals) for r in runs)
+    xs, mean, lo, hi = [], [], [], []
+    for i in range(n):
+        pts = [r.evals[i] for r in runs]
+        xs.append(statistics.fmean(p.get(xkey, 0) for p in pts))
+        accs = [p["eval_accuracy"] for p in pts]
+        mean.append(statistics.fmean(accs))
+        lo.append(min(accs))
+        hi.append(max(accs))
+    return xs, mean, lo, hi
+
+
+def plot_accuracy(groups: dict[str, list[Run]], target: float | None, path: Path) -> None:
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
+    for ax, (xkey, label) in zip(axes, (("train_time_s", "training wall-clock (s)"),
+                                        ("sampled_tokens", "sampled tokens"),
+                                        ("step", "optimizer step"))):
+        for name, runs in groups.items():
+            xs, mean, lo, hi = _series(runs, xkey)
+            (line,) = ax.plot(xs, mean, marker="o", ms=3, label=name)
+            if len(runs) > 1:
+                ax.fill_between(xs, lo, hi, alpha=0.2, color=line.get_color())
+        if target is not None:
+            ax.axhline(target, ls="--", color="gray", lw=1, label="target (95% of OPD)")
+        ax.set_xlabel(label)
+        ax.set_ylabel("full-budget accuracy (greedy)")
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=8)
+    fig.suptitle("Accuracy at the full budget L against cost")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_cost(groups: dict[str, list[Run]], path: Path) -> None:
+    """Median step time split and activation memory at each horizon seen in the runs."""
+    by_h: dict[int, list[dict[str, Any]]] = {}
+    for runs in groups.values():
+        for r in runs:
+            for x in r.train:
+                by_h.setdefault(x["horizon"], []).append(x)
+    hs = sorted(by_h)
+    med = {k: [statistics.median(x[k] for x in by_h[h]) for h in hs]
+           for k in ("sample_time_s", "teacher_time_s", "learn_time_s")}
+    mem = [max(x.get("act_mem_mb", 0) for x in by_h[h]) for h in hs]
+    fig, (a1, a2) = plt.subplots(1, 2, figsize=(12, 4.2))
+    bottom = [0.0] * len(hs)
+    width = max(1.0, (max(hs) - min(hs)) / max(1, 3 * len(hs))) if hs else 1.0
+    for k, lab in (("sample_time_s", "sample"), ("teacher_time_s", "teacher"),
+                   ("learn_time_s", "learn")):
+        a1.bar(hs, med[k], bottom=bottom, width=width, label=lab)
+        bottom = [b + v for b, v in zip(bottom, med[k])]
+    a1.set_xlabel("horizon H (tokens)")
+    a1.set_ylabel("median step time (s)")
+    a1.legend()
+    a1.grid(alpha=0.3)
+    a2.plot(hs, mem, marker="o")
+    a2.set_xlabel("horizon H (tokens)")
+    a2.set_ylabel("learner activation memory (MiB)")
+    a2.grid(alpha=0.3)
+    fig.suptitle("Cost of a step against the rollout horizon")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_heatmap(groups: dict[str, list[Run]], path: Path) -> bool:
+    panels = []
+    for name, runs in groups.items():
+        rows = [x for x in runs[0].train if "diag_rkl_by_pos" in x]
+        if rows:
+            panels.append((name, rows))
+    if not panels:
+        return False
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 4), squeeze=False)
+    vmax = max((v for _, rows in panels for x in rows for v in x["diag_rkl_by_pos"]
+                if v == v), default=1.0)
+    for ax, (name, rows) in zip(axes[0], panels):
+        grid = [[v if v == v else float("nan") for v in x["diag_rkl_by_pos"]] for x in rows]
+        im = ax.imshow(list(map(list, zip(*grid))), aspect="auto", origin="lower",
+                       cmap="magma", vmin=0, vmax=vmax,
+                       extent=(rows[0]["step"], rows[-1]["step"], 0, 1))
+        ax.set_title(name)
+        ax.set_xlabel("step")
+        ax.set_ylabel("response position (fraction of L)")
+    fig.colorbar(im, ax=axes[0].tolist(), label="sampled reverse KL per token")
+    fig.suptitle("Where the teacher disagrees with the student (rollouts at the full budget)")
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
+
+
+def plot_horizon(groups: dict[str, list[Run]], path: Path) -> None:
+    fig, ax = plt.subplots(figsize=(6.5, 4))
+    for name, runs in groups.items():
+        r = runs[0]
+        ax.step([x["step"] for x in r.train], [x["horizon"] for x in r.train], where="post",
+                label=name)
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("horizon H (tokens)")
+    ax.set_title("Horizon schedules")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+# ---------------------------------------------------------------------------------------------
+# The report
+
+
+def table_rows(summary: dict[str, Any]) -> list[list[str]]:
+    header = ["strategy", "seeds", "start acc", "final acc", "best acc", "steps", "train time (s)",
+              "sampled tokens", "time to target (s)", "tokens to target", "speed-up vs OPD",
+              "act. mem (MiB)", "peak RSS/alloc (MiB)"]
+    out = [header]
+    for name, r in summary["rows"].items():
+        out.append([name, str(r["seeds"]), _pct(r["initial_accuracy"]), _pct(r["final_accuracy"]),
+                    _pct(r["best_accuracy"]), _num(r["steps"], "{:.0f}"), _num(r["train_time_s"]),
+                    _num(r["total_tokens"], "{:.0f}"), _num(r["time_to_target_s"]),
+                    _num(r["tokens_to_target"], "{:.0f}"), _num(r.get("speedup_time"), "{:.2f}x"),
+                    _num(r["peak_act_mem_mb"], "{:.1f}"), _num(r["peak_mem_mb"], "{:.0f}")])
+    return out
+
+
+def markdown_table(rows: list[list[str]]) -> str:
+    lines = ["| " + " | ".join(rows[0]) + " |", "|" + "---|" * len(rows[0])]
+    lines += ["| " + " | ".join(r) + " |" for r in rows[1:]]
+    return "\n".join(lines)
+
+
+def write_report(paths: list[Path], out: Path) -> dict[str, Any]:
+    """Writes report.md and its PNG plots into `out`; returns the summary."""
+    runs = find_runs(paths)
+    groups = group(runs)
+    summary = summarize(groups)
+    out.mkdir(parents=True, exist_ok=True)
+    plot_accuracy(groups, summary["target"], out / "accuracy.png")
+    plot_cost(groups, out / "cost.png")
+    has_heat = plot_heatmap(groups, out / "rkl_heatmap.png")
+    plot_horizon(groups, out / "horizon.png")
+    budgets = {r.config.get("budget") or "task default" for r in runs}
+    lines = [
+        "# hopd report: how much rollout horizon does on-policy distillation need?", "",
+        f"{len(runs)} run(s), {len(groups)} strateg{'y' if len(groups) == 1 else 'ies'}. "
+        "Accuracy is greedy, at the full response budget L, on held-out prompts. Target = "
+        f"{int(TARGET_FRACTION * 100)}% of full OPD's final accuracy"
+        + (f" = {_pct(summary['target'])}." if summary["target"] is not None else " (no OPD run)."),
+        f"Budget L: {', '.join(map(str, budgets))}. Times are training time only (sampling, "
+        "teacher scoring, learning), without evaluation or diagnostics.", "",
+        markdown_table(table_rows(summary)), "",
+        "## Verdicts on the paper's claims", "",
+        *[f"- {v}" for v in verdicts(summary)], "",
+        "These verdicts are computed from the numbers above each time the report is made; with "
+        "one seed and a small evaluation set, differences of a few points are within noise.", "",
+        "## Plots", "",
+        "![accuracy](accuracy.png)", "", "![cost against horizon](cost.png)", "",
+        "![horizon schedules](horizon.png)", "",
+    ]
+    if has_heat:
+        lines += ["![per-position reverse KL](rkl_heatmap.png)", ""]
+    (out / "report.md").write_text("\n".join(lines))
+    (out / "summary.json").write_text(json.dumps(summary, indent=2))
+    return summary

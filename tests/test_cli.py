@@ -1,0 +1,78 @@
+"""The real command, end to end, on tiny models."""
+
+import json
+import math
+import subprocess
+import sys
+
+import pytest
+
+from hopd.cli import main
+from hopd.progress import read_metrics
+from hopd.tasks import default_budget
+
+TRAIN_KEYS = {"step", "horizon", "loss", "step_time_s", "sample_time_s", "teacher_time_s",
+              "learn_time_s", "sampled_tokens", "cut_fraction", "peak_mem_mb"}
+
+
+def test_help_runs_as_a_console_command():
+    out = subprocess.run([sys.executable, "-m", "hopd", "--help"], capture_output=True, text=True)
+    assert out.returncode == 0
+    for cmd in ("sft", "eval", "distill"):
+        assert cmd in out.stdout
+
+
+def test_sft_then_eval(tmp_path):
+    ckpt = tmp_path / "ckpt"
+    assert main(["sft", "--out", str(ckpt), "--quiet", "model=size:micro", "task=chain:tiny",
+                 "steps=2", "batch_size=4", "eval_n=3"]) == 0
+    assert (ckpt / "model.safetensors").exists() and (ckpt / "tokenizer.json").exists()
+    assert len(read_metrics(ckpt / "metrics.jsonl")) == 2
+    res = tmp_path / "eval.json"
+    assert main(["eval", "--model", str(ckpt), "--task", "chain:tiny", "--n", "4",
+                 "--out", str(res)]) == 0
+    data = json.loads(res.read_text())
+    for key in ("accuracy", "n", "mean_response_tokens", "truncated_fraction"):
+        assert key in data
+    assert data["n"] == 4 and 0 <= data["accuracy"] <= 1
+
+
+def test_two_step_distill(tmp_path, micro_pair):
+    student, teacher = micro_pair
+    run = tmp_path / "run"
+    rc = main(["distill", "--out", str(run), "--quiet", f"student={student}",
+               f"teacher={teacher}", "data=chain:tiny", "steps=2", "batch_size=4",
+               "eval_n=3", "diag_every=1", "diag_n=2", "horizon.kind=truncated",
+               "horizon.fraction=0.25"])
+    assert rc == 0
+    lines = read_metrics(run / "metrics.jsonl")
+    train = [r for r in lines if "loss" in r]
+    evals = [r for r in lines if "eval_accuracy" in r]
+    assert [r["step"] for r in train] == [1, 2]
+    assert all(TRAIN_KEYS <= set(r) for r in train)
+    assert [r["step"] for r in evals] == [0, 2]
+    L = json.loads((run / "result.json").read_text())
+    assert L["steps"] == 2
+    H = math.ceil(0.25 * default_budget("chain:tiny"))
+    assert all(r["horizon"] == H for r in train)
+    assert all(r["mean_response_tokens"] <= H for r in train)
+    assert len(train[0]["diag_rkl_by_pos"]) == 16
+    assert (run / "model" / "model.safetensors").exists()
+    assert (run / "config.yaml").exists()
+
+
+@pytest.mark.parametrize("args,needle", [
+    (["distill", "--out", "X", "horizon.knd=full"], "did you mean 'kind'"),
+    (["distill", "--out", "X", "max_step=3"], "did you mean 'max_steps'"),
+    (["distill", "--out", "X", "batch_size=abc"], "batch_size='abc': expected an integer"),
+    (["distill", "--out", "X", "horizon.kind=truncated", "horizon.fraction=1.5"],
+     "horizon.fraction=1.5"),
+    (["distill", "--out", "X", "student=does/not/exist"], "does/not/exist"),
+    (["eval", "--model", "testbed:nope", "--n", "2"], "unknown bundled model"),
+])
+def test_bad_input_exits_2_with_a_clear_line(args, needle, tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert needle in err and "Traceback" not in err
+    assert not (tmp_path / "X").exists()  # nothing created before the failure

@@ -1,0 +1,99 @@
+"""The report from small synthetic run folders: plots, table and verdicts follow the data."""
+
+import json
+
+import pytest
+from PIL import Image
+
+from hopd.cli import main
+from hopd.report import find_runs, group, summarize, verdicts, write_report
+
+
+def _write_run(root, strategy, horizons, accs, step_time, seed=0):
+    """A run folder: one eval every 2 steps; accs[i] is the accuracy after step 2 * i."""
+    run = root / strategy / f"seed{seed}"
+    run.mkdir(parents=True)
+    (run / "strategy.json").write_text(json.dumps({"strategy": strategy, "seed": seed}))
+    lines, t, tok = [], 0.0, 0
+    lines.append({"step": 0, "eval_accuracy": accs[0], "train_time_s": 0.0, "sampled_tokens": 0})
+    for step, h in enumerate(horizons, start=1):
+        t += step_time * h
+        tok += 4 * h
+        lines.append({"step": step, "horizon": h, "loss": 0.1, "step_time_s": step_time * h,
+                      "sample_time_s": step_time * h / 2, "teacher_time_s": step_time * h / 4,
+                      "learn_time_s": step_time * h / 4, "sampled_tokens": tok,
+                      "cut_fraction": 1.0, "peak_mem_mb": 100.0, "act_mem_mb": h / 10,
+                      "train_time_s": t, "diag_rkl_by_pos": [0.5, 0.2, float("nan")]})
+        if step % 2 == 0:
+            lines.append({"step": step, "eval_accuracy": accs[step // 2], "train_time_s": t,
+                          "sampled_tokens": tok})
+    (run / "metrics.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines))
+    return run
+
+
+def _make(root, popd_accs, topd_accs):
+    L = 100
+    _write_run(root, "opd", [L] * 6, [0.1, 0.3, 0.5, 0.8], 0.01)
+    _write_run(root, "popd", [10, 10, 50, 50, L, L], popd_accs, 0.01)
+    _write_run(root, "topd10", [10] * 6, topd_accs, 0.01)
+
+
+def test_plots_exist_and_are_valid_pngs(tmp_path):
+    _make(tmp_path / "runs", [0.1, 0.5, 0.8, 0.8], [0.1, 0.4, 0.6, 0.78])
+    write_report([tmp_path / "runs"], tmp_path / "rep")
+    for name in ("accuracy.png", "cost.png", "rkl_heatmap.png", "horizon.png"):
+        with Image.open(tmp_path / "rep" / name) as im:
+            im.verify()
+            assert im.format == "PNG"
+        assert f"]({name})" in (tmp_path / "rep" / "report.md").read_text()
+
+
+def test_table_matches_the_metrics(tmp_path):
+    _make(tmp_path / "runs", [0.1, 0.5, 0.8, 0.8], [0.1, 0.4, 0.6, 0.78])
+    s = summarize(group(find_runs([tmp_path / "runs"])))
+    assert s["target"] == pytest.approx(0.95 * 0.8)
+    opd, popd, topd = s["rows"]["opd"], s["rows"]["popd"], s["rows"]["topd10"]
+    assert opd["final_accuracy"] == 0.8 and opd["best_accuracy"] == 0.8
+    assert opd["train_time_s"] == pytest.approx(0.01 * 600)
+    assert opd["total_tokens"] == 4 * 600
+    assert opd["time_to_target_s"] == pytest.approx(6.0)  # reached only at the last eval
+    # popd reaches 0.8 at step 4: time 0.01 * (10 + 10 + 50 + 50)
+    assert popd["time_to_target_s"] == pytest.approx(1.2)
+    assert popd["speedup_time"] == pytest.approx(6.0 / 1.2)
+    assert topd["time_to_target_s"] == pytest.approx(0.6)  # 0.78 >= 0.76 at step 6
+    assert topd["peak_act_mem_mb"] == pytest.approx(1.0)
+    text = (write_report([tmp_path / "runs"], tmp_path / "rep") and
+            (tmp_path / "rep" / "report.md").read_text())
+    assert "| popd | 1 | 10.0% | 80.0% | 80.0% | 6 | 3.20 | 1280 | 1.20 | 480 | 5.00x |" in text
+
+
+def test_verdicts_follow_the_numbers(tmp_path):
+    _make(tmp_path / "a", [0.1, 0.5, 0.8, 0.8], [0.1, 0.4, 0.6, 0.78])
+    v = verdicts(summarize(group(find_runs([tmp_path / "a"]))))
+    assert "sooner**: supported" in v[0] and "matches OPD**: supported" in v[1]
+    # flip the numbers: POPD never gets there, TOPD ends far below OPD
+    _make(tmp_path / "b", [0.1, 0.2, 0.3, 0.4], [0.1, 0.2, 0.3, 0.5])
+    v = verdicts(summarize(group(find_runs([tmp_path / "b"]))))
+    assert "sooner**: not supported" in v[0] and "matches OPD**: not supported" in v[1]
+
+
+def test_no_opd_run_means_no_verdict(tmp_path):
+    _write_run(tmp_path / "r", "topd10", [10] * 4, [0.1, 0.2, 0.3], 0.01)
+    v = verdicts(summarize(group(find_runs([tmp_path / "r"]))))
+    assert "neither claim can be judged" in v[0]
+
+
+def test_report_command_and_bad_paths(tmp_path, capsys):
+    _make(tmp_path / "runs", [0.1, 0.5, 0.8, 0.8], [0.1, 0.4, 0.6, 0.78])
+    assert main(["report", str(tmp_path / "runs"), "--out", str(tmp_path / "rep")]) == 0
+    assert (tmp_path / "rep" / "report.md").exists()
+    assert main(["report", str(tmp_path / "nothing")]) == 2
+    assert "does not exist" in capsys.readouterr().err
+
+
+def test_torn_last_metrics_line_is_tolerated(tmp_path):
+    run = _write_run(tmp_path / "r", "opd", [10] * 4, [0.1, 0.2, 0.3], 0.01)
+    with open(run / "metrics.jsonl", "a") as f:
+        f.write('{"step": 5, "horizon": 10, "lo')  # a kill mid-write
+    runs = find_runs([run])
+    assert runs[0].train[-1]["step"] == 4
