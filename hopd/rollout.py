@@ -16,6 +16,8 @@ from dataclasses import dataclass
 import torch
 from transformers import DynamicCache, PreTrainedModel
 
+from hopd.fastgen import StaticDecoder, supports
+
 
 @dataclass
 class Rollout:
@@ -89,11 +91,14 @@ def sample(
     top_p: float = 1.0,
     greedy: bool = False,
     generator: torch.Generator | None = None,
+    fast: bool = True,
 ) -> Rollout:
     """Samples at most `horizon` tokens after each prompt; each row stops at its EOS.
 
     `sampler_logp_B_R` is the log-probability of each chosen token under the distribution it was
     drawn from: softmax(filter(logits / temperature)); with `greedy`, under softmax(logits).
+    The prompt runs through the model's forward once (prefill); decode steps use the static-cache
+    fast path of `hopd.fastgen` when `fast` and the model supports it, else the model's forward.
     """
     if horizon < 1:
         raise ValueError(f"horizon={horizon}: must be >= 1")
@@ -101,19 +106,26 @@ def sample(
         raise ValueError(f"temperature={temperature}: must be > 0 (or use greedy)")
     device = next(model.parameters()).device
     prompt_B_P, prompt_attn_B_P = left_pad(prompts, pad_id, device)
-    attn = prompt_attn_B_P
     B, P = prompt_B_P.shape
     out_ids = torch.full((B, horizon), pad_id, dtype=torch.long, device=device)
     out_logp = torch.zeros((B, horizon), dtype=torch.float32, device=device)
     out_mask = torch.zeros((B, horizon), dtype=torch.long, device=device)
     done = torch.zeros(B, dtype=torch.bool, device=device)
 
+    # prefill: one forward over the prompts fills the cache and gives the first logits
     cache = DynamicCache()
-    step_ids, positions = prompt_B_P, positions_from_mask(attn)
+    positions = positions_from_mask(prompt_attn_B_P)
+    logits = model(input_ids=prompt_B_P, attention_mask=prompt_attn_B_P, position_ids=positions,
+                   use_cache=True, logits_to_keep=1, **{cache_kw(model): cache}).logits[:, -1]
+    decoder = None
+    if fast and supports(model, P + horizon):
+        decoder = StaticDecoder(model, B, P + horizon)
+        decoder.load_prefill(cache, prompt_attn_B_P)
+    attn = prompt_attn_B_P
+    positions = positions[:, -1]  # (B,) position of each row's last token
     n_steps = 0
     for t in range(horizon):
-        logits = model(input_ids=step_ids, attention_mask=attn, position_ids=positions,
-                       use_cache=True, **{cache_kw(model): cache}).logits[:, -1, :].float()
+        logits = logits.float()  # (B, V)
         if greedy:
             logp_B_V = logits.log_softmax(-1)
             tok = logp_B_V.argmax(-1)
@@ -126,16 +138,20 @@ def sample(
         out_mask[:, t] = alive.long()
         done |= tok == eos_id
         n_steps = t + 1
-        if bool(done.all()):
+        if t + 1 == horizon or bool(done.all()):
             break
-        step_ids = out_ids[:, t:t + 1]
-        attn = torch.cat([attn, alive.long()[:, None]], dim=1)
-        positions = positions[:, -1:] + 1
+        positions = positions + 1
+        if decoder is not None:
+            logits = decoder.step(out_ids[:, t], positions, alive)
+        else:
+            attn = torch.cat([attn, alive.long()[:, None]], dim=1)
+            logits = model(input_ids=out_ids[:, t:t + 1], attention_mask=attn,
+                           position_ids=positions[:, None], use_cache=True,
+                           **{cache_kw(model): cache}).logits[:, -1]
     R = n_steps
-    ids_B_T = torch.cat([prompt_B_P, out_ids[:, :R]], dim=1)
     resp_mask = out_mask[:, :R]
     return Rollout(
-        ids_B_T=ids_B_T,
+        ids_B_T=torch.cat([prompt_B_P, out_ids[:, :R]], dim=1),
         attn_B_T=torch.cat([prompt_attn_B_P, resp_mask], dim=1),
         response_mask_B_R=resp_mask,
         sampler_logp_B_R=out_logp[:, :R],
@@ -143,4 +159,3 @@ def sample(
         cut_B=~done,
         horizon=horizon,
     )
-

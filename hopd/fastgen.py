@@ -1,0 +1,109 @@
+"""A lean decode step for Llama-family models (Llama, Mistral, Qwen2, Qwen3) with a static KV cache.
+
+Why: sampling is H sequential decode steps of a (B, 1) slice. For small models, and for any
+model at small batch, a step is dominated by per-call overhead: the generic `forward` builds
+attention masks, updates a growing cache with `torch.cat`, dispatches through module hooks and
+returns output objects. Here a decode step is a fixed list of tensor ops on the model's own
+weights, writing K/V into preallocated (B, n_kv, P + H, d) buffers, and attention reads the
+cache up to the current column with a boolean key mask (left padding and finished rows).
+
+The prompt (prefill) still runs through the model's own `forward`, once; its cache is copied into
+the static buffers. Models whose structure this does not cover fall back to the generic loop
+(`supports` says which); tests check both give the same tokens.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from transformers import PreTrainedModel
+
+SUPPORTED = {"llama", "mistral", "qwen2", "qwen3"}
+
+
+def supports(model: PreTrainedModel, max_len: int) -> bool:
+    """True when the fast decode step reproduces this model's forward up to `max_len` tokens."""
+    cfg = model.config
+    if getattr(cfg, "model_type", None) not in SUPPORTED:
+        return False
+    window = getattr(cfg, "sliding_window", None)
+    if window and getattr(cfg, "use_sliding_window", True) and max_len > window:
+        return False  # the window would hide keys that this step attends to
+    if getattr(cfg, "hidden_act", "silu") != "silu" or getattr(cfg, "mlp_bias", False):
+        return False
+    return hasattr(model, "model") and hasattr(model.model, "rotary_emb")
+
+
+def _rms(x: torch.Tensor, norm: torch.nn.Module) -> torch.Tensor:
+    # HF's RMSNorm: compute in float32, scale by the weight in the input dtype
+    xf = x.float()
+    xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + norm.variance_epsilon)
+    return norm.weight * xf.to(x.dtype)
+
+
+def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    rot = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+    return x * cos + rot * sin
+
+
+class StaticDecoder:
+    """Holds the static cache of one batch; `step(tokens_B, positions_B)` gives (B, V) logits."""
+
+    def __init__(self, model: PreTrainedModel, batch: int, max_len: int):
+        self.model = model
+        cfg = model.config
+        self.n_heads = cfg.num_attention_heads
+        self.n_kv = getattr(cfg, "num_key_value_heads", None) or self.n_heads
+        self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // self.n_heads
+        p = next(model.parameters())
+        shape = (batch, self.n_kv, max_len, self.head_dim)
+        self.k = [torch.zeros(shape, dtype=p.dtype, device=p.device)
+                  for _ in model.model.layers]
+        self.v = [torch.zeros(shape, dtype=p.dtype, device=p.device)
+                  for _ in model.model.layers]
+        self.key_ok_B_T = torch.zeros((batch, max_len), dtype=torch.bool, device=p.device)
+        self.length = 0  # columns of the cache in use
+        self.scale = self.head_dim ** -0.5
+
+    def load_prefill(self, cache: object, attn_B_P: torch.Tensor) -> None:
+        """Copies the prompt's K/V from the model's own cache after a prefill forward."""
+        P = attn_B_P.size(1)
+        for i, layer in enumerate(cache.layers):  # type: ignore[attr-defined]
+            self.k[i][:, :, :P] = layer.keys
+            self.v[i][:, :, :P] = layer.values
+        self.key_ok_B_T[:, :P] = attn_B_P.bool()
+        self.length = P
+
+    def step(self, tokens_B: torch.Tensor, positions_B: torch.Tensor,
+             alive_B: torch.Tensor) -> torch.Tensor:
+        """Appends one token per row at column `length`; returns next-token logits (B, V)."""
+        m = self.model.model
+        t = self.length
+        self.key_ok_B_T[:, t] = alive_B
+        mask = self.key_ok_B_T[:, None, None, : t + 1]  # (B, 1, 1, T)
+        x = m.embed_tokens(tokens_B[:, None])  # (B, 1, D)
+        cos, sin = m.rotary_emb(x, positions_B[:, None])  # (B, 1, d)
+        cos, sin = cos[:, None], sin[:, None]  # (B, 1, 1, d)
+        B = x.size(0)
+        for i, layer in enumerate(m.layers):
+            att = layer.self_attn
+            h = _rms(x, layer.input_layernorm)
+            q = att.q_proj(h).view(B, 1, self.n_heads, self.head_dim)
+            k = att.k_proj(h).view(B, 1, self.n_kv, self.head_dim)
+            v = att.v_proj(h).view(B, 1, self.n_kv, self.head_dim)
+            if hasattr(att, "q_norm"):  # Qwen3: per-head RMSNorm before RoPE
+                q, k = _rms(q, att.q_norm), _rms(k, att.k_norm)
+            q = _rotate(q.transpose(1, 2), cos, sin)  # (B, h, 1, d)
+            k = _rotate(k.transpose(1, 2), cos, sin)
+            self.k[i][:, :, t] = k[:, :, 0]
+            self.v[i][:, :, t] = v[:, 0]
+            o = F.scaled_dot_product_attention(
+                q, self.k[i][:, :, : t + 1], self.v[i][:, :, : t + 1], attn_mask=mask,
+                scale=self.scale, enable_gqa=self.n_kv != self.n_heads)
+            x = x + att.o_proj(o.transpose(1, 2).reshape(B, 1, -1))
+            h = _rms(x, layer.post_attention_layernorm)
+            mlp = layer.mlp
+            x = x + mlp.down_proj(F.silu(mlp.gate_proj(h)) * mlp.up_proj(h))
+        self.length = t + 1
+        return self.model.lm_head(_rms(x, m.norm))[:, 0]

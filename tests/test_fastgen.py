@@ -1,0 +1,65 @@
+"""The static-cache decode step reproduces each supported architecture's own forward."""
+
+import pytest
+import torch
+from transformers import (
+    GPT2Config,
+    GPT2LMHeadModel,
+    LlamaConfig,
+    LlamaForCausalLM,
+    MistralConfig,
+    MistralForCausalLM,
+    Qwen2Config,
+    Qwen2ForCausalLM,
+    Qwen3Config,
+    Qwen3ForCausalLM,
+)
+
+from hopd.fastgen import supports
+from hopd.rollout import sample
+
+COMMON = dict(vocab_size=50, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+              num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128)
+ARCHS = {
+    "llama": lambda: LlamaForCausalLM(LlamaConfig(**COMMON)),
+    "mistral": lambda: MistralForCausalLM(MistralConfig(**COMMON, sliding_window=None)),
+    "qwen2": lambda: Qwen2ForCausalLM(Qwen2Config(**COMMON)),
+    "qwen3": lambda: Qwen3ForCausalLM(Qwen3Config(**COMMON, head_dim=8)),
+}
+
+
+@pytest.mark.parametrize("arch", sorted(ARCHS))
+def test_fast_path_matches_the_models_forward(arch):
+    torch.manual_seed(0)
+    model = ARCHS[arch]().eval()
+    assert supports(model, 64)
+    prompts = [[3, 4, 5, 6, 7, 8], [9, 10, 11], [12, 13, 14, 15]]  # mixed lengths: left padding
+    fast = sample(model, prompts, 20, eos_id=-1, pad_id=0, greedy=True, fast=True)
+    slow = sample(model, prompts, 20, eos_id=-1, pad_id=0, greedy=True, fast=False)
+    assert fast.ids_B_T.equal(slow.ids_B_T)
+    assert torch.allclose(fast.sampler_logp_B_R, slow.sampler_logp_B_R, atol=1e-5)
+    ref = model.generate(torch.tensor([prompts[0]]), max_new_tokens=20, do_sample=False,
+                         eos_token_id=None, pad_token_id=0)
+    assert fast.response_ids_B_R[0].tolist() == ref[0, len(prompts[0]):].tolist()
+
+
+def test_fast_path_with_eos_and_sampling():
+    torch.manual_seed(0)
+    model = ARCHS["llama"]().eval()
+    prompts = [[3, 4, 5]] * 16
+    runs = [sample(model, prompts, 15, eos_id=7, pad_id=0, temperature=2.0, fast=f,
+                   generator=torch.Generator().manual_seed(3)) for f in (True, False)]
+    assert runs[0].ids_B_T.equal(runs[1].ids_B_T)
+    assert runs[0].response_mask_B_R.equal(runs[1].response_mask_B_R)
+    assert (~runs[0].cut_B).any()
+
+
+def test_unsupported_models_fall_back():
+    model = GPT2LMHeadModel(GPT2Config(vocab_size=50, n_embd=32, n_layer=1, n_head=2)).eval()
+    assert not supports(model, 64)
+    r = sample(model, [[3, 4, 5]], 6, eos_id=-1, pad_id=0, greedy=True)
+    ref = model.generate(torch.tensor([[3, 4, 5]]), max_new_tokens=6, do_sample=False,
+                         eos_token_id=None, pad_token_id=0)
+    assert r.response_ids_B_R[0].tolist() == ref[0, 3:].tolist()
+    windowed = MistralForCausalLM(MistralConfig(**COMMON, sliding_window=16))
+    assert not supports(windowed, 64) and supports(windowed, 16)
