@@ -37,19 +37,20 @@ def _cmd_eval(args: argparse.Namespace) -> int:
 
     from hopd.evaluate import evaluate
     from hopd.models import load_model, load_tokenizer
-    from hopd.tasks import default_budget, load_examples
+    from hopd.tasks import PromptSource
 
     if args.n < 1:
         raise ConfigError(f"--n {args.n}: must be >= 1")
     if args.samples < 1:
         raise ConfigError(f"--samples {args.samples}: must be >= 1")
-    budget = args.budget or default_budget(args.task)
-    examples = load_examples(args.task, args.n, "eval", seed=args.seed)
+    source = PromptSource(args.task, args.eval_data)
+    budget = args.budget or source.default_budget()
+    examples = source.eval_set(args.n, seed=args.seed)
     if args.threads:
         torch.set_num_threads(args.threads)
     model = load_model(args.model, device=args.device)
     tok = load_tokenizer(args.model)
-    res = evaluate(model, tok, examples, args.task, budget, batch_size=args.batch_size,
+    res = evaluate(model, tok, examples, source.is_correct, budget, batch_size=args.batch_size,
                    samples=args.samples, temperature=args.temperature, seed=args.seed,
                    keep_responses=args.show)
     res.update({"model": args.model, "task": args.task})
@@ -113,7 +114,8 @@ def _parse_seeds(text: str) -> list[int]:
     try:
         seeds = [int(x) for x in text.split(",") if x.strip()]
     except ValueError:
-        raise ConfigError(f"--seeds {text!r}: give integers separated by commas, e.g. 0,1,2") from None
+        raise ConfigError(f"--seeds {text!r}: give integers separated by commas, "
+                          "e.g. 0,1,2") from None
     if not seeds:
         raise ConfigError("--seeds is empty: give at least one seed, e.g. 0")
     return seeds
@@ -210,7 +212,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     e = sub.add_parser("eval", help="evaluate a model at the full response budget")
     e.add_argument("--model", required=True, help="checkpoint path or testbed:teacher|student")
-    e.add_argument("--task", default="chain:default", help="prompt source (default chain:default)")
+    e.add_argument("--task", default="chain:default",
+                   help="chain:default|hard|tiny, or a JSONL file (its held-out split is used)")
+    e.add_argument("--eval-data", default="", help="a JSONL file used whole as the eval set")
     e.add_argument("--n", type=int, default=500, help="held-out problems (default 500)")
     e.add_argument("--samples", type=int, default=1, help="1: greedy; k > 1: k samples each")
     e.add_argument("--temperature", type=float, default=1.0, help="sampling temperature")

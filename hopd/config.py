@@ -30,7 +30,7 @@ def _suggest(key: str, options: list[str]) -> str:
 
 
 def _coerce(value: Any, tp: Any, where: str) -> Any:
-    """Checks/converts `value` to the annotated type `tp` (int, float, str, bool, Optional, list)."""
+    """Checks/converts `value` to the annotated type `tp` (int, float, str, bool, list, ...)."""
     origin = typing.get_origin(tp)
     if origin in (typing.Union, types.UnionType):
         args = typing.get_args(tp)
@@ -48,7 +48,7 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
     if origin is list:
         (inner,) = typing.get_args(tp)
         if isinstance(value, (str, int, float)) and not isinstance(value, bool):
-            value = [v.strip() for v in str(value).split(",")] if isinstance(value, str) else [value]
+            value = [v.strip() for v in value.split(",")] if isinstance(value, str) else [value]
         if not isinstance(value, list):
             raise ConfigError(f"{where}={value!r}: expected a list")
         return [_coerce(v, inner, f"{where}[{i}]") for i, v in enumerate(value)]

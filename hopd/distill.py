@@ -32,7 +32,7 @@ from hopd.models import DTYPES, check_compatible, load_model, load_tokenizer, re
 from hopd.progress import Bar, MetricsLog, read_metrics
 from hopd.rollout import Rollout, sample
 from hopd.sft import warmup_cosine
-from hopd.tasks import default_budget, is_chain, load_examples
+from hopd.tasks import PromptSource
 from hopd.teacher import TeacherScores, response_logits, score
 
 LOSSES = ("sampled_rkl", "rkl", "fkl", "jsd")
@@ -67,7 +67,12 @@ class OptimConfig:
 class DistillConfig:
     student: str = "testbed:student"  # student checkpoint: path or testbed:student
     teacher: str = "testbed:teacher"  # teacher checkpoint: path or testbed:teacher
-    data: str = "chain:default"  # prompt source: chain:PRESET
+    data: str = "chain:default"  # prompts: chain:PRESET, a JSONL file or a saved dataset
+    eval_data: str = ""  # held-out prompts ("": a hash-based 10% of `data`)
+    data_prompt_field: str = ""  # JSONL prompt field ("": prompt, question, messages, problem)
+    data_answer_field: str = ""  # JSONL answer field ("": answer, solution, target)
+    system_prompt: str = ""  # system turn added to the student's prompts ("": none)
+    teacher_system_prompt: str = ""  # the teacher's own system turn ("": same as the student's)
     budget: int = 0  # full response budget L in tokens (0: the task's default)
     max_steps: int = 60  # optimizer steps (with a time or token budget: the schedules' length)
     max_time_s: float = 0.0  # stop after this much training time (0: no limit)
@@ -134,11 +139,7 @@ class DistillConfig:
             else:
                 C.check(v in ("cpu", "mps") or (name == "teacher_device" and v == ""),
                         f"{name}={v!r}: use cpu, cuda or cuda:N")
-        C.check(is_chain(self.data), f"data={self.data!r}: use chain:default|hard|tiny")
-        self.horizon.validate(self.resolved_budget())
-
-    def resolved_budget(self) -> int:
-        return self.budget or default_budget(self.data)
+        self.horizon.validate(self.budget or None)
 
 
 ALIASES = {"steps": "max_steps", "lr": "optim.lr", "H": "horizon.tokens"}
@@ -150,12 +151,6 @@ def load_config(path: str | Path | None, overrides: list[str]) -> DistillConfig:
 
 # ---------------------------------------------------------------------------------------------
 # Pieces of one step
-
-
-def train_prompts(cfg: DistillConfig, step: int) -> list[str]:
-    """The prompts of optimizer step `step`: deterministic in (seed, step), so resume is exact."""
-    return [e.prompt for e in load_examples(cfg.data, cfg.batch_size, "train",
-                                            seed=cfg.seed * 1_000_003 + step)]
 
 
 def schedule_step(step: int, totals: dict[str, float], cfg: DistillConfig) -> int:
@@ -174,7 +169,8 @@ def schedule_step(step: int, totals: dict[str, float], cfg: DistillConfig) -> in
 
 
 def budget_spent(step: int, totals: dict[str, float], cfg: DistillConfig) -> bool:
-    return (step >= cfg.max_steps or (cfg.max_time_s > 0 and totals["train_time_s"] >= cfg.max_time_s)
+    return (step >= cfg.max_steps
+            or (cfg.max_time_s > 0 and totals["train_time_s"] >= cfg.max_time_s)
             or (cfg.max_tokens > 0 and totals["sampled_tokens"] >= cfg.max_tokens))
 
 
@@ -233,7 +229,8 @@ class _count_saved_bytes:
 
 def position_diagnostics(student: PreTrainedModel, teacher_model: PreTrainedModel,
                          prompts: list[list[int]], cfg: DistillConfig, budget: int, vocab: int,
-                         eos: int, pad: int, step: int) -> dict[str, Any]:
+                         eos: int, pad: int, step: int,
+                         teacher_prompts: list[list[int]] | None = None) -> dict[str, Any]:
     """Per-position feedback at the full budget: rollouts of L tokens, bucketed by position.
 
     rkl_by_pos: mean sampled reverse KL log q(y_t) - log t(y_t) per bucket (an unbiased estimate
@@ -244,15 +241,16 @@ def position_diagnostics(student: PreTrainedModel, teacher_model: PreTrainedMode
     r = sample(student, prompts, budget, eos, pad, temperature=cfg.sampling.temperature,
                generator=gen)
     student.train()
-    t = score(teacher_model, r, with_entropy=True, vocab=vocab)
+    t = score(teacher_model, r, with_entropy=True, vocab=vocab, prompts=teacher_prompts)
     nb = cfg.diag_buckets
     bucket_R = (torch.arange(r.response_mask_B_R.size(1)) * nb // budget).clamp(max=nb - 1)
     mask = r.response_mask_B_R.float()
     rkl = (r.sampler_logp_B_R - t.logp_B_R) * mask
     ent = t.entropy_B_R * mask
-    count = torch.zeros(nb).index_add_(0, bucket_R, mask.sum(0))
-    rkl_b = torch.zeros(nb).index_add_(0, bucket_R, rkl.sum(0)) / count.clamp(min=1)
-    ent_b = torch.zeros(nb).index_add_(0, bucket_R, ent.sum(0)) / count.clamp(min=1)
+    zeros = torch.zeros(nb, dtype=torch.float32)
+    count = zeros.index_add(0, bucket_R, mask.sum(0))
+    rkl_b = zeros.index_add(0, bucket_R, rkl.sum(0)) / count.clamp(min=1)
+    ent_b = zeros.index_add(0, bucket_R, ent.float().sum(0)) / count.clamp(min=1)
     nan = float("nan")
     return {"diag_rkl_by_pos": [v if c > 0 else nan for v, c in zip(rkl_b.tolist(), count)],
             "diag_teacher_entropy_by_pos": [v if c > 0 else nan
@@ -332,14 +330,33 @@ def distill(cfg: DistillConfig, run: Path, resume: bool = False, progress: bool 
     """Runs OPD with the configured horizon schedule; writes everything under `run`."""
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
-    budget = cfg.resolved_budget()
-    # Check the pair before loading data or sampling: tokenizers first (cheap), then vocab sizes.
+    # Everything that can be wrong is checked before any model is loaded or token sampled:
+    # the data, the horizon against the budget, the tokenizer pair, the context length.
+    source = PromptSource(cfg.data, cfg.eval_data, cfg.data_prompt_field, cfg.data_answer_field)
+    budget = cfg.budget or source.default_budget()
+    cfg.horizon.validate(budget)
     s_path, t_path = resolve_model_path(cfg.student), resolve_model_path(cfg.teacher)
     tok, t_tok = load_tokenizer(str(s_path)), load_tokenizer(str(t_path))
-    s_vocab = json.loads((s_path / "config.json").read_text()).get("vocab_size", len(tok))
-    t_vocab = json.loads((t_path / "config.json").read_text()).get("vocab_size", len(t_tok))
+    s_conf = json.loads((s_path / "config.json").read_text())
+    t_conf = json.loads((t_path / "config.json").read_text())
+    s_vocab, t_vocab = s_conf.get("vocab_size", len(tok)), t_conf.get("vocab_size", len(t_tok))
     check_compatible(t_tok, tok, t_vocab, s_vocab)
     vocab = min(s_vocab, t_vocab)
+    eval_examples = source.eval_set(cfg.eval_n, seed=cfg.seed)
+    teacher_system = cfg.teacher_system_prompt or cfg.system_prompt
+    separate_teacher_prompt = bool(cfg.teacher_system_prompt) or (
+        t_tok.chat_template != tok.chat_template)
+    probe = [e.prompt for e in eval_examples] + [
+        e.prompt for e in source.train_batch(0, cfg.batch_size, cfg.seed)]
+    longest = max(len(p) for p in encode_prompts(tok, probe, cfg.system_prompt))
+    if separate_teacher_prompt:
+        longest = max(longest, max(len(p) for p in encode_prompts(t_tok, probe, teacher_system)))
+    for name, conf in (("student", s_conf), ("teacher", t_conf)):
+        ctx = conf.get("max_position_embeddings")
+        if ctx and longest + budget > ctx:
+            raise C.ConfigError(
+                f"prompts of up to {longest} tokens plus the budget L={budget} exceed the "
+                f"{name}'s context of {ctx} tokens: lower budget or use shorter prompts")
 
     run.mkdir(parents=True, exist_ok=True)
     ckpt = latest_checkpoint(run) if resume else None
@@ -361,8 +378,10 @@ def distill(cfg: DistillConfig, run: Path, resume: bool = False, progress: bool 
     (run / "config.yaml").write_text(yaml.safe_dump(C.to_dict(cfg), sort_keys=False))
 
     eos, pad = tok.eos_token_id, tok.pad_token_id
-    eval_examples = load_examples(cfg.data, cfg.eval_n, "eval", seed=cfg.seed)
-    diag_prompts = encode_prompts(tok, [e.prompt for e in eval_examples[: cfg.diag_n]])
+    diag_examples = eval_examples[: cfg.diag_n]
+    diag_prompts = encode_prompts(tok, [e.prompt for e in diag_examples], cfg.system_prompt)
+    diag_teacher = (encode_prompts(t_tok, [e.prompt for e in diag_examples], teacher_system)
+                    if separate_teacher_prompt else None)
     need = "sampled" if cfg.loss.kind == "sampled_rkl" else ("topk" if cfg.loss.top_k else "full")
     print(describe(cfg.max_steps, budget, cfg.horizon), flush=True)
     print(f"distill: student {cfg.student} -> teacher {cfg.teacher}, loss {cfg.loss.kind}, "
@@ -371,7 +390,8 @@ def distill(cfg: DistillConfig, run: Path, resume: bool = False, progress: bool 
     log = MetricsLog(run / "metrics.jsonl")
 
     def run_eval(step: int) -> float:
-        ev = evaluate(student, tok, eval_examples, cfg.data, budget, seed=cfg.seed)
+        ev = evaluate(student, tok, eval_examples, source.is_correct, budget, seed=cfg.seed,
+                      system_prompt=cfg.system_prompt)
         log.write({"step": step, "eval_accuracy": ev["accuracy"],
                    "eval_mean_response_tokens": ev["mean_response_tokens"],
                    "eval_truncated_fraction": ev["truncated_fraction"],
@@ -395,7 +415,10 @@ def distill(cfg: DistillConfig, run: Path, resume: bool = False, progress: bool 
                 group["lr"] = lr
 
             # 1. sample: the student draws <= H tokens per prompt
-            prompts = encode_prompts(tok, train_prompts(cfg, step))
+            batch = [e.prompt for e in source.train_batch(step, cfg.batch_size, cfg.seed)]
+            prompts = encode_prompts(tok, batch, cfg.system_prompt)
+            t_prompts = encode_prompts(t_tok, batch, teacher_system) if separate_teacher_prompt \
+                else None
             gen = torch.Generator(device=cfg.device).manual_seed(cfg.seed * 1_000_003 + step)
             student.eval()
             rollout = sample(student, prompts, H, eos, pad, cfg.sampling.temperature,
@@ -404,7 +427,8 @@ def distill(cfg: DistillConfig, run: Path, resume: bool = False, progress: bool 
             t_sampled = time.perf_counter()
 
             # 2. score: one teacher forward pass over prompt + response
-            scores = score(teacher_model, rollout, need, cfg.loss.top_k, vocab=vocab)
+            scores = score(teacher_model, rollout, need, cfg.loss.top_k, vocab=vocab,
+                           prompts=t_prompts)
             t_scored = time.perf_counter()
 
             # 3. learn: per-token loss, backward, clip, AdamW
@@ -442,7 +466,7 @@ def distill(cfg: DistillConfig, run: Path, resume: bool = False, progress: bool 
             if cfg.diag_every and (step + 1) % cfg.diag_every == 0:
                 t0 = time.perf_counter()
                 rec.update(position_diagnostics(student, teacher_model, diag_prompts, cfg,
-                                                budget, vocab, eos, pad, step))
+                                                budget, vocab, eos, pad, step, diag_teacher))
                 rec["diag_time_s"] = time.perf_counter() - t0
             log.write(rec)
             last = budget_spent(step + 1, totals, cfg) or flag.stop

@@ -7,21 +7,29 @@ whether a student trained on short rollouts is good at complete answers.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from typing import Any
 
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from hopd.rollout import sample
-from hopd.tasks import Example, is_correct
+from hopd.tasks import Example, Prompt
 
 
-def encode_prompts(tokenizer: PreTrainedTokenizerBase, prompts: list[str]) -> list[list[int]]:
-    """Chat-template token ids of user prompts, ending where the assistant's answer starts."""
+def encode_prompts(tokenizer: PreTrainedTokenizerBase, prompts: list[Prompt],
+                   system_prompt: str = "") -> list[list[int]]:
+    """Chat-template token ids of prompts (user text or chat messages), ending where the
+    assistant's answer starts; `system_prompt` adds a system turn when the prompt has none."""
     out = []
     for p in prompts:
-        ids = tokenizer.apply_chat_template([{"role": "user", "content": p}],
-                                            add_generation_prompt=True, tokenize=True)
+        messages = [{"role": "user", "content": p}] if isinstance(p, str) else list(p)
+        if system_prompt and messages[0]["role"] != "system":
+            messages = [{"role": "system", "content": system_prompt}, *messages]
+        if tokenizer.chat_template is None:
+            raise ValueError("the tokenizer has no chat template; use a chat/instruct "
+                             "checkpoint or set tokenizer.chat_template")
+        ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
         if isinstance(ids, dict) or hasattr(ids, "keys"):
             ids = ids["input_ids"]
         out.append(list(ids))
@@ -43,15 +51,18 @@ def evaluate(
     model: PreTrainedModel,
     tokenizer: PreTrainedTokenizerBase,
     examples: list[Example],
-    source: str,
+    check: Callable[[str, str], bool],
     budget: int,
     batch_size: int = 64,
     samples: int = 1,
     temperature: float = 1.0,
     seed: int = 0,
     keep_responses: int = 0,
+    system_prompt: str = "",
 ) -> dict[str, Any]:
     """Accuracy of `model` on `examples`: greedy when `samples == 1`, else `samples` draws each.
+
+    `check(response, answer)` says whether a response is correct.
 
     Returns accuracy (mean over all generations), pass@k when sampling, mean response tokens
     (EOS included), the fraction of generations cut by the budget, and decode tokens/s.
@@ -61,8 +72,8 @@ def evaluate(
     gen = torch.Generator(device=next(model.parameters()).device).manual_seed(seed)
     correct, tokens, cut, responses = [], 0, 0, []
     t0 = time.perf_counter()
-    prompts = encode_prompts(tokenizer, [e.prompt for e in examples])
-    for k in range(samples):
+    prompts = encode_prompts(tokenizer, [e.prompt for e in examples], system_prompt)
+    for _ in range(samples):
         row = []
         for i in range(0, len(examples), batch_size):
             batch = examples[i:i + batch_size]
@@ -70,7 +81,7 @@ def evaluate(
                        tokenizer.pad_token_id, temperature=temperature, greedy=samples == 1,
                        generator=gen)
             texts = decode_responses(tokenizer, r.response_ids_B_R, r.response_mask_B_R)
-            row += [is_correct(t, e.answer, source) for t, e in zip(texts, batch)]
+            row += [check(t, e.answer) for t, e in zip(texts, batch)]
             tokens += r.num_tokens
             cut += int(r.cut_B.sum())
             if len(responses) < keep_responses:

@@ -99,5 +99,6 @@ def read_metrics(path: Path) -> list[dict[str, Any]]:
         except json.JSONDecodeError:
             if i == len(lines) - 1:  # torn final line from a kill: ignore it
                 break
-            raise ValueError(f"{path}:{i + 1}: not valid JSON; the metrics file is corrupt")
+            raise ValueError(f"{path}:{i + 1}: not valid JSON; the metrics file is "
+                             "corrupt") from None
     return records

@@ -94,7 +94,8 @@ def find_runs(paths: list[Path]) -> list[Run]:
         else:
             found += sorted(m.parent for m in p.rglob("metrics.jsonl"))
     if not found:
-        raise FileNotFoundError(f"no run folders (with metrics.jsonl) under {', '.join(map(str, paths))}")
+        where = ", ".join(map(str, paths))
+        raise FileNotFoundError(f"no run folders (with metrics.jsonl) under {where}")
     return [load_run(p) for p in found]
 
 
@@ -220,7 +221,10 @@ def _num(x: float | None, fmt: str = "") -> str:
 # Plots
 
 
-def _series(runs: list[Run], xkey: str) -> tuple[list[float], list[float], list[float], list[float]]:
+Series = tuple[list[float], list[float], list[float], list[float]]
+
+
+def _series(runs: list[Run], xkey: str) -> Series:
     """Mean and min/max accuracy over seeds at each evaluation index."""
     n = min(len(r.evals) for r in runs)
     xs, mean, lo, hi = [], [], [], []

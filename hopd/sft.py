@@ -27,7 +27,7 @@ from hopd.models import (
     tiny_llama,
 )
 from hopd.progress import Bar, MetricsLog
-from hopd.tasks import Example, default_budget, is_chain, load_examples
+from hopd.tasks import Example, PromptSource, is_chain, load_examples
 
 
 @dataclass
@@ -125,8 +125,9 @@ def train_sft(cfg: SFTConfig, out: Path, progress: bool = True) -> dict:
     model.train()
     out.mkdir(parents=True, exist_ok=True)
     (out / "sft_config.json").write_text(json.dumps(C.to_dict(cfg), indent=2))
-    budget = default_budget(cfg.task)
-    eval_examples = load_examples(cfg.task, cfg.eval_n, "eval", seed=cfg.seed)
+    source = PromptSource(cfg.task)
+    budget = source.default_budget()
+    eval_examples = source.eval_set(cfg.eval_n, seed=cfg.seed)
     decay = [p for n, p in model.named_parameters() if p.ndim >= 2]
     no_decay = [p for n, p in model.named_parameters() if p.ndim < 2]
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
@@ -156,7 +157,7 @@ def train_sft(cfg: SFTConfig, out: Path, progress: bool = True) -> dict:
                "lr": sched.get_last_lr()[0], "step_time_s": dt,
                "tokens_per_s": int(attn.sum()) / dt}
         if (cfg.eval_every and (step + 1) % cfg.eval_every == 0) or step + 1 == cfg.steps:
-            ev = evaluate(model, tok, eval_examples, cfg.task, budget)
+            ev = evaluate(model, tok, eval_examples, source.is_correct, budget)
             acc = rec["eval_accuracy"] = ev["accuracy"]
         log.write(rec)
         bar.update(1, loss=rec["loss"], tok_s=int(rec["tokens_per_s"]), acc=acc)

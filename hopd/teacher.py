@@ -12,7 +12,7 @@ import torch
 from transformers import PreTrainedModel
 
 from hopd.losses import entropy
-from hopd.rollout import Rollout, positions_from_mask
+from hopd.rollout import Rollout, left_pad, positions_from_mask
 
 
 @dataclass
@@ -47,15 +47,23 @@ def response_logits(model: PreTrainedModel, ids_B_T: torch.Tensor, attn_B_T: tor
 
 @torch.no_grad()
 def score(teacher: PreTrainedModel, rollout: Rollout, need: str = "sampled", top_k: int = 0,
-          with_entropy: bool = False, vocab: int | None = None) -> TeacherScores:
+          with_entropy: bool = False, vocab: int | None = None,
+          prompts: list[list[int]] | None = None) -> TeacherScores:
     """Teacher log-probs of the rollout's tokens; `need` in {sampled, full, topk}.
 
-    Runs on the teacher's own device and dtype; results come back as float32 on the rollout's
-    device.
+    `prompts`, when given, are the teacher's own prompt ids (its system prompt or chat
+    template); the same response tokens follow them, so positions stay aligned. Runs on the
+    teacher's own device and dtype; results come back as float32 on the rollout's device.
     """
     device = next(teacher.parameters()).device
-    logits = response_logits(teacher, rollout.ids_B_T.to(device), rollout.attn_B_T.to(device),
-                             rollout.prompt_len, vocab).float()
+    ids, attn, P = rollout.ids_B_T, rollout.attn_B_T, rollout.prompt_len
+    if prompts is not None:
+        t_ids, t_attn = left_pad(prompts, pad_id=0)  # padding is masked; any id will do
+        resp = rollout.response_ids_B_R
+        ids = torch.cat([t_ids, resp], dim=1)
+        attn = torch.cat([t_attn, rollout.response_mask_B_R], dim=1)
+        P = t_ids.size(1)
+    logits = response_logits(teacher, ids.to(device), attn.to(device), P, vocab).float()
     logp_B_R_V = logits.log_softmax(-1)
     ids = rollout.response_ids_B_R.to(device)
     scores = TeacherScores(logp_B_R=logp_B_R_V.gather(-1, ids.unsqueeze(-1)).squeeze(-1))

@@ -24,8 +24,8 @@ def test_batch8_accum1_equals_batch2_accum4(tokenizer, kind, top_k):
                for i in range(8)]
     prompts[3] = prompts[3] + [14, 66]  # mixed prompt lengths
     # a frequent token as EOS so that rows have mixed lengths
-    r = sample(student, prompts, 10, eos_id=14, pad_id=0, generator=torch.Generator().manual_seed(0),
-               temperature=2.0)
+    r = sample(student, prompts, 10, eos_id=14, pad_id=0, temperature=2.0,
+               generator=torch.Generator().manual_seed(0))
     assert r.cut_B.any() and (~r.cut_B).any()
     need = "sampled" if kind == "sampled_rkl" else ("topk" if top_k else "full")
     scores = score(teacher, r, need, top_k)

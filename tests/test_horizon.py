@@ -54,4 +54,5 @@ def test_validation_names_the_field():
 
 def test_describe_lists_rows():
     text = describe(K, L, HorizonConfig("progressive", shape="linear"))
-    assert text.split("step->H ")[1].count("->") == 6 and "0->16" in text and f"{K - 1}->{L}" in text
+    assert text.split("step->H ")[1].count("->") == 6
+    assert "0->16" in text and f"{K - 1}->{L}" in text

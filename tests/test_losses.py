@@ -14,8 +14,16 @@ from hopd.losses import (
     topk_with_tail,
 )
 
-torch.set_default_dtype(torch.float64)
 B, R, V = 3, 5, 7
+
+
+@pytest.fixture(autouse=True)
+def float64():
+    """float64 references; the default dtype is restored so other tests are unaffected."""
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    yield
+    torch.set_default_dtype(old)
 
 
 def _mask():

@@ -1,19 +1,25 @@
 """Prompt sources with answers and their checkers.
 
-A source is named by a string: `chain:PRESET` (the synthetic testbed, presets in `chain.PRESETS`).
-Every source yields `Example`s: a user prompt and the reference answer its checker compares with.
+A source is named by a string: `chain:PRESET` (the synthetic testbed, presets in `chain.PRESETS`),
+or the path of a JSONL file / saved Hugging Face dataset (see `hopd.tasks.jsonl`). Every source
+yields `Example`s (a user prompt or chat messages, and the reference answer its checker compares
+with) in deterministic train batches and a held-out evaluation set that never overlap.
 """
 
 from __future__ import annotations
 
+import random
 from dataclasses import dataclass
+from pathlib import Path
 
-from hopd.tasks import chain
+from hopd.tasks import chain, jsonl
+
+Prompt = str | list[dict[str, str]]
 
 
 @dataclass(frozen=True)
 class Example:
-    prompt: str  # user message content
+    prompt: Prompt  # user message content, or chat messages
     answer: str  # reference final answer
     response: str = ""  # a reference worked solution, when the source has one (for SFT)
 
@@ -30,23 +36,91 @@ def is_chain(source: str) -> bool:
     return source == "chain" or source.startswith("chain:")
 
 
+def _prompt_text(p: Prompt) -> str:
+    return p if isinstance(p, str) else "\n".join(m["content"] for m in p)
+
+
+class PromptSource:
+    """Train batches and an evaluation set from one source; loading validates the data."""
+
+    def __init__(self, source: str, eval_source: str = "", prompt_field: str = "",
+                 answer_field: str = ""):
+        self.source = source
+        self.chain = chain_spec(source) if is_chain(source) else None
+        self.train_rows: list[Example] = []
+        self.eval_rows: list[Example] = []
+        if self.chain is None:
+            if source.startswith("chain"):
+                chain_spec(source)  # raises with the list of presets
+            if not Path(source).exists():
+                raise ValueError(f"data {source!r}: no such file; give chain:default|hard|tiny, "
+                                 "a JSONL file or a saved dataset folder")
+            rows = [Example(p, a) for p, a in jsonl.load_rows(source, prompt_field, answer_field)]
+            if eval_source:
+                self.train_rows = rows
+                self.eval_rows = [Example(p, a) for p, a in
+                                  jsonl.load_rows(eval_source, prompt_field, answer_field)]
+            else:  # hold out the prompts whose hash falls in the evaluation bucket
+                for ex in rows:
+                    split = chain.split_of(_prompt_text(ex.prompt))
+                    (self.eval_rows if split == "eval" else self.train_rows).append(ex)
+            if not self.train_rows:
+                raise ValueError(f"data {source}: no training rows left after holding out the "
+                                 "evaluation split; give more rows or a separate eval_data file")
+
+    def train_batch(self, step: int, batch_size: int, seed: int) -> list[Example]:
+        """The prompts of optimizer step `step`: a pure function of (seed, step)."""
+        if self.chain is not None:
+            return [Example(p.prompt, p.answer, p.response) for p in
+                    chain.generate(batch_size, self.chain, "train", seed * 1_000_003 + step)]
+        n = len(self.train_rows)
+        out = []
+        for j in range(step * batch_size, (step + 1) * batch_size):
+            epoch, i = divmod(j, n)
+            order = list(range(n))
+            random.Random(f"{seed}-{epoch}").shuffle(order)
+            out.append(self.train_rows[order[i]])
+        return out
+
+    def eval_set(self, n: int, seed: int = 0) -> list[Example]:
+        if self.chain is not None:
+            return [Example(p.prompt, p.answer, p.response)
+                    for p in chain.generate(n, self.chain, "eval", seed)]
+        if not self.eval_rows:
+            raise ValueError(f"data {self.source}: no evaluation rows; give eval_data")
+        return self.eval_rows[:n]
+
+    def is_correct(self, response: str, answer: str) -> bool:
+        if self.chain is not None:
+            return chain.is_correct(response, answer)
+        return jsonl.math_correct(response, answer)
+
+    def default_budget(self) -> int:
+        """The full response budget L: for the testbed, the longest worked solution plus slack."""
+        if self.chain is not None:
+            # every step line is exactly 12 characters; "Answer: N" is 9; plus EOS
+            return self.chain.steps * 12 + 9 + 1 + max(4, self.chain.steps // 2)
+        return 512
+
+
 def load_examples(source: str, n: int, split: str, seed: int = 0) -> list[Example]:
-    """`n` examples of `split` from `source`."""
-    if is_chain(source):
-        spec = chain_spec(source)
+    """`n` examples of `split` from `source` (train: the batch of step 0 with this seed)."""
+    src = PromptSource(source)
+    if split == "eval":
+        return src.eval_set(n, seed)
+    if split != "train":
+        raise ValueError(f"split={split!r}: use 'train' or 'eval'")
+    if src.chain is not None:
         return [Example(p.prompt, p.answer, p.response)
-                for p in chain.generate(n, spec, split, seed)]
-    raise ValueError(f"unknown task source {source!r}: use chain:default, chain:hard or chain:tiny")
+                for p in chain.generate(n, src.chain, "train", seed)]
+    return src.train_batch(0, n, seed)
 
 
 def default_budget(source: str) -> int:
-    """The full response budget L for a source: the longest worked solution plus slack."""
-    if is_chain(source):
-        spec = chain_spec(source)
-        # every step line is exactly 12 characters; "Answer: N" is 9; plus EOS
-        return spec.steps * 12 + 9 + 1 + max(4, spec.steps // 2)
-    return 512
+    return PromptSource(source).default_budget() if is_chain(source) else 512
 
 
 def is_correct(response: str, answer: str, source: str) -> bool:
-    return chain.is_correct(response, answer)
+    if is_chain(source):
+        return chain.is_correct(response, answer)
+    return jsonl.math_correct(response, answer)

@@ -26,7 +26,11 @@ import re
 from dataclasses import dataclass
 
 VARIABLES = "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ"
-OPS = {"+": lambda x, y: (x + y) % 10, "-": lambda x, y: (x - y) % 10, "*": lambda x, y: (x * y) % 10}
+OPS = {
+    "+": lambda x, y: (x + y) % 10,
+    "-": lambda x, y: (x - y) % 10,
+    "*": lambda x, y: (x * y) % 10,
+}
 ANSWER_PREFIX = "Answer: "
 _ANSWER_RE = re.compile(r"Answer: (\d+)\s*$")
 EVAL_BUCKETS = 10  # one prompt hash bucket in EVAL_BUCKETS is the evaluation split
