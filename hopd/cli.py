@@ -240,6 +240,13 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, FileNotFoundError, ValueError) as e:
         print(f"hopd {args.command}: error: {e}", file=sys.stderr)
         return 2
+    except RuntimeError as e:
+        from hopd.distill import TrainingStopped
+
+        if not isinstance(e, TrainingStopped):
+            raise
+        print(f"hopd {args.command}: stopped: {e}", file=sys.stderr)
+        return 3
     except KeyboardInterrupt:
         print(f"hopd {args.command}: interrupted", file=sys.stderr)
         return 130

@@ -38,6 +38,10 @@ from hopd.teacher import TeacherScores, response_logits, score
 LOSSES = ("sampled_rkl", "rkl", "fkl", "jsd")
 
 
+class TrainingStopped(RuntimeError):
+    """Training cannot go on (e.g. repeated non-finite steps); the message says why."""
+
+
 @dataclass
 class LossConfig:
     kind: str = "sampled_rkl"  # sampled_rkl | rkl | fkl | jsd
@@ -360,6 +364,7 @@ def distill(cfg: DistillConfig, run: Path, resume: bool = False, progress: bool 
 
     run.mkdir(parents=True, exist_ok=True)
     ckpt = latest_checkpoint(run) if resume else None
+    state = _load_trainer_state(ckpt) if ckpt is not None else None
     student = load_model(str(ckpt or s_path), cfg.device, cfg.dtype)
     teacher_model = load_model(str(t_path), cfg.teacher_device or cfg.device,
                                cfg.teacher_dtype or cfg.dtype).eval()
@@ -367,14 +372,15 @@ def distill(cfg: DistillConfig, run: Path, resume: bool = False, progress: bool 
     student.train()
     opt = torch.optim.AdamW(student.parameters(), lr=cfg.optim.lr, betas=(0.9, 0.95),
                             weight_decay=cfg.optim.weight_decay)
-    start, totals = 0, {"train_time_s": 0.0, "sampled_tokens": 0}
-    if ckpt is not None:
-        state = torch.load(ckpt / "trainer_state.pt", weights_only=True)
+    start, totals = 0, {"train_time_s": 0.0, "sampled_tokens": 0, "skipped_steps": 0}
+    if ckpt is not None and state is not None:
         opt.load_state_dict(state["optimizer"])
         torch.set_rng_state(state["torch_rng"])
         start, totals = state["step"], dict(state["totals"])
         _truncate_metrics(run / "metrics.jsonl", start)
         print(f"distill: resuming from {ckpt.name} (step {start})", flush=True)
+    elif resume and (run / "metrics.jsonl").exists():
+        _truncate_metrics(run / "metrics.jsonl", -1)  # no checkpoint yet: start over
     (run / "config.yaml").write_text(yaml.safe_dump(C.to_dict(cfg), sort_keys=False))
 
     eos, pad = tok.eos_token_id, tok.pad_token_id
@@ -442,6 +448,7 @@ def distill(cfg: DistillConfig, run: Path, resume: bool = False, progress: bool 
                 bad_in_row = 0
             else:
                 bad_in_row += 1
+                totals["skipped_steps"] += 1
             t_end = time.perf_counter()
 
             # 4. log
@@ -469,7 +476,8 @@ def distill(cfg: DistillConfig, run: Path, resume: bool = False, progress: bool 
                                                 budget, vocab, eos, pad, step, diag_teacher))
                 rec["diag_time_s"] = time.perf_counter() - t0
             log.write(rec)
-            last = budget_spent(step + 1, totals, cfg) or flag.stop
+            stop_now = flag.stop  # one snapshot: a signal after it is handled next step
+            last = budget_spent(step + 1, totals, cfg) or stop_now
             if (cfg.eval_every and (step + 1) % cfg.eval_every == 0) or last:
                 acc = run_eval(step + 1)
             if (cfg.save_every and (step + 1) % cfg.save_every == 0) or last:
@@ -479,11 +487,11 @@ def distill(cfg: DistillConfig, run: Path, resume: bool = False, progress: bool 
             if bad_in_row >= cfg.max_bad_steps:
                 bar.close()
                 log.close()
-                raise RuntimeError(
+                raise TrainingStopped(
                     f"{bad_in_row} steps in a row had a non-finite loss or gradient (last at step "
                     f"{step + 1}); stopping. The last good checkpoint is in {run / 'checkpoints'}; "
                     "lower optim.lr or check the models' dtype")
-            if flag.stop:
+            if stop_now:
                 stopped_by_signal = True
             step += 1
             if stopped_by_signal:
@@ -502,6 +510,19 @@ def distill(cfg: DistillConfig, run: Path, resume: bool = False, progress: bool 
           f"accuracy {acc:.3f}, {totals['train_time_s']:.0f}s training, "
           f"{totals['sampled_tokens']} sampled tokens", flush=True)
     return result
+
+
+def _load_trainer_state(ckpt: Path) -> dict[str, Any]:
+    """Optimizer, step and RNG state, loaded with weights_only=True (no code runs)."""
+    try:
+        state = torch.load(ckpt / "trainer_state.pt", weights_only=True)
+        for key in ("optimizer", "step", "torch_rng", "totals"):
+            state[key]
+    except Exception as e:  # torch raises several types for a truncated or foreign file
+        raise ValueError(f"checkpoint {ckpt} is corrupt or incomplete ({type(e).__name__}); "
+                         f"delete that folder to resume from an earlier checkpoint, or start "
+                         f"again with --overwrite") from None
+    return state
 
 
 def _truncate_metrics(path: Path, step: int) -> None:

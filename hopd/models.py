@@ -125,12 +125,26 @@ def load_model(name: str, device: str = "cpu", dtype: str = "float32") -> PreTra
     if dtype not in DTYPES:
         raise ValueError(f"dtype={dtype!r}: choose one of {sorted(DTYPES)}")
     path = resolve_model_path(name)
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=DTYPES[dtype], use_safetensors=True)
+    if not any(path.glob("*.safetensors")):
+        raise FileNotFoundError(f"model directory {path} has no .safetensors weights (hopd loads "
+                                "weights only from safetensors; convert .bin files first)")
+    try:
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=DTYPES[dtype],
+                                                     use_safetensors=True)
+    except Exception as e:  # safetensors, torch and transformers raise many types here
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ValueError(f"cannot load the model in {path}: {first}. The checkpoint may be "
+                         "truncated or corrupt; re-save it or point to another one") from None
     return model.to(device)
 
 
 def load_tokenizer(name: str) -> PreTrainedTokenizerBase:
-    tok = AutoTokenizer.from_pretrained(resolve_model_path(name))
+    path = resolve_model_path(name)
+    try:
+        tok = AutoTokenizer.from_pretrained(path)
+    except (OSError, ValueError, KeyError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ValueError(f"cannot load the tokenizer in {path}: {first}") from None
     if tok.pad_token is None:  # many real checkpoints ship without one
         tok.pad_token = tok.eos_token
     tok.padding_side = "left"

@@ -1,0 +1,327 @@
+"""Bad input fails fast and clearly; runs survive kills; resume is exact."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from hopd import config as C
+from hopd.cli import main
+from hopd.distill import DistillConfig
+from hopd.models import save_checkpoint, tiny_llama
+from hopd.progress import read_metrics
+from hopd.tasks.jsonl import DataError, load_rows
+
+TINY = ["data=chain:tiny", "batch_size=4", "eval_n=4", "diag_every=0"]
+
+
+def _jsonl(tmp: Path, name: str, content: bytes | str) -> str:
+    p = tmp / name
+    p.write_bytes(content if isinstance(content, bytes) else content.encode())
+    return str(p)
+
+
+def _bad_cases(tmp: Path, pair: tuple[Path, Path], other_tok_model: Path) -> list:
+    s, t = pair
+    good = [f"student={s}", f"teacher={t}", *TINY]
+    yaml_missing = str(tmp / "nope.yaml")
+    yaml_bad = _jsonl(tmp, "bad.yaml", "horizon: [1, 2\n")
+    yaml_list = _jsonl(tmp, "list.yaml", "- a\n- b\n")
+    ok_row = '{"prompt": "a=1+1;", "answer": "2"}\n'
+    D = ["distill", "--out", str(tmp / "run")]
+    return [
+        # configs and overrides
+        (D + good + ["max_step=3"], "did you mean 'max_steps'"),
+        (D + good + ["horizon.knd=full"], "did you mean 'kind'"),
+        (D + good + ["optim.lrr=1"], "did you mean 'lr'"),
+        (D + good + ["batch_size=abc"], "batch_size='abc': expected an integer"),
+        (D + good + ["optim.lr=fast"], "optim.lr='fast': expected a number"),
+        (D + good + ["horizon=3"], "horizon: expected a mapping"),
+        (D + good + ["max_steps"], "write it as key=value"),
+        (D + good + ["horizon.kind=sometimes"], "horizon.kind='sometimes'"),
+        (D + good + ["horizon.kind=truncated", "horizon.fraction=0"], "horizon.fraction=0"),
+        (D + good + ["horizon.fraction=1.5"], "horizon.fraction=1.5"),
+        (D + good + ["horizon.reach_at=0"], "horizon.reach_at=0"),
+        (D + good + ["horizon.tokens=500"], "exceeds the response budget"),
+        (D + good + ["horizon.start_tokens=500"], "H0 <= L"),
+        (D + good + ["horizon.shape=zigzag"], "horizon.shape='zigzag'"),
+        (D + good + ["max_steps=0"], "max_steps=0"),
+        (D + good + ["batch_size=0"], "batch_size=0"),
+        (D + good + ["grad_accum=8"], "exceeds batch_size"),
+        (D + good + ["loss.kind=l2"], "loss.kind='l2'"),
+        (D + good + ["loss.beta=2"], "loss.beta=2"),
+        (D + good + ["sampling.temperature=0"], "sampling.temperature=0"),
+        (D + good + ["sampling.top_p=0"], "sampling.top_p=0"),
+        (D + good + ["optim.lr=-1"], "optim.lr=-1"),
+        (D + good + ["dtype=float8"], "dtype='float8'"),
+        (D + good + ["device=cuda:0"] if not torch.cuda.is_available() else D + good + [
+            "device=tpu"], "device="),
+        (D + good + ["eval_every=-1"], "eval_every=-1"),
+        (["distill", yaml_missing, "--out", str(tmp / "run")], "not found"),
+        (["distill", yaml_bad, "--out", str(tmp / "run")], "not valid YAML"),
+        (["distill", yaml_list, "--out", str(tmp / "run")], "must be a mapping"),
+        # data
+        (D + good + [f"data={tmp / 'missing.jsonl'}"], "no such file"),
+        (D + good + ["data=" + _jsonl(tmp, "j1.jsonl", ok_row + '{"prompt": "x",\n')],
+         "j1.jsonl:2: invalid JSON"),
+        (D + good + ["data=" + _jsonl(tmp, "j2.jsonl", ok_row.encode() + b'{"prompt": "\xff"}\n')],
+         "j2.jsonl:2: not valid UTF-8"),
+        (D + good + ["data=" + _jsonl(tmp, "j3.jsonl", "\n\n")], "has no rows"),
+        (D + good + ["data=" + _jsonl(tmp, "j4.jsonl", ok_row + '{"prompt": "b=2;"}\n')],
+         "j4.jsonl:2: missing field 'answer'"),
+        (D + good + ["data=" + _jsonl(tmp, "j5.jsonl", ok_row + '{"prompt": " ", "answer": 1}\n')],
+         "j5.jsonl:2: field 'prompt' is empty"),
+        (D + good + ["data=" + _jsonl(tmp, "j6.jsonl", ok_row + '{"prompt": 7, "answer": 1}\n')],
+         "j6.jsonl:2: field 'prompt' must be a string"),
+        (D + good + ["data=" + _jsonl(tmp, "j7.jsonl", ok_row + '[1, 2]\n')],
+         "j7.jsonl:2: expected a JSON object"),
+        (D + good + ["data=" + _jsonl(tmp, "j8.jsonl", '{"messages": [{"role": "user"}], '
+                                                       '"answer": "1"}\n')],
+         "j8.jsonl:1: 'messages[0]' must be an object with string 'role' and 'content'"),
+        (D + good + ["data=" + _jsonl(tmp, "j9.jsonl", '{"text": "hi", "answer": "1"}\n')],
+         "j9.jsonl:1: no prompt field"),
+        # models and tokenizers
+        (D + [f"student={tmp / 'nowhere'}", f"teacher={t}", *TINY], "neither a bundled name"),
+        (D + [f"student={tmp}", f"teacher={t}", *TINY], "has no config.json"),
+        (D + [f"student={s}", f"teacher={other_tok_model}", *TINY], "do not share a tokenizer"),
+        (D + good + ["budget=5000"], "exceed the student's context"),
+        # other commands
+        (["eval", "--model", str(s), "--n", "0"], "--n 0: must be >= 1"),
+        (["eval", "--model", "testbed:nope"], "unknown bundled model"),
+        (["compare", "--out", str(tmp / "cmp"), "--seeds", "x"], "--seeds 'x'"),
+        (["compare", "--out", str(tmp / "cmp"), "--strategies", "opd,fast"], "unknown strategy"),
+        (["compare", "--out", str(tmp / "cmp"), "--steps", "3", "--tokens", "9"],
+         "give one budget"),
+        (["sft", "--out", str(tmp / "sft"), "model=size:huge"], "unknown size"),
+        (["sft", "--out", str(tmp / "sft"), "task=data.jsonl"], "SFT needs reference solutions"),
+    ]
+
+
+@pytest.fixture(scope="module")
+def other_tok_model(tmp_path_factory):
+    """A checkpoint whose tokenizer maps ids differently from the testbed's."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    chars = list("abc=+;\n0123456789")
+    vocab = {c: i for i, c in enumerate(["<unk>", "<pad>", "<eos>", "<bos>", *chars])}
+    core = Tokenizer(models.WordLevel(vocab, "<unk>"))
+    core.pre_tokenizer = pre_tokenizers.Split("", "isolated")
+    tok = PreTrainedTokenizerFast(tokenizer_object=core, unk_token="<unk>", pad_token="<pad>",
+                                  eos_token="<eos>", bos_token="<bos>")
+    tok.chat_template = "{{ bos_token }}{% for m in messages %}{{ m['content'] }}{% endfor %}"
+    path = tmp_path_factory.mktemp("other")
+    save_checkpoint(tiny_llama("micro", tok), tok, path)
+    return path
+
+
+def test_at_least_30_bad_inputs_fail_fast_and_clearly(tmp_path, micro_pair, other_tok_model,
+                                                       capsys):
+    run = tmp_path / "run"
+    cases = _bad_cases(tmp_path, micro_pair, other_tok_model)
+    assert len(cases) >= 30
+    for args, needle in cases:
+        t0 = time.perf_counter()
+        rc = main(args)
+        err = capsys.readouterr().err
+        assert rc == 2, (args, err)
+        assert needle in err, (args, err)
+        assert "Traceback" not in err and err.count("\n") == 1, err  # one line
+        assert time.perf_counter() - t0 < 20, args  # before any training
+        assert not (run / "metrics.jsonl").exists(), args  # nothing started
+
+
+def test_existing_run_is_never_overwritten(tmp_path, micro_pair, capsys):
+    s, t = micro_pair
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "metrics.jsonl").write_text('{"step": 1, "loss": 1.0}\n')
+    assert main(["distill", "--out", str(run), f"student={s}", f"teacher={t}", *TINY]) == 2
+    assert "--overwrite" in capsys.readouterr().err
+    assert (run / "metrics.jsonl").read_text() == '{"step": 1, "loss": 1.0}\n'
+
+
+def _run_args(run: Path, pair, steps: int, extra=()) -> list[str]:
+    s, t = pair
+    return ["distill", "--out", str(run), "--quiet", f"student={s}", f"teacher={t}", *TINY,
+            f"max_steps={steps}", "eval_every=2", "save_every=1", "keep_last=2",
+            "horizon.kind=progressive", "horizon.shape=linear", "optim.lr=3e-3", "threads=1",
+            *extra]
+
+
+def _deterministic(lines):
+    keys = ("step", "horizon", "loss", "eval_accuracy", "sampled_tokens", "grad_norm")
+    return [{k: r[k] for k in keys if k in r} for r in lines]
+
+
+def test_sigkill_then_resume_matches_an_uninterrupted_run(tmp_path, micro_pair):
+    steps = 6
+    ref = tmp_path / "ref"
+    assert main(_run_args(ref, micro_pair, steps)) == 0
+    # the same run in a subprocess, killed hard once step 3 has been logged
+    run = tmp_path / "killed"
+    cmd = [sys.executable, "-m", "hopd", *_run_args(run, micro_pair, steps)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        lines = read_metrics(run / "metrics.jsonl")
+        if any(r.get("step") == 3 and "loss" in r for r in lines):
+            break
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (run / "result.json").exists()  # it really died part-way
+    written = read_metrics(run / "metrics.jsonl")
+    assert main(["distill", "--resume", *_run_args(run, micro_pair, steps)[1:]]) == 0
+    resumed = read_metrics(run / "metrics.jsonl")
+    assert _deterministic(resumed) == _deterministic(read_metrics(ref / "metrics.jsonl"))
+    # nothing that was written before the kill is lost (it is still there, unchanged)
+    upto = max(r["step"] for r in read_metrics(run / "metrics.jsonl") if "loss" in r)
+    assert upto == steps and len(written) >= 3
+
+
+def test_sigterm_finishes_the_step_and_saves(tmp_path, micro_pair):
+    run = tmp_path / "term"
+    cmd = [sys.executable, "-m", "hopd", *_run_args(run, micro_pair, 200, ["save_every=0"])]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while time.time() < deadline and not any(
+            "loss" in r for r in read_metrics(run / "metrics.jsonl")):
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 0, err
+    result = json.loads((run / "result.json").read_text())
+    assert result["stopped_by_signal"] and result["steps"] < 200
+    ckpts = sorted((run / "checkpoints").glob("step_*"))
+    assert ckpts and ckpts[-1].name == f"step_{result['steps']:07d}"
+
+
+def test_corrupt_checkpoint_gives_a_clear_error_and_keeps_metrics(tmp_path, micro_pair, capsys):
+    run = tmp_path / "run"
+    assert main(_run_args(run, micro_pair, 2)) == 0
+    before = (run / "metrics.jsonl").read_text()
+    last = sorted((run / "checkpoints").glob("step_*"))[-1]
+    (last / "trainer_state.pt").write_bytes(b"\x80\x02not a checkpoint")
+    assert main(["distill", "--resume", *_run_args(run, micro_pair, 4)[1:]]) == 2
+    assert "is corrupt or incomplete" in capsys.readouterr().err
+    assert (run / "metrics.jsonl").read_text() == before
+    weights = last / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:100])  # truncated weights
+    assert main(["eval", "--model", str(last), "--task", "chain:tiny", "--n", "2"]) == 2
+    assert "truncated or corrupt" in capsys.readouterr().err
+
+
+def test_non_finite_steps_are_skipped_then_stop(tmp_path, micro_pair, monkeypatch, capsys):
+    import hopd.distill as D
+
+    real = D.learn
+    calls = {"n": 0}
+
+    def flaky(student, rollout, scores, cfg, vocab):
+        calls["n"] += 1
+        out = real(student, rollout, scores, cfg, vocab)
+        if calls["n"] >= 2:  # from the second step on: NaN gradients
+            for p in student.parameters():
+                p.grad.fill_(math.nan)
+            out["loss"] = math.nan
+        return out
+
+    monkeypatch.setattr(D, "learn", flaky)
+    run = tmp_path / "nan"
+    rc = main(_run_args(run, micro_pair, 10, ["max_bad_steps=3"]))
+    assert rc == 3
+    assert "3 steps in a row had a non-finite loss" in capsys.readouterr().err
+    train = [r for r in read_metrics(run / "metrics.jsonl") if "loss" in r]
+    assert [r["skipped"] for r in train] == [False, True, True, True]
+    assert train[-1]["skipped_steps"] == 3
+    # the weights never took a NaN step: the last checkpoint is finite
+    from hopd.models import load_model
+
+    last = sorted((run / "checkpoints").glob("step_*"))[-1]
+    assert all(torch.isfinite(p).all() for p in load_model(str(last)).parameters())
+
+
+# ---------------------------------------------------------------------------------------------
+# Property-based tests
+
+_key = st.from_regex(r"[a-z][a-z_]{0,8}", fullmatch=True)
+_scalar = st.one_of(st.integers(-10**6, 10**6), st.booleans(),
+                    st.from_regex(r"[a-z][a-z0-9_]{0,8}", fullmatch=True))
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.dictionaries(st.lists(_key, min_size=1, max_size=3).map(".".join), _scalar,
+                       max_size=5))
+def test_override_parser_round_trips(pairs):
+    # keys that are prefixes of other keys would make a value and a section collide
+    keys = sorted(pairs)
+    if any(b.startswith(a + ".") for a in keys for b in keys):
+        return
+    items = [f"{k}={str(v).lower() if isinstance(v, bool) else v}" for k, v in pairs.items()]
+    parsed = C.parse_overrides(items)
+    for k, v in pairs.items():
+        node = parsed
+        for part in k.split("."):
+            node = node[part]
+        assert node == v
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.text(max_size=20))
+def test_override_parser_never_crashes_unexpectedly(text):
+    try:
+        C.parse_overrides([text])
+    except C.ConfigError:
+        pass
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.integers(-5, 10**6), st.floats(allow_nan=True, allow_infinity=True))
+def test_config_accepts_only_valid_values(steps, frac):
+    try:
+        cfg = C.from_dict(DistillConfig, {"max_steps": steps,
+                                          "horizon": {"kind": "truncated", "fraction": frac}})
+        cfg.validate()
+    except C.ConfigError:
+        assert steps < 1 or not (0 < frac <= 1)
+    else:
+        assert steps >= 1 and 0 < frac <= 1
+
+
+_answer = st.text(min_size=1, max_size=8).filter(lambda s: s.strip() and "####" not in s)
+_row = st.fixed_dictionaries({"prompt": st.text(min_size=1, max_size=30).filter(str.strip),
+                              "answer": st.one_of(st.integers(), _answer)})
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.lists(_row, min_size=1, max_size=8))
+def test_jsonl_loader_reads_what_was_written(tmp_path_factory, rows):
+    path = tmp_path_factory.mktemp("j") / "d.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    got = load_rows(path)
+    assert [p for p, _ in got] == [r["prompt"] for r in rows]
+    assert [a for _, a in got] == [str(r["answer"]).strip() for r in rows]
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.binary(max_size=60))
+def test_jsonl_loader_rejects_garbage_cleanly(tmp_path_factory, blob):
+    path = tmp_path_factory.mktemp("g") / "g.jsonl"
+    path.write_bytes(blob)
+    try:
+        load_rows(path)
+    except DataError as e:
+        assert str(path) in str(e)
