@@ -10,10 +10,8 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import resource
 import shutil
-import signal
 import sys
 import time
 from dataclasses import dataclass, field
@@ -29,8 +27,15 @@ from hopd.evaluate import encode_prompts, evaluate
 from hopd.horizon import HorizonConfig, describe, horizon_at
 from hopd.losses import distribution_loss, sampled_rkl, token_logprobs
 from hopd.models import DTYPES, check_compatible, load_model, load_tokenizer, resolve_model_path
-from hopd.progress import Bar, MetricsLog, read_metrics
+from hopd.progress import Bar, MetricsLog
 from hopd.rollout import Rollout, sample
+from hopd.runstate import (
+    StopFlag,
+    latest_checkpoint,
+    load_trainer_state,
+    save_checkpoint,
+    truncate_metrics,
+)
 from hopd.sft import warmup_cosine
 from hopd.tasks import PromptSource
 from hopd.teacher import TeacherScores, response_logits, score
@@ -157,6 +162,39 @@ def load_config(path: str | Path | None, overrides: list[str]) -> DistillConfig:
 # Pieces of one step
 
 
+def opd_step(student: PreTrainedModel, teacher_model: PreTrainedModel, opt: torch.optim.Optimizer,
+             prompts: list[list[int]], H: int, cfg: DistillConfig, vocab: int, eos: int, pad: int,
+             gen: torch.Generator | None, teacher_prompts: list[list[int]] | None = None,
+             need: str = "sampled") -> tuple[Rollout, TeacherScores, dict[str, Any]]:
+    """One optimizer step of OPD at horizon H: sample -> score -> learn -> clip -> AdamW.
+
+    A step whose loss or gradient is not finite is skipped (no optimizer update). Pass
+    eos = -1 to force every rollout to the full H (benchmarks compare equal lengths that way).
+    """
+    t0 = time.perf_counter()
+    # 1. sample: the student draws <= H tokens per prompt
+    student.eval()
+    rollout = sample(student, prompts, H, eos, pad, cfg.sampling.temperature,
+                     cfg.sampling.top_k, cfg.sampling.top_p, generator=gen)
+    student.train()
+    t1 = time.perf_counter()
+    # 2. score: one teacher forward pass over prompt + response
+    scores = score(teacher_model, rollout, need, cfg.loss.top_k, vocab=vocab,
+                   prompts=teacher_prompts)
+    t2 = time.perf_counter()
+    # 3. learn: per-token loss, backward over micro-batches, clip, AdamW
+    opt.zero_grad(set_to_none=True)
+    stats = learn(student, rollout, scores, cfg, vocab)
+    gnorm = float(torch.nn.utils.clip_grad_norm_(student.parameters(), cfg.optim.grad_clip))
+    finite = math.isfinite(stats["loss"]) and math.isfinite(gnorm)
+    if finite:
+        opt.step()
+    t3 = time.perf_counter()
+    stats.update(grad_norm=gnorm, finite=finite, sample_time_s=t1 - t0,
+                 teacher_time_s=t2 - t1, learn_time_s=t3 - t2)
+    return rollout, scores, stats
+
+
 def schedule_step(step: int, totals: dict[str, float], cfg: DistillConfig) -> int:
     """The step that the horizon and LR schedules see.
 
@@ -271,61 +309,6 @@ def peak_memory_mb(device: str) -> float:
 
 
 # ---------------------------------------------------------------------------------------------
-# Checkpoints
-
-
-def save_checkpoint(run: Path, step: int, student: PreTrainedModel, tokenizer: Any,
-                    opt: torch.optim.Optimizer, extra: dict[str, Any],
-                    keep_last: int) -> Path:
-    """Writes RUN/checkpoints/step_N atomically (a temporary folder, then a rename)."""
-    ckpts = run / "checkpoints"
-    ckpts.mkdir(exist_ok=True)
-    final = ckpts / f"step_{step:07d}"
-    tmp = ckpts / f".tmp_step_{step:07d}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    student.save_pretrained(tmp)
-    tokenizer.save_pretrained(tmp)
-    torch.save({"optimizer": opt.state_dict(), "step": step,
-                "torch_rng": torch.get_rng_state(), **extra}, tmp / "trainer_state.pt")
-    shutil.rmtree(final, ignore_errors=True)
-    os.replace(tmp, final)
-    for old in sorted(ckpts.glob("step_*"))[:-keep_last]:
-        shutil.rmtree(old, ignore_errors=True)
-    return final
-
-
-def latest_checkpoint(run: Path) -> Path | None:
-    found = sorted((run / "checkpoints").glob("step_*"))
-    return found[-1] if found else None
-
-
-class _StopFlag:
-    """SIGINT/SIGTERM set a flag: the loop finishes its step, saves, and exits cleanly."""
-
-    def __init__(self) -> None:
-        self.stop = False
-        self.old: dict[int, Any] = {}
-
-    def __enter__(self) -> _StopFlag:
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            try:
-                self.old[sig] = signal.signal(sig, self._handle)
-            except ValueError:  # not the main thread
-                pass
-        return self
-
-    def _handle(self, signum: int, frame: Any) -> None:
-        if self.stop:  # a second signal: give up at once
-            raise KeyboardInterrupt
-        self.stop = True
-        print(f"\nhopd: got signal {signum}; finishing this step, then saving", file=sys.stderr)
-
-    def __exit__(self, *exc: Any) -> None:
-        for sig, handler in self.old.items():
-            signal.signal(sig, handler)
-
-
-# ---------------------------------------------------------------------------------------------
 # The loop
 
 
@@ -364,7 +347,7 @@ def distill(cfg: DistillConfig, run: Path, resume: bool = False, progress: bool 
 
     run.mkdir(parents=True, exist_ok=True)
     ckpt = latest_checkpoint(run) if resume else None
-    state = _load_trainer_state(ckpt) if ckpt is not None else None
+    state = load_trainer_state(ckpt) if ckpt is not None else None
     student = load_model(str(ckpt or s_path), cfg.device, cfg.dtype)
     teacher_model = load_model(str(t_path), cfg.teacher_device or cfg.device,
                                cfg.teacher_dtype or cfg.dtype).eval()
@@ -377,10 +360,10 @@ def distill(cfg: DistillConfig, run: Path, resume: bool = False, progress: bool 
         opt.load_state_dict(state["optimizer"])
         torch.set_rng_state(state["torch_rng"])
         start, totals = state["step"], dict(state["totals"])
-        _truncate_metrics(run / "metrics.jsonl", start)
+        truncate_metrics(run / "metrics.jsonl", start)
         print(f"distill: resuming from {ckpt.name} (step {start})", flush=True)
     elif resume and (run / "metrics.jsonl").exists():
-        _truncate_metrics(run / "metrics.jsonl", -1)  # no checkpoint yet: start over
+        truncate_metrics(run / "metrics.jsonl", -1)  # no checkpoint yet: start over
     (run / "config.yaml").write_text(yaml.safe_dump(C.to_dict(cfg), sort_keys=False))
 
     eos, pad = tok.eos_token_id, tok.pad_token_id
@@ -408,7 +391,7 @@ def distill(cfg: DistillConfig, run: Path, resume: bool = False, progress: bool 
     bar = Bar(cfg.max_steps, f"distill[{cfg.horizon.kind}]", enabled=progress)
     bar.update(start)
     bad_in_row, stopped_by_signal, step = 0, False, start
-    with _StopFlag() as flag:
+    with StopFlag() as flag:
         while not budget_spent(step, totals, cfg):
             t_step = time.perf_counter()
             if cfg.device.startswith("cuda"):
@@ -420,36 +403,23 @@ def distill(cfg: DistillConfig, run: Path, resume: bool = False, progress: bool 
             for group in opt.param_groups:
                 group["lr"] = lr
 
-            # 1. sample: the student draws <= H tokens per prompt
             batch = [e.prompt for e in source.train_batch(step, cfg.batch_size, cfg.seed)]
             prompts = encode_prompts(tok, batch, cfg.system_prompt)
             t_prompts = encode_prompts(t_tok, batch, teacher_system) if separate_teacher_prompt \
                 else None
             gen = torch.Generator(device=cfg.device).manual_seed(cfg.seed * 1_000_003 + step)
-            student.eval()
-            rollout = sample(student, prompts, H, eos, pad, cfg.sampling.temperature,
-                             cfg.sampling.top_k, cfg.sampling.top_p, generator=gen)
-            student.train()
-            t_sampled = time.perf_counter()
-
-            # 2. score: one teacher forward pass over prompt + response
-            scores = score(teacher_model, rollout, need, cfg.loss.top_k, vocab=vocab,
-                           prompts=t_prompts)
-            t_scored = time.perf_counter()
-
-            # 3. learn: per-token loss, backward, clip, AdamW
-            opt.zero_grad(set_to_none=True)
-            stats = learn(student, rollout, scores, cfg, vocab)
-            gnorm = float(torch.nn.utils.clip_grad_norm_(student.parameters(),
-                                                         cfg.optim.grad_clip))
-            finite = math.isfinite(stats["loss"]) and math.isfinite(gnorm)
+            rollout, scores, stats = opd_step(student, teacher_model, opt, prompts, H, cfg, vocab,
+                                              eos, pad, gen, t_prompts, need)
+            finite = stats["finite"]
+            gnorm = stats["grad_norm"]
             if finite:
-                opt.step()
                 bad_in_row = 0
             else:
                 bad_in_row += 1
                 totals["skipped_steps"] += 1
             t_end = time.perf_counter()
+            t_sampled = t_step + stats["sample_time_s"]
+            t_scored = t_sampled + stats["teacher_time_s"]
 
             # 4. log
             mask = rollout.response_mask_B_R.float()
@@ -510,24 +480,3 @@ def distill(cfg: DistillConfig, run: Path, resume: bool = False, progress: bool 
           f"accuracy {acc:.3f}, {totals['train_time_s']:.0f}s training, "
           f"{totals['sampled_tokens']} sampled tokens", flush=True)
     return result
-
-
-def _load_trainer_state(ckpt: Path) -> dict[str, Any]:
-    """Optimizer, step and RNG state, loaded with weights_only=True (no code runs)."""
-    try:
-        state = torch.load(ckpt / "trainer_state.pt", weights_only=True)
-        for key in ("optimizer", "step", "torch_rng", "totals"):
-            state[key]
-    except Exception as e:  # torch raises several types for a truncated or foreign file
-        raise ValueError(f"checkpoint {ckpt} is corrupt or incomplete ({type(e).__name__}); "
-                         f"delete that folder to resume from an earlier checkpoint, or start "
-                         f"again with --overwrite") from None
-    return state
-
-
-def _truncate_metrics(path: Path, step: int) -> None:
-    """Drops metrics lines past `step` (written after the checkpoint we resume from)."""
-    keep = [r for r in read_metrics(path) if r.get("step", 0) <= step]
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text("".join(json.dumps(r) + "\n" for r in keep))
-    os.replace(tmp, path)
