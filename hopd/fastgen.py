@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from transformers import PreTrainedModel
 
 SUPPORTED = {"llama", "mistral", "qwen2", "qwen3"}
+FUSE_MAX_PARAMS = 200_000_000
 
 
 def supports(model: PreTrainedModel, max_len: int) -> bool:
@@ -65,6 +66,22 @@ class StaticDecoder:
         self.key_ok_B_T = torch.zeros((batch, max_len), dtype=torch.bool, device=p.device)
         self.length = 0  # columns of the cache in use
         self.scale = self.head_dim ** -0.5
+        # Small models: one matmul for q/k/v and one for gate/up instead of five; per-call
+        # overhead dominates there. The fused copies are rebuilt per batch (the weights change
+        # every optimizer step) and skipped for large models, where they would cost memory.
+        n_params = sum(t.numel() for t in model.parameters())
+        self.fused = [self._fuse(layer) for layer in model.model.layers] \
+            if n_params <= FUSE_MAX_PARAMS else None
+
+    @staticmethod
+    def _fuse(layer: torch.nn.Module) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
+        att, mlp = layer.self_attn, layer.mlp
+        w_qkv = torch.cat([att.q_proj.weight, att.k_proj.weight, att.v_proj.weight])
+        b_qkv = None
+        if att.q_proj.bias is not None:
+            b_qkv = torch.cat([att.q_proj.bias, att.k_proj.bias, att.v_proj.bias])
+        w_gu = torch.cat([mlp.gate_proj.weight, mlp.up_proj.weight])
+        return w_qkv, b_qkv, w_gu
 
     def load_prefill(self, cache: object, attn_B_P: torch.Tensor) -> None:
         """Copies the prompt's K/V from the model's own cache after a prefill forward."""
@@ -89,9 +106,15 @@ class StaticDecoder:
         for i, layer in enumerate(m.layers):
             att = layer.self_attn
             h = _rms(x, layer.input_layernorm)
-            q = att.q_proj(h).view(B, 1, self.n_heads, self.head_dim)
-            k = att.k_proj(h).view(B, 1, self.n_kv, self.head_dim)
-            v = att.v_proj(h).view(B, 1, self.n_kv, self.head_dim)
+            nq, nk = self.n_heads * self.head_dim, self.n_kv * self.head_dim
+            if self.fused is not None:
+                w_qkv, b_qkv, w_gu = self.fused[i]
+                q, k, v = F.linear(h, w_qkv, b_qkv).split([nq, nk, nk], dim=-1)
+            else:
+                q, k, v = att.q_proj(h), att.k_proj(h), att.v_proj(h)
+            q = q.view(B, 1, self.n_heads, self.head_dim)
+            k = k.view(B, 1, self.n_kv, self.head_dim)
+            v = v.reshape(B, 1, self.n_kv, self.head_dim)
             if hasattr(att, "q_norm"):  # Qwen3: per-head RMSNorm before RoPE
                 q, k = _rms(q, att.q_norm), _rms(k, att.k_norm)
             q = _rotate(q.transpose(1, 2), cos, sin)  # (B, h, 1, d)
@@ -104,6 +127,10 @@ class StaticDecoder:
             x = x + att.o_proj(o.transpose(1, 2).reshape(B, 1, -1))
             h = _rms(x, layer.post_attention_layernorm)
             mlp = layer.mlp
-            x = x + mlp.down_proj(F.silu(mlp.gate_proj(h)) * mlp.up_proj(h))
+            if self.fused is not None:
+                gate, up = F.linear(h, self.fused[i][2]).chunk(2, dim=-1)
+            else:
+                gate, up = mlp.gate_proj(h), mlp.up_proj(h)
+            x = x + mlp.down_proj(F.silu(gate) * up)
         self.length = t + 1
         return self.model.lm_head(_rms(x, m.norm))[:, 0]

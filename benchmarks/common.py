@@ -1,0 +1,85 @@
+"""Shared helpers for the benchmark scripts: models, prompts, timing, machine description."""
+
+from __future__ import annotations
+
+import os
+import platform
+import statistics
+import subprocess
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+from hopd.evaluate import encode_prompts
+from hopd.models import build_testbed_tokenizer, load_model, load_tokenizer, tiny_llama
+from hopd.tasks import PromptSource
+
+
+def testbed_models(student: str, teacher: str, device: str):
+    """The bundled testbed pair, or random models of the same sizes when a name is 'random'.
+
+    With rollouts forced to a fixed length, cost does not depend on the weights.
+    """
+    if student == "random" or teacher == "random":
+        tok = build_testbed_tokenizer()
+        s = tiny_llama("student", tok, seed=1) if student == "random" else load_model(student)
+        t = tiny_llama("teacher", tok, seed=2) if teacher == "random" else load_model(teacher)
+    else:
+        tok = load_tokenizer(student)
+        s, t = load_model(student), load_model(teacher)
+    return s.to(device), t.to(device).eval(), tok
+
+
+def testbed_prompts(tok, n: int, data: str = "chain:default") -> tuple[list[list[int]], int]:
+    src = PromptSource(data)
+    batch = [e.prompt for e in src.train_batch(0, n, seed=123)]
+    return encode_prompts(tok, batch), src.default_budget()
+
+
+def timed(fn: Callable[[], object], device: str) -> float:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    fn()
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+    return time.perf_counter() - t0
+
+
+def median(xs: list[float]) -> float:
+    return statistics.median(xs)
+
+
+def machine(device: str) -> str:
+    cpu = platform.processor() or platform.machine()
+    if device.startswith("cuda"):
+        where = torch.cuda.get_device_name(device)
+    else:
+        where = f"CPU ({os.cpu_count()} cores, {torch.get_num_threads()} torch threads, {cpu})"
+    mem = ""
+    try:
+        with open("/proc/meminfo") as f:
+            kb = int(f.readline().split()[1])
+        mem = f", {kb / 2**20:.0f} GiB RAM"
+    except OSError:
+        pass
+    return f"{where}{mem}, torch {torch.__version__}"
+
+
+def commit() -> str:
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
+                              text=True, cwd=Path(__file__).parent).stdout.strip() or "unknown"
+    except OSError:
+        return "unknown"
+
+
+def print_table(header: list[str], rows: list[list[str]]) -> None:
+    widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
+    line = "  ".join(h.rjust(w) for h, w in zip(header, widths))
+    print(line)
+    print("-" * len(line))
+    for r in rows:
+        print("  ".join(str(c).rjust(w) for c, w in zip(r, widths)))
