@@ -26,7 +26,14 @@ from hopd import config as C
 from hopd.evaluate import encode_prompts, evaluate
 from hopd.horizon import HorizonConfig, describe, horizon_at
 from hopd.losses import distribution_loss, sampled_rkl, token_logprobs
-from hopd.models import DTYPES, check_compatible, load_model, load_tokenizer, resolve_model_path
+from hopd.models import (
+    DTYPES,
+    attach_lora,
+    check_compatible,
+    load_model,
+    load_tokenizer,
+    resolve_model_path,
+)
 from hopd.progress import Bar, MetricsLog
 from hopd.rollout import Rollout, sample
 from hopd.runstate import (
@@ -73,6 +80,15 @@ class OptimConfig:
 
 
 @dataclass
+class LoraSection:
+    rank: int = 0  # LoRA rank (0: train every weight of the student)
+    alpha: float = 16.0  # LoRA scaling numerator (scale = alpha / rank)
+    dropout: float = 0.0  # dropout on the LoRA input
+    target_modules: list[str] = field(default_factory=lambda: ["all-linear"])  # module names
+    merge: bool = True  # RUN/model holds the merged model (false: the adapter only)
+
+
+@dataclass
 class DistillConfig:
     student: str = "testbed:student"  # student checkpoint: path or testbed:student
     teacher: str = "testbed:teacher"  # teacher checkpoint: path or testbed:teacher
@@ -92,6 +108,7 @@ class DistillConfig:
     loss: LossConfig = field(default_factory=LossConfig)
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
+    lora: LoraSection = field(default_factory=LoraSection)
     eval_every: int = 10  # full-budget greedy evaluation every N steps (0: start and end only)
     eval_n: int = 200  # held-out prompts per evaluation
     diag_every: int = 10  # per-position diagnostics every N steps (0: off)
@@ -134,6 +151,8 @@ class DistillConfig:
             C.check(getattr(self, name) >= 0, f"{name}={getattr(self, name)}: must be >= 0")
         C.check(self.eval_n >= 1, f"eval_n={self.eval_n}: must be >= 1")
         C.check(self.diag_n >= 1 and self.diag_buckets >= 1, "diag_n and diag_buckets must be >= 1")
+        C.check(self.lora.rank >= 0, f"lora.rank={self.lora.rank}: must be >= 0 (0: off)")
+        C.check(self.lora.alpha > 0, f"lora.alpha={self.lora.alpha}: must be > 0")
         C.check(self.keep_last >= 1, f"keep_last={self.keep_last}: must be >= 1")
         C.check(self.max_bad_steps >= 1, f"max_bad_steps={self.max_bad_steps}: must be >= 1")
         for name in ("dtype", "teacher_dtype"):
@@ -185,7 +204,8 @@ def opd_step(student: PreTrainedModel, teacher_model: PreTrainedModel, opt: torc
     # 3. learn: per-token loss, backward over micro-batches, clip, AdamW
     opt.zero_grad(set_to_none=True)
     stats = learn(student, rollout, scores, cfg, vocab)
-    gnorm = float(torch.nn.utils.clip_grad_norm_(student.parameters(), cfg.optim.grad_clip))
+    trainable = [p for p in student.parameters() if p.requires_grad]
+    gnorm = float(torch.nn.utils.clip_grad_norm_(trainable, cfg.optim.grad_clip))
     finite = math.isfinite(stats["loss"]) and math.isfinite(gnorm)
     if finite:
         opt.step()
@@ -348,12 +368,18 @@ def distill(cfg: DistillConfig, run: Path, resume: bool = False, progress: bool 
     run.mkdir(parents=True, exist_ok=True)
     ckpt = latest_checkpoint(run) if resume else None
     state = load_trainer_state(ckpt) if ckpt is not None else None
-    student = load_model(str(ckpt or s_path), cfg.device, cfg.dtype)
+    if cfg.lora.rank:  # checkpoints hold the adapter only; the base comes from `student`
+        student = attach_lora(load_model(str(s_path), cfg.device, cfg.dtype), cfg.lora.rank,
+                              cfg.lora.alpha, cfg.lora.dropout, cfg.lora.target_modules,
+                              adapter=ckpt)
+    else:
+        student = load_model(str(ckpt or s_path), cfg.device, cfg.dtype)
     teacher_model = load_model(str(t_path), cfg.teacher_device or cfg.device,
                                cfg.teacher_dtype or cfg.dtype).eval()
     teacher_model.requires_grad_(False)
     student.train()
-    opt = torch.optim.AdamW(student.parameters(), lr=cfg.optim.lr, betas=(0.9, 0.95),
+    trainable = [p for p in student.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(trainable, lr=cfg.optim.lr, betas=(0.9, 0.95),
                             weight_decay=cfg.optim.weight_decay)
     start, totals = 0, {"train_time_s": 0.0, "sampled_tokens": 0, "skipped_steps": 0}
     if ckpt is not None and state is not None:
@@ -471,7 +497,8 @@ def distill(cfg: DistillConfig, run: Path, resume: bool = False, progress: bool 
     if not stopped_by_signal:
         final = run / "model"
         shutil.rmtree(final, ignore_errors=True)
-        student.save_pretrained(final)
+        to_save = student.merge_and_unload() if cfg.lora.rank and cfg.lora.merge else student
+        to_save.save_pretrained(final)
         tok.save_pretrained(final)
     result = {"final_eval_accuracy": acc, "steps": step, "stopped_by_signal": stopped_by_signal,
               **totals}

@@ -70,8 +70,10 @@ class StaticDecoder:
         # overhead dominates there. The fused copies are rebuilt per batch (the weights change
         # every optimizer step) and skipped for large models, where they would cost memory.
         n_params = sum(t.numel() for t in model.parameters())
+        plain = all(type(m) is torch.nn.Linear for layer in model.model.layers
+                    for m in (layer.self_attn.q_proj, layer.mlp.gate_proj))  # no LoRA wrappers
         self.fused = [self._fuse(layer) for layer in model.model.layers] \
-            if n_params <= FUSE_MAX_PARAMS else None
+            if plain and n_params <= FUSE_MAX_PARAMS else None
 
     @staticmethod
     def _fuse(layer: torch.nn.Module) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:

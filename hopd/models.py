@@ -163,6 +163,30 @@ def save_checkpoint(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, 
     tokenizer.save_pretrained(path)
 
 
+def attach_lora(model: PreTrainedModel, rank: int, alpha: float, dropout: float,
+                target_modules: list[str], adapter: Path | None = None) -> PreTrainedModel:
+    """Wraps `model` with PEFT LoRA adapters (trainable), or reloads saved ones from `adapter`."""
+    try:
+        from peft import LoraConfig, PeftModel, get_peft_model
+    except ImportError:
+        raise ValueError("lora.rank > 0 needs PEFT: pip install 'hopd[lora]' (or pip install "
+                         "peft)") from None
+    if adapter is not None:
+        return PeftModel.from_pretrained(model, adapter, is_trainable=True)
+    targets: str | list[str] = target_modules
+    if target_modules == ["all-linear"]:
+        targets = "all-linear"
+    config = LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=dropout, target_modules=targets,
+                        task_type="CAUSAL_LM")
+    return get_peft_model(model, config)
+
+
+def base_model(model: PreTrainedModel) -> PreTrainedModel:
+    """The transformers model under a PEFT wrapper (adapters stay active inside its layers)."""
+    get = getattr(model, "get_base_model", None)
+    return get() if callable(get) else model
+
+
 def check_compatible(teacher_tok: PreTrainedTokenizerBase, student_tok: PreTrainedTokenizerBase,
                      teacher_vocab: int, student_vocab: int) -> None:
     """Fails with a clear message unless teacher and student share the vocabulary exactly."""

@@ -17,6 +17,7 @@ import torch
 from transformers import DynamicCache, PreTrainedModel
 
 from hopd.fastgen import StaticDecoder, supports
+from hopd.models import base_model
 
 
 @dataclass
@@ -75,7 +76,7 @@ def filter_logits(logits_B_V: torch.Tensor, top_k: int = 0, top_p: float = 1.0) 
 def cache_kw(model: PreTrainedModel) -> str:
     """The forward() keyword for a KV cache: `cache` in newer transformers, else
     `past_key_values`."""
-    params = inspect.signature(model.forward).parameters
+    params = inspect.signature(base_model(model).forward).parameters
     return "cache" if "cache" in params else "past_key_values"
 
 
@@ -104,6 +105,7 @@ def sample(
         raise ValueError(f"horizon={horizon}: must be >= 1")
     if not greedy and temperature <= 0:
         raise ValueError(f"temperature={temperature}: must be > 0 (or use greedy)")
+    model = base_model(model)  # a PEFT model's adapters live inside the base model's layers
     device = next(model.parameters()).device
     prompt_B_P, prompt_attn_B_P = left_pad(prompts, pad_id, device)
     B, P = prompt_B_P.shape
