@@ -141,6 +141,25 @@ def _print_summary(summary: dict, report: Path) -> None:
     console.print(f"report: {report}")
 
 
+def _cmd_serve_teacher(args: argparse.Namespace) -> int:
+    from hopd.models import load_model, load_tokenizer
+    from hopd.serve import make_server
+
+    model = load_model(args.model, device=args.device, dtype=args.dtype).eval()
+    tok = load_tokenizer(args.model)
+    server = make_server(model, tok, args.model, args.host, args.port)
+    host, port = server.server_address[:2]
+    print(f"hopd serve-teacher: {args.model} on http://{host}:{port} (POST /v1/completions "
+          "with prompt_logprobs, POST /tokenize); Ctrl-C stops", flush=True)
+    try:
+        server.serve_forever()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        server.server_close()
+    return 0
+
+
 def _split_config(args: argparse.Namespace) -> None:
     """`hopd sft key=value` has no config file: the first positional is an override."""
     if args.config and "=" in args.config and not Path(args.config).exists():
@@ -209,6 +228,14 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--overwrite", action="store_true", help="replace an existing --out")
     m.add_argument("--quiet", action="store_true")
     m.set_defaults(func=_cmd_demo)
+
+    t = sub.add_parser("serve-teacher", help="serve a teacher's log-probs over HTTP")
+    t.add_argument("model", help="checkpoint path or testbed:teacher")
+    t.add_argument("--host", default="127.0.0.1")
+    t.add_argument("--port", type=int, default=8000, help="0 picks a free port")
+    t.add_argument("--device", default="cpu")
+    t.add_argument("--dtype", default="float32")
+    t.set_defaults(func=_cmd_serve_teacher)
 
     e = sub.add_parser("eval", help="evaluate a model at the full response budget")
     e.add_argument("--model", required=True, help="checkpoint path or testbed:teacher|student")

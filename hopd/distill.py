@@ -14,6 +14,7 @@ import resource
 import shutil
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -43,6 +44,7 @@ from hopd.runstate import (
     save_checkpoint,
     truncate_metrics,
 )
+from hopd.serve import RemoteTeacher
 from hopd.sft import warmup_cosine
 from hopd.tasks import PromptSource
 from hopd.teacher import TeacherScores, response_logits, score
@@ -122,6 +124,9 @@ class DistillConfig:
     teacher_device: str = ""  # teacher device ("": same as the student)
     dtype: str = "float32"  # student weights dtype
     teacher_dtype: str = ""  # teacher weights dtype ("": same as the student)
+    teacher_url: str = ""  # a teacher server (hopd serve-teacher, vLLM) instead of `teacher`
+    teacher_timeout_s: float = 60.0  # per request to the teacher server
+    teacher_retries: int = 3  # retries of a failed request (connection errors, timeouts)
     threads: int = 0  # torch CPU threads (0: torch's default)
 
     def validate(self) -> None:
@@ -181,7 +186,19 @@ def load_config(path: str | Path | None, overrides: list[str]) -> DistillConfig:
 # Pieces of one step
 
 
-def opd_step(student: PreTrainedModel, teacher_model: PreTrainedModel, opt: torch.optim.Optimizer,
+Scorer = Callable[..., TeacherScores]  # (rollout, need, top_k, with_entropy, prompts) -> scores
+
+
+def local_scorer(teacher_model: PreTrainedModel, vocab: int | None = None) -> Scorer:
+    def scorer(rollout: Rollout, need: str = "sampled", top_k: int = 0,
+               with_entropy: bool = False, prompts: list[list[int]] | None = None
+               ) -> TeacherScores:
+        return score(teacher_model, rollout, need, top_k, with_entropy, vocab, prompts)
+    return scorer
+
+
+def opd_step(student: PreTrainedModel, teacher: PreTrainedModel | Scorer,
+             opt: torch.optim.Optimizer,
              prompts: list[list[int]], H: int, cfg: DistillConfig, vocab: int, eos: int, pad: int,
              gen: torch.Generator | None, teacher_prompts: list[list[int]] | None = None,
              need: str = "sampled") -> tuple[Rollout, TeacherScores, dict[str, Any]]:
@@ -198,8 +215,8 @@ def opd_step(student: PreTrainedModel, teacher_model: PreTrainedModel, opt: torc
     student.train()
     t1 = time.perf_counter()
     # 2. score: one teacher forward pass over prompt + response
-    scores = score(teacher_model, rollout, need, cfg.loss.top_k, vocab=vocab,
-                   prompts=teacher_prompts)
+    scorer = local_scorer(teacher, vocab) if isinstance(teacher, torch.nn.Module) else teacher
+    scores = scorer(rollout, need, cfg.loss.top_k, prompts=teacher_prompts)
     t2 = time.perf_counter()
     # 3. learn: per-token loss, backward over micro-batches, clip, AdamW
     opt.zero_grad(set_to_none=True)
@@ -289,7 +306,7 @@ class _count_saved_bytes:
         self.ctx.__exit__(*exc)
 
 
-def position_diagnostics(student: PreTrainedModel, teacher_model: PreTrainedModel,
+def position_diagnostics(student: PreTrainedModel, scorer: Scorer,
                          prompts: list[list[int]], cfg: DistillConfig, budget: int, vocab: int,
                          eos: int, pad: int, step: int,
                          teacher_prompts: list[list[int]] | None = None) -> dict[str, Any]:
@@ -303,12 +320,13 @@ def position_diagnostics(student: PreTrainedModel, teacher_model: PreTrainedMode
     r = sample(student, prompts, budget, eos, pad, temperature=cfg.sampling.temperature,
                generator=gen)
     student.train()
-    t = score(teacher_model, r, with_entropy=True, vocab=vocab, prompts=teacher_prompts)
+    t = scorer(r, with_entropy=True, prompts=teacher_prompts)
     nb = cfg.diag_buckets
     bucket_R = (torch.arange(r.response_mask_B_R.size(1)) * nb // budget).clamp(max=nb - 1)
     mask = r.response_mask_B_R.float()
     rkl = (r.sampler_logp_B_R - t.logp_B_R) * mask
-    ent = t.entropy_B_R * mask
+    # a remote teacher returns top-k only: no entropy (NaN in the log)
+    ent = (t.entropy_B_R if t.entropy_B_R is not None else torch.full_like(mask, math.nan)) * mask
     zeros = torch.zeros(nb, dtype=torch.float32)
     count = zeros.index_add(0, bucket_R, mask.sum(0))
     rkl_b = zeros.index_add(0, bucket_R, rkl.sum(0)) / count.clamp(min=1)
@@ -342,13 +360,22 @@ def distill(cfg: DistillConfig, run: Path, resume: bool = False, progress: bool 
     source = PromptSource(cfg.data, cfg.eval_data, cfg.data_prompt_field, cfg.data_answer_field)
     budget = cfg.budget or source.default_budget()
     cfg.horizon.validate(budget)
-    s_path, t_path = resolve_model_path(cfg.student), resolve_model_path(cfg.teacher)
-    tok, t_tok = load_tokenizer(str(s_path)), load_tokenizer(str(t_path))
+    s_path = resolve_model_path(cfg.student)
+    tok = load_tokenizer(str(s_path))
     s_conf = json.loads((s_path / "config.json").read_text())
-    t_conf = json.loads((t_path / "config.json").read_text())
-    s_vocab, t_vocab = s_conf.get("vocab_size", len(tok)), t_conf.get("vocab_size", len(t_tok))
-    check_compatible(t_tok, tok, t_vocab, s_vocab)
-    vocab = min(s_vocab, t_vocab)
+    s_vocab = s_conf.get("vocab_size", len(tok))
+    remote = None
+    if cfg.teacher_url:  # the teacher runs elsewhere: check it answers and shares the tokenizer
+        remote = RemoteTeacher(cfg.teacher_url, cfg.teacher_timeout_s, cfg.teacher_retries)
+        remote.check_tokenizer(tok)
+        t_tok, t_conf, vocab = tok, {}, s_vocab
+    else:
+        t_path = resolve_model_path(cfg.teacher)
+        t_tok = load_tokenizer(str(t_path))
+        t_conf = json.loads((t_path / "config.json").read_text())
+        t_vocab = t_conf.get("vocab_size", len(t_tok))
+        check_compatible(t_tok, tok, t_vocab, s_vocab)
+        vocab = min(s_vocab, t_vocab)
     eval_examples = source.eval_set(cfg.eval_n, seed=cfg.seed)
     teacher_system = cfg.teacher_system_prompt or cfg.system_prompt
     separate_teacher_prompt = bool(cfg.teacher_system_prompt) or (
@@ -374,9 +401,13 @@ def distill(cfg: DistillConfig, run: Path, resume: bool = False, progress: bool 
                               adapter=ckpt)
     else:
         student = load_model(str(ckpt or s_path), cfg.device, cfg.dtype)
-    teacher_model = load_model(str(t_path), cfg.teacher_device or cfg.device,
-                               cfg.teacher_dtype or cfg.dtype).eval()
-    teacher_model.requires_grad_(False)
+    if remote is not None:
+        scorer: Scorer = remote.score
+    else:
+        teacher_model = load_model(str(t_path), cfg.teacher_device or cfg.device,
+                                   cfg.teacher_dtype or cfg.dtype).eval()
+        teacher_model.requires_grad_(False)
+        scorer = local_scorer(teacher_model, vocab)
     student.train()
     trainable = [p for p in student.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(trainable, lr=cfg.optim.lr, betas=(0.9, 0.95),
@@ -434,7 +465,7 @@ def distill(cfg: DistillConfig, run: Path, resume: bool = False, progress: bool 
             t_prompts = encode_prompts(t_tok, batch, teacher_system) if separate_teacher_prompt \
                 else None
             gen = torch.Generator(device=cfg.device).manual_seed(cfg.seed * 1_000_003 + step)
-            rollout, scores, stats = opd_step(student, teacher_model, opt, prompts, H, cfg, vocab,
+            rollout, scores, stats = opd_step(student, scorer, opt, prompts, H, cfg, vocab,
                                               eos, pad, gen, t_prompts, need)
             finite = stats["finite"]
             gnorm = stats["grad_norm"]
@@ -468,7 +499,7 @@ def distill(cfg: DistillConfig, run: Path, resume: bool = False, progress: bool 
             }
             if cfg.diag_every and (step + 1) % cfg.diag_every == 0:
                 t0 = time.perf_counter()
-                rec.update(position_diagnostics(student, teacher_model, diag_prompts, cfg,
+                rec.update(position_diagnostics(student, scorer, diag_prompts, cfg,
                                                 budget, vocab, eos, pad, step, diag_teacher))
                 rec["diag_time_s"] = time.perf_counter() - t0
             log.write(rec)

@@ -1,0 +1,89 @@
+"""A teacher in another process: hopd serve-teacher on loopback, scored remotely."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from hopd.cli import main
+from hopd.evaluate import encode_prompts
+from hopd.models import load_model, load_tokenizer
+from hopd.progress import read_metrics
+from hopd.rollout import sample
+from hopd.serve import RemoteTeacher, TeacherUnavailable
+from hopd.teacher import score
+
+
+@pytest.fixture(scope="module")
+def server(micro_pair):
+    _, teacher = micro_pair
+    proc = subprocess.Popen([sys.executable, "-m", "hopd", "serve-teacher", str(teacher),
+                             "--port", "0"], stdout=subprocess.PIPE, text=True)
+    line = proc.stdout.readline()
+    m = re.search(r"http://127\.0\.0\.1:(\d+)", line)
+    assert m, line
+    url = f"http://127.0.0.1:{m.group(1)}"
+    yield url
+    proc.terminate()
+    proc.wait(timeout=30)
+
+
+def test_remote_scores_equal_local_scores(server, micro_pair, tokenizer):
+    student, teacher = micro_pair
+    s_model, t_model = load_model(str(student)).eval(), load_model(str(teacher)).eval()
+    prompts = encode_prompts(tokenizer, ["a=1+2;", "a=3*4;b=a-1;", "a=5-5;"])
+    r = sample(s_model, prompts, 10, eos_id=14, pad_id=0, temperature=2.0,
+               generator=torch.Generator().manual_seed(0))
+    remote = RemoteTeacher(server)
+    remote.check_tokenizer(load_tokenizer(str(student)))
+    local = score(t_model, r, "topk", 5)
+    far = remote.score(r, "topk", 5)
+    mask = r.response_mask_B_R.bool()
+    assert torch.allclose(far.logp_B_R[mask], local.logp_B_R[mask], atol=1e-5)
+    assert torch.equal(far.topk_ids_B_R_K[mask], local.topk_ids_B_R_K[mask])
+    assert torch.allclose(far.topk_logp_B_R_K[mask], local.topk_logp_B_R_K[mask], atol=1e-5)
+
+
+def test_distill_with_a_remote_teacher(server, micro_pair, tmp_path):
+    student, _ = micro_pair
+    run = tmp_path / "run"
+    rc = main(["distill", "--out", str(run), "--quiet", f"student={student}",
+               f"teacher_url={server}", "data=chain:tiny", "steps=2", "batch_size=4",
+               "eval_n=2", "diag_every=1", "diag_n=2", "loss.kind=rkl", "loss.top_k=4"])
+    assert rc == 0
+    train = [r for r in read_metrics(run / "metrics.jsonl") if "loss" in r]
+    assert len(train) == 2 and all(r["loss"] == r["loss"] for r in train)  # finite, not NaN
+
+
+def test_unreachable_server_fails_clearly(micro_pair, tmp_path, capsys):
+    student, _ = micro_pair
+    t0 = time.perf_counter()
+    rc = main(["distill", "--out", str(tmp_path / "r"), f"student={student}",
+               "teacher_url=http://127.0.0.1:9", "teacher_retries=1", "teacher_timeout_s=2",
+               "data=chain:tiny"])
+    assert rc == 2
+    err = capsys.readouterr().err
+    assert "unreachable" in err and "serve-teacher" in err
+    assert time.perf_counter() - t0 < 30
+
+
+def test_full_vocabulary_loss_needs_top_k_remotely(server):
+    with pytest.raises(TeacherUnavailable, match="top-k"):
+        RemoteTeacher(server).score(None, "full")  # type: ignore[arg-type]
+
+
+def test_tokenizer_mismatch_is_detected(server):
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {c: i for i, c in enumerate(["<unk>", *"Thetacrsudn"])}
+    core = Tokenizer(models.WordLevel(vocab, "<unk>"))
+    core.pre_tokenizer = pre_tokenizers.Split("", "isolated")
+    other = PreTrainedTokenizerFast(tokenizer_object=core, unk_token="<unk>")
+    with pytest.raises(TeacherUnavailable, match="tokenizes differently"):
+        RemoteTeacher(server).check_tokenizer(other)
