@@ -24,6 +24,7 @@ import yaml
 from transformers import PreTrainedModel
 
 from hopd import config as C
+from hopd.dist import Dist
 from hopd.evaluate import encode_prompts, evaluate
 from hopd.horizon import HorizonConfig, describe, horizon_at
 from hopd.losses import distribution_loss, sampled_rkl, token_logprobs
@@ -201,17 +202,21 @@ def opd_step(student: PreTrainedModel, teacher: PreTrainedModel | Scorer,
              opt: torch.optim.Optimizer,
              prompts: list[list[int]], H: int, cfg: DistillConfig, vocab: int, eos: int, pad: int,
              gen: torch.Generator | None, teacher_prompts: list[list[int]] | None = None,
-             need: str = "sampled") -> tuple[Rollout, TeacherScores, dict[str, Any]]:
+             need: str = "sampled", row_seeds: list[int] | None = None,
+             dist: Dist | None = None, learner: torch.nn.Module | None = None,
+             ) -> tuple[Rollout, TeacherScores, dict[str, Any]]:
     """One optimizer step of OPD at horizon H: sample -> score -> learn -> clip -> AdamW.
 
     A step whose loss or gradient is not finite is skipped (no optimizer update). Pass
     eos = -1 to force every rollout to the full H (benchmarks compare equal lengths that way).
+    `learner` is the module that runs forward/backward (the DDP wrapper of `student` when
+    distributed); sampling always uses the plain `student`.
     """
     t0 = time.perf_counter()
     # 1. sample: the student draws <= H tokens per prompt
     student.eval()
     rollout = sample(student, prompts, H, eos, pad, cfg.sampling.temperature,
-                     cfg.sampling.top_k, cfg.sampling.top_p, generator=gen)
+                     cfg.sampling.top_k, cfg.sampling.top_p, generator=gen, row_seeds=row_seeds)
     student.train()
     t1 = time.perf_counter()
     # 2. score: one teacher forward pass over prompt + response
@@ -220,7 +225,7 @@ def opd_step(student: PreTrainedModel, teacher: PreTrainedModel | Scorer,
     t2 = time.perf_counter()
     # 3. learn: per-token loss, backward over micro-batches, clip, AdamW
     opt.zero_grad(set_to_none=True)
-    stats = learn(student, rollout, scores, cfg, vocab)
+    stats = learn(learner or student, rollout, scores, cfg, vocab, dist)
     trainable = [p for p in student.parameters() if p.requires_grad]
     gnorm = float(torch.nn.utils.clip_grad_norm_(trainable, cfg.optim.grad_clip))
     finite = math.isfinite(stats["loss"]) and math.isfinite(gnorm)
@@ -254,13 +259,15 @@ def budget_spent(step: int, totals: dict[str, float], cfg: DistillConfig) -> boo
 
 
 def learn(student: PreTrainedModel, rollout: Rollout, teacher: TeacherScores, cfg: DistillConfig,
-          vocab: int) -> dict[str, float]:
+          vocab: int, dist: Dist | None = None) -> dict[str, float]:
     """Accumulates the step's gradient over `grad_accum` micro-batches; returns loss stats.
 
-    Every micro-batch loss is divided by the step's total response-token count, so the summed
-    gradient equals the full batch's token-mean gradient whatever the split.
+    Every micro-batch loss is divided by the step's total response-token count (over all ranks),
+    so the summed gradient equals the full batch's token-mean gradient whatever the split. With
+    several ranks the backward is scaled by the world size, since DDP averages gradients.
     """
-    n_tokens = rollout.num_tokens
+    dist = dist or Dist("cpu")
+    n_tokens = int(dist.sum([float(rollout.num_tokens)])[0])
     B = rollout.ids_B_T.size(0)
     mb = math.ceil(B / cfg.grad_accum)
     total, stats, act_bytes = 0.0, {"rho_mean": 0.0, "rho_max": 0.0}, 0
@@ -268,7 +275,7 @@ def learn(student: PreTrainedModel, rollout: Rollout, teacher: TeacherScores, cf
     for lo in range(0, B, mb):
         rows = slice(lo, lo + mb)
         mask = rollout.response_mask_B_R[rows]
-        with _count_saved_bytes() as saved:
+        with dist.no_sync(student, skip=lo + mb < B), _count_saved_bytes() as saved:
             logits = response_logits(student, rollout.ids_B_T[rows], rollout.attn_B_T[rows],
                                      rollout.prompt_len, vocab)
             if cfg.loss.kind == "sampled_rkl":
@@ -282,9 +289,10 @@ def learn(student: PreTrainedModel, rollout: Rollout, teacher: TeacherScores, cf
                 sub = {k: v[rows] for k, v in teacher_in.items()}
                 loss = distribution_loss(logits, sub, mask, n_tokens, cfg.loss.kind,
                                          cfg.loss.beta)
+            (loss * dist.world).backward()
         act_bytes = max(act_bytes, saved.bytes)
-        loss.backward()
         total += loss.item()
+    total, stats["rho_mean"] = dist.sum([total, stats["rho_mean"]])
     return {"loss": total, "act_mem_mb": act_bytes / 2**20, **stats}
 
 
@@ -315,10 +323,9 @@ def position_diagnostics(student: PreTrainedModel, scorer: Scorer,
     rkl_by_pos: mean sampled reverse KL log q(y_t) - log t(y_t) per bucket (an unbiased estimate
     of KL(q || t) at those positions); teacher_entropy_by_pos: mean teacher entropy per bucket.
     """
-    gen = torch.Generator(device=cfg.device).manual_seed(cfg.seed * 7919 + step)
     student.eval()
     r = sample(student, prompts, budget, eos, pad, temperature=cfg.sampling.temperature,
-               generator=gen)
+               row_seeds=[(cfg.seed * 7919 + step) * 4099 + i for i in range(len(prompts))])
     student.train()
     t = scorer(r, with_entropy=True, prompts=teacher_prompts)
     nb = cfg.diag_buckets
@@ -355,6 +362,11 @@ def distill(cfg: DistillConfig, run: Path, resume: bool = False, progress: bool 
     """Runs OPD with the configured horizon schedule; writes everything under `run`."""
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
+    dist = Dist(cfg.device)  # one process, or this rank of several (accelerate launch)
+    device = dist.device
+    if cfg.batch_size % dist.world:
+        raise C.ConfigError(f"batch_size={cfg.batch_size} is not divisible by the {dist.world} "
+                            "processes: each rank takes an equal slice of every step's prompts")
     # Everything that can be wrong is checked before any model is loaded or token sampled:
     # the data, the horizon against the budget, the tokenizer pair, the context length.
     source = PromptSource(cfg.data, cfg.eval_data, cfg.data_prompt_field, cfg.data_answer_field)
@@ -392,19 +404,21 @@ def distill(cfg: DistillConfig, run: Path, resume: bool = False, progress: bool 
                 f"prompts of up to {longest} tokens plus the budget L={budget} exceed the "
                 f"{name}'s context of {ctx} tokens: lower budget or use shorter prompts")
 
-    run.mkdir(parents=True, exist_ok=True)
+    if dist.main:
+        run.mkdir(parents=True, exist_ok=True)
+    dist.barrier()
     ckpt = latest_checkpoint(run) if resume else None
     state = load_trainer_state(ckpt) if ckpt is not None else None
     if cfg.lora.rank:  # checkpoints hold the adapter only; the base comes from `student`
-        student = attach_lora(load_model(str(s_path), cfg.device, cfg.dtype), cfg.lora.rank,
+        student = attach_lora(load_model(str(s_path), device, cfg.dtype), cfg.lora.rank,
                               cfg.lora.alpha, cfg.lora.dropout, cfg.lora.target_modules,
                               adapter=ckpt)
     else:
-        student = load_model(str(ckpt or s_path), cfg.device, cfg.dtype)
+        student = load_model(str(ckpt or s_path), device, cfg.dtype)
     if remote is not None:
         scorer: Scorer = remote.score
     else:
-        teacher_model = load_model(str(t_path), cfg.teacher_device or cfg.device,
+        teacher_model = load_model(str(t_path), cfg.teacher_device or device,
                                    cfg.teacher_dtype or cfg.dtype).eval()
         teacher_model.requires_grad_(False)
         scorer = local_scorer(teacher_model, vocab)
@@ -412,16 +426,20 @@ def distill(cfg: DistillConfig, run: Path, resume: bool = False, progress: bool 
     trainable = [p for p in student.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(trainable, lr=cfg.optim.lr, betas=(0.9, 0.95),
                             weight_decay=cfg.optim.weight_decay)
+    learner = dist.wrap(student)  # DDP when distributed: forward/backward go through it
     start, totals = 0, {"train_time_s": 0.0, "sampled_tokens": 0, "skipped_steps": 0}
     if ckpt is not None and state is not None:
         opt.load_state_dict(state["optimizer"])
         torch.set_rng_state(state["torch_rng"])
         start, totals = state["step"], dict(state["totals"])
-        truncate_metrics(run / "metrics.jsonl", start)
-        print(f"distill: resuming from {ckpt.name} (step {start})", flush=True)
-    elif resume and (run / "metrics.jsonl").exists():
+        if dist.main:
+            truncate_metrics(run / "metrics.jsonl", start)
+            print(f"distill: resuming from {ckpt.name} (step {start})", flush=True)
+    elif resume and (run / "metrics.jsonl").exists() and dist.main:
         truncate_metrics(run / "metrics.jsonl", -1)  # no checkpoint yet: start over
-    (run / "config.yaml").write_text(yaml.safe_dump(C.to_dict(cfg), sort_keys=False))
+    if dist.main:
+        (run / "config.yaml").write_text(yaml.safe_dump(C.to_dict(cfg), sort_keys=False))
+    dist.barrier()
 
     eos, pad = tok.eos_token_id, tok.pad_token_id
     diag_examples = eval_examples[: cfg.diag_n]
@@ -429,30 +447,44 @@ def distill(cfg: DistillConfig, run: Path, resume: bool = False, progress: bool 
     diag_teacher = (encode_prompts(t_tok, [e.prompt for e in diag_examples], teacher_system)
                     if separate_teacher_prompt else None)
     need = "sampled" if cfg.loss.kind == "sampled_rkl" else ("topk" if cfg.loss.top_k else "full")
-    print(describe(cfg.max_steps, budget, cfg.horizon), flush=True)
-    print(f"distill: student {cfg.student} -> teacher {cfg.teacher}, loss {cfg.loss.kind}, "
-          f"{cfg.max_steps} steps x {cfg.batch_size} prompts, run folder {run}", flush=True)
+    if dist.main:
+        print(describe(cfg.max_steps, budget, cfg.horizon), flush=True)
+        print(f"distill: student {cfg.student} -> teacher {cfg.teacher or cfg.teacher_url}, loss "
+              f"{cfg.loss.kind}, {cfg.max_steps} steps x {cfg.batch_size} prompts"
+              + (f" over {dist.world} processes" if dist.world > 1 else "")
+              + f", run folder {run}", flush=True)
 
-    log = MetricsLog(run / "metrics.jsonl")
+    log = MetricsLog(run / "metrics.jsonl") if dist.main else None
+
+    def write(record: dict[str, Any]) -> None:
+        if log is not None:
+            log.write(record)
 
     def run_eval(step: int) -> float:
-        ev = evaluate(student, tok, eval_examples, source.is_correct, budget, seed=cfg.seed,
-                      system_prompt=cfg.system_prompt)
-        log.write({"step": step, "eval_accuracy": ev["accuracy"],
+        """Rank 0 evaluates; the others wait."""
+        accuracy = float("nan")
+        if dist.main:
+            ev = evaluate(student, tok, eval_examples, source.is_correct, budget, seed=cfg.seed,
+                          system_prompt=cfg.system_prompt)
+            write({"step": step, "eval_accuracy": ev["accuracy"],
                    "eval_mean_response_tokens": ev["mean_response_tokens"],
                    "eval_truncated_fraction": ev["truncated_fraction"],
                    "eval_time_s": ev["eval_time_s"], **totals})
-        return ev["accuracy"]
+            accuracy = ev["accuracy"]
+        dist.barrier()
+        return accuracy
 
     acc = run_eval(0) if start == 0 else float("nan")
-    bar = Bar(cfg.max_steps, f"distill[{cfg.horizon.kind}]", enabled=progress)
+    per_rank = cfg.batch_size // dist.world
+    rows = range(dist.rank * per_rank, (dist.rank + 1) * per_rank)  # this rank's prompts
+    bar = Bar(cfg.max_steps, f"distill[{cfg.horizon.kind}]", enabled=progress and dist.main)
     bar.update(start)
     bad_in_row, stopped_by_signal, step = 0, False, start
     with StopFlag() as flag:
         while not budget_spent(step, totals, cfg):
             t_step = time.perf_counter()
-            if cfg.device.startswith("cuda"):
-                torch.cuda.reset_peak_memory_stats(cfg.device)
+            if device.startswith("cuda"):
+                torch.cuda.reset_peak_memory_stats(device)
             k = schedule_step(step, totals, cfg)
             H = horizon_at(k, cfg.max_steps, budget, cfg.horizon)
             lr = cfg.optim.lr * warmup_cosine(k, cfg.max_steps, cfg.optim.warmup_steps,
@@ -460,13 +492,16 @@ def distill(cfg: DistillConfig, run: Path, resume: bool = False, progress: bool 
             for group in opt.param_groups:
                 group["lr"] = lr
 
-            batch = [e.prompt for e in source.train_batch(step, cfg.batch_size, cfg.seed)]
+            examples = source.train_batch(step, cfg.batch_size, cfg.seed)
+            batch = [examples[i].prompt for i in rows]
             prompts = encode_prompts(tok, batch, cfg.system_prompt)
             t_prompts = encode_prompts(t_tok, batch, teacher_system) if separate_teacher_prompt \
                 else None
-            gen = torch.Generator(device=cfg.device).manual_seed(cfg.seed * 1_000_003 + step)
+            # one random stream per global row: rollouts do not depend on how rows are split
+            seeds = [(cfg.seed * 1_000_003 + step) * 4099 + i for i in rows]
             rollout, scores, stats = opd_step(student, scorer, opt, prompts, H, cfg, vocab,
-                                              eos, pad, gen, t_prompts, need)
+                                              eos, pad, None, t_prompts, need, seeds, dist,
+                                              learner)
             finite = stats["finite"]
             gnorm = stats["grad_norm"]
             if finite:
@@ -480,40 +515,45 @@ def distill(cfg: DistillConfig, run: Path, resume: bool = False, progress: bool 
 
             # 4. log
             mask = rollout.response_mask_B_R.float()
-            n_tok = rollout.num_tokens
+            n_tok, n_cut, rkl_sum = dist.sum([
+                float(rollout.num_tokens), float(rollout.cut_B.sum()),
+                float(((rollout.sampler_logp_B_R - scores.logp_B_R) * mask).sum())])
+            n_tok = int(n_tok)
             totals["train_time_s"] += t_end - t_step
             totals["sampled_tokens"] += n_tok
-            rkl = float(((rollout.sampler_logp_B_R - scores.logp_B_R) * mask).sum()) / max(n_tok, 1)
-            ended = rollout.response_mask_B_R.size(1) > 0
+            rkl = rkl_sum / max(n_tok, 1)
             rec = {
                 "step": step + 1, "horizon": H, "loss": stats["loss"],
                 "step_time_s": t_end - t_step, "sample_time_s": t_sampled - t_step,
                 "teacher_time_s": t_scored - t_sampled, "learn_time_s": t_end - t_scored,
-                "sampled_tokens": n_tok, "cut_fraction": float(rollout.cut_B.float().mean()),
-                "eos_fraction": float((~rollout.cut_B).float().mean()) if ended else 0.0,
-                "mean_response_tokens": n_tok / len(prompts), "sampled_rkl": rkl,
+                "sampled_tokens": n_tok, "cut_fraction": n_cut / cfg.batch_size,
+                "eos_fraction": 1.0 - n_cut / cfg.batch_size,
+                "mean_response_tokens": n_tok / cfg.batch_size, "sampled_rkl": rkl,
                 "tokens_per_s": n_tok / max(t_sampled - t_step, 1e-9),
                 "lr": lr, "grad_norm": gnorm, "skipped": not finite,
                 "rho_mean": stats["rho_mean"], "act_mem_mb": stats["act_mem_mb"],
-                "peak_mem_mb": peak_memory_mb(cfg.device), **totals,
+                "peak_mem_mb": peak_memory_mb(device), **totals,
             }
-            if cfg.diag_every and (step + 1) % cfg.diag_every == 0:
+            if cfg.diag_every and (step + 1) % cfg.diag_every == 0 and dist.main:
                 t0 = time.perf_counter()
                 rec.update(position_diagnostics(student, scorer, diag_prompts, cfg,
                                                 budget, vocab, eos, pad, step, diag_teacher))
                 rec["diag_time_s"] = time.perf_counter() - t0
-            log.write(rec)
-            stop_now = flag.stop  # one snapshot: a signal after it is handled next step
+            write(rec)
+            # one snapshot of the stop flag, agreed by all ranks; a later signal waits a step
+            stop_now = dist.max([float(flag.stop)])[0] > 0
             last = budget_spent(step + 1, totals, cfg) or stop_now
             if (cfg.eval_every and (step + 1) % cfg.eval_every == 0) or last:
                 acc = run_eval(step + 1)
-            if (cfg.save_every and (step + 1) % cfg.save_every == 0) or last:
+            if ((cfg.save_every and (step + 1) % cfg.save_every == 0) or last) and dist.main:
                 save_checkpoint(run, step + 1, student, tok, opt, {"totals": totals},
                                 cfg.keep_last)
+            dist.barrier()
             bar.update(1, H=H, loss=rec["loss"], rkl=rkl, acc=acc)
             if bad_in_row >= cfg.max_bad_steps:
                 bar.close()
-                log.close()
+                if log is not None:
+                    log.close()
                 raise TrainingStopped(
                     f"{bad_in_row} steps in a row had a non-finite loss or gradient (last at step "
                     f"{step + 1}); stopping. The last good checkpoint is in {run / 'checkpoints'}; "
@@ -524,15 +564,18 @@ def distill(cfg: DistillConfig, run: Path, resume: bool = False, progress: bool 
             if stopped_by_signal:
                 break
     bar.close()
-    log.close()
+    if log is not None:
+        log.close()
+    result = {"final_eval_accuracy": acc, "steps": step, "stopped_by_signal": stopped_by_signal,
+              **totals}
+    if not dist.main:
+        return result
     if not stopped_by_signal:
         final = run / "model"
         shutil.rmtree(final, ignore_errors=True)
         to_save = student.merge_and_unload() if cfg.lora.rank and cfg.lora.merge else student
         to_save.save_pretrained(final)
         tok.save_pretrained(final)
-    result = {"final_eval_accuracy": acc, "steps": step, "stopped_by_signal": stopped_by_signal,
-              **totals}
     (run / "result.json").write_text(json.dumps(result, indent=2))
     print(f"distill: {'stopped' if stopped_by_signal else 'done'} at step {step}, full-budget "
           f"accuracy {acc:.3f}, {totals['train_time_s']:.0f}s training, "

@@ -93,6 +93,7 @@ def sample(
     greedy: bool = False,
     generator: torch.Generator | None = None,
     fast: bool = True,
+    row_seeds: list[int] | None = None,
 ) -> Rollout:
     """Samples at most `horizon` tokens after each prompt; each row stops at its EOS.
 
@@ -100,6 +101,11 @@ def sample(
     drawn from: softmax(filter(logits / temperature)); with `greedy`, under softmax(logits).
     The prompt runs through the model's forward once (prefill); decode steps use the static-cache
     fast path of `hopd.fastgen` when `fast` and the model supports it, else the model's forward.
+
+    With `row_seeds`, row b draws its uniforms u_(b,t) from its own stream seeded by
+    row_seeds[b] and picks the first token whose cumulative probability exceeds u_(b,t)
+    (inverse-CDF sampling): its tokens then do not depend on which other rows share the batch,
+    so splitting a batch across processes or micro-batches gives the same rollouts.
     """
     if horizon < 1:
         raise ValueError(f"horizon={horizon}: must be >= 1")
@@ -113,6 +119,12 @@ def sample(
     out_logp = torch.zeros((B, horizon), dtype=torch.float32, device=device)
     out_mask = torch.zeros((B, horizon), dtype=torch.long, device=device)
     done = torch.zeros(B, dtype=torch.bool, device=device)
+    u_B_H = None
+    if row_seeds is not None and not greedy:
+        if len(row_seeds) != B:
+            raise ValueError(f"row_seeds has {len(row_seeds)} seeds for {B} prompts")
+        u_B_H = torch.stack([torch.rand(horizon, generator=torch.Generator().manual_seed(s))
+                             for s in row_seeds]).to(device)
 
     # prefill: one forward over the prompts fills the cache and gives the first logits
     cache = DynamicCache()
@@ -133,7 +145,12 @@ def sample(
             tok = logp_B_V.argmax(-1)
         else:
             logp_B_V = filter_logits(logits / temperature, top_k, top_p).log_softmax(-1)
-            tok = torch.multinomial(logp_B_V.exp(), 1, generator=generator).squeeze(-1)
+            if u_B_H is not None:
+                cdf = logp_B_V.exp().cumsum(-1)
+                u = (u_B_H[:, t] * cdf[:, -1]).unsqueeze(-1)  # < cdf[-1]: always lands
+                tok = torch.searchsorted(cdf, u, right=True).squeeze(-1)
+            else:
+                tok = torch.multinomial(logp_B_V.exp(), 1, generator=generator).squeeze(-1)
         alive = ~done
         out_ids[:, t] = torch.where(alive, tok, pad_id)
         out_logp[:, t] = torch.where(alive, logp_B_V.gather(-1, tok[:, None]).squeeze(-1), 0.0)

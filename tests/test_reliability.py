@@ -230,9 +230,9 @@ def test_non_finite_steps_are_skipped_then_stop(tmp_path, micro_pair, monkeypatc
     real = D.learn
     calls = {"n": 0}
 
-    def flaky(student, rollout, scores, cfg, vocab):
+    def flaky(student, rollout, scores, cfg, vocab, dist=None):
         calls["n"] += 1
-        out = real(student, rollout, scores, cfg, vocab)
+        out = real(student, rollout, scores, cfg, vocab, dist)
         if calls["n"] >= 2:  # from the second step on: NaN gradients
             for p in student.parameters():
                 p.grad.fill_(math.nan)
