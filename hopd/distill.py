@@ -176,7 +176,8 @@ class DistillConfig:
         self.horizon.validate(self.budget or None)
 
 
-ALIASES = {"steps": "max_steps", "lr": "optim.lr", "H": "horizon.tokens"}
+ALIASES = {"steps": "max_steps", "lr": "optim.lr", "H": "horizon.tokens",
+           "teacher.url": "teacher_url", "teacher.path": "teacher", "student.path": "student"}
 
 
 def load_config(path: str | Path | None, overrides: list[str]) -> DistillConfig:
