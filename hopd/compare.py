@@ -14,13 +14,17 @@ from typing import Any
 from hopd import config as C
 from hopd.distill import distill, load_config
 
-# name -> overrides on the base config; the paper's three strategies plus TOPD at 25%
+# name -> overrides on the base config: the paper's three strategies plus TOPD at 25%, then the
+# adaptive horizon and TOPD with token-budget batching (hopd.adaptive)
 STRATEGIES: dict[str, list[str]] = {
     "opd": ["horizon.kind=full"],
     "popd": ["horizon.kind=progressive", "horizon.shape=step", "horizon.start=0.1",
              "horizon.reach_at=0.5", "horizon.increments=4"],
     "topd10": ["horizon.kind=truncated", "horizon.fraction=0.1"],
     "topd25": ["horizon.kind=truncated", "horizon.fraction=0.25"],
+    # beyond the paper
+    "adaptive": ["horizon.kind=adaptive", "horizon.start=0.1"],
+    "topd10_tb": ["horizon.kind=truncated", "horizon.fraction=0.1", "token_budget=true"],
 }
 DEFAULT = ["opd", "popd", "topd10", "topd25"]
 

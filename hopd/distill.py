@@ -15,7 +15,6 @@ import shutil
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -24,12 +23,29 @@ import yaml
 from transformers import PreTrainedModel
 
 from hopd import config as C
+from hopd.adaptive import (
+    AdaptiveRule,
+    AdaptiveState,
+    adaptive_update,
+    recovery_probe,
+    token_budget_batch,
+)
 from hopd.dist import Dist
+from hopd.distill_config import (  # noqa: F401  (re-exported: the loop's public settings)
+    ALIASES,
+    LOSSES,
+    DistillConfig,
+    LoraSection,
+    LossConfig,
+    OptimConfig,
+    SamplingConfig,
+    TrainingStopped,
+    load_config,
+)
 from hopd.evaluate import encode_prompts, evaluate
-from hopd.horizon import HorizonConfig, describe, horizon_at
-from hopd.losses import distribution_loss, sampled_rkl, token_logprobs
+from hopd.horizon import describe, horizon_at, initial_horizon
+from hopd.losses import distribution_loss, divergence, sampled_rkl, token_logprobs
 from hopd.models import (
-    DTYPES,
     attach_lora,
     check_compatible,
     load_model,
@@ -45,144 +61,10 @@ from hopd.runstate import (
     save_checkpoint,
     truncate_metrics,
 )
-from hopd.serve import RemoteTeacher
+from hopd.serve import RemoteTeacher, TeacherUnavailable
 from hopd.sft import warmup_cosine
 from hopd.tasks import PromptSource
 from hopd.teacher import TeacherScores, response_logits, score
-
-LOSSES = ("sampled_rkl", "rkl", "fkl", "jsd")
-
-
-class TrainingStopped(RuntimeError):
-    """Training cannot go on (e.g. repeated non-finite steps); the message says why."""
-
-
-@dataclass
-class LossConfig:
-    kind: str = "sampled_rkl"  # sampled_rkl | rkl | fkl | jsd
-    beta: float = 0.5  # jsd weight: 0 = forward KL, 1 = reverse KL
-    top_k: int = 0  # full-vocabulary losses on the teacher's top-k + tail (0: all tokens)
-    gamma: float = 0.0  # sampled_rkl discount over future tokens (0: per-token advantage)
-    clip_eps: float = 0.0  # sampled_rkl PPO-style ratio clipping (0: off)
-
-
-@dataclass
-class SamplingConfig:
-    temperature: float = 1.0  # student sampling temperature for rollouts
-    top_p: float = 1.0  # nucleus sampling (1: off)
-    top_k: int = 0  # top-k sampling (0: off)
-
-
-@dataclass
-class OptimConfig:
-    lr: float = 5e-4  # peak learning rate (AdamW)
-    warmup_steps: int = 5  # linear warm-up steps
-    min_lr_ratio: float = 0.1  # cosine decay floor, as a fraction of lr
-    weight_decay: float = 0.0  # AdamW weight decay
-    grad_clip: float = 1.0  # max global gradient norm
-
-
-@dataclass
-class LoraSection:
-    rank: int = 0  # LoRA rank (0: train every weight of the student)
-    alpha: float = 16.0  # LoRA scaling numerator (scale = alpha / rank)
-    dropout: float = 0.0  # dropout on the LoRA input
-    target_modules: list[str] = field(default_factory=lambda: ["all-linear"])  # module names
-    merge: bool = True  # RUN/model holds the merged model (false: the adapter only)
-
-
-@dataclass
-class DistillConfig:
-    student: str = "testbed:student"  # student checkpoint: path or testbed:student
-    teacher: str = "testbed:teacher"  # teacher checkpoint: path or testbed:teacher
-    data: str = "chain:default"  # prompts: chain:PRESET, a JSONL file or a saved dataset
-    eval_data: str = ""  # held-out prompts ("": a hash-based 10% of `data`)
-    data_prompt_field: str = ""  # JSONL prompt field ("": prompt, question, messages, problem)
-    data_answer_field: str = ""  # JSONL answer field ("": answer, solution, target)
-    system_prompt: str = ""  # system turn added to the student's prompts ("": none)
-    teacher_system_prompt: str = ""  # the teacher's own system turn ("": same as the student's)
-    budget: int = 0  # full response budget L in tokens (0: the task's default)
-    max_steps: int = 60  # optimizer steps (with a time or token budget: the schedules' length)
-    max_time_s: float = 0.0  # stop after this much training time (0: no limit)
-    max_tokens: int = 0  # stop after this many sampled tokens (0: no limit)
-    batch_size: int = 32  # prompts (rollouts) per optimizer step
-    grad_accum: int = 1  # micro-batches per optimizer step (same gradient, less memory)
-    horizon: HorizonConfig = field(default_factory=HorizonConfig)
-    loss: LossConfig = field(default_factory=LossConfig)
-    sampling: SamplingConfig = field(default_factory=SamplingConfig)
-    optim: OptimConfig = field(default_factory=OptimConfig)
-    lora: LoraSection = field(default_factory=LoraSection)
-    eval_every: int = 10  # full-budget greedy evaluation every N steps (0: start and end only)
-    eval_n: int = 200  # held-out prompts per evaluation
-    diag_every: int = 10  # per-position diagnostics every N steps (0: off)
-    diag_n: int = 16  # prompts sampled at the full budget for diagnostics
-    diag_buckets: int = 16  # position buckets over [0, L)
-    save_every: int = 0  # checkpoint every N steps (0: only at the end)
-    keep_last: int = 2  # checkpoints kept
-    max_bad_steps: int = 5  # stop after this many non-finite steps in a row
-    seed: int = 0  # data order, sampling and evaluation seed
-    device: str = "cpu"  # student device
-    teacher_device: str = ""  # teacher device ("": same as the student)
-    dtype: str = "float32"  # student weights dtype
-    teacher_dtype: str = ""  # teacher weights dtype ("": same as the student)
-    teacher_url: str = ""  # a teacher server (hopd serve-teacher, vLLM) instead of `teacher`
-    teacher_timeout_s: float = 60.0  # per request to the teacher server
-    teacher_retries: int = 3  # retries of a failed request (connection errors, timeouts)
-    threads: int = 0  # torch CPU threads (0: torch's default)
-
-    def validate(self) -> None:
-        C.check(self.max_steps >= 1, f"max_steps={self.max_steps}: must be >= 1")
-        C.check(self.batch_size >= 1, f"batch_size={self.batch_size}: must be >= 1")
-        C.check(self.grad_accum >= 1, f"grad_accum={self.grad_accum}: must be >= 1")
-        C.check(self.grad_accum <= self.batch_size, f"grad_accum={self.grad_accum} exceeds "
-                f"batch_size={self.batch_size}: each micro-batch needs at least one prompt")
-        C.check(self.max_time_s >= 0 and self.max_tokens >= 0,
-                "max_time_s and max_tokens must be >= 0 (0: no limit)")
-        C.check(self.budget >= 0, f"budget={self.budget}: must be >= 0 (0: task default)")
-        C.check(self.loss.kind in LOSSES,
-                f"loss.kind={self.loss.kind!r}: choose one of {', '.join(LOSSES)}")
-        C.check(0 <= self.loss.beta <= 1, f"loss.beta={self.loss.beta}: must be in [0, 1]")
-        C.check(self.loss.top_k >= 0, f"loss.top_k={self.loss.top_k}: must be >= 0")
-        C.check(0 <= self.loss.gamma <= 1, f"loss.gamma={self.loss.gamma}: must be in [0, 1]")
-        C.check(self.loss.clip_eps >= 0, f"loss.clip_eps={self.loss.clip_eps}: must be >= 0")
-        C.check(self.sampling.temperature > 0,
-                f"sampling.temperature={self.sampling.temperature}: must be > 0")
-        C.check(0 < self.sampling.top_p <= 1,
-                f"sampling.top_p={self.sampling.top_p}: must be in (0, 1]")
-        C.check(self.optim.lr > 0, f"optim.lr={self.optim.lr}: must be > 0")
-        C.check(self.optim.grad_clip > 0, f"optim.grad_clip={self.optim.grad_clip}: must be > 0")
-        C.check(0 <= self.optim.min_lr_ratio <= 1,
-                f"optim.min_lr_ratio={self.optim.min_lr_ratio}: must be in [0, 1]")
-        for name in ("eval_every", "diag_every", "save_every"):
-            C.check(getattr(self, name) >= 0, f"{name}={getattr(self, name)}: must be >= 0")
-        C.check(self.eval_n >= 1, f"eval_n={self.eval_n}: must be >= 1")
-        C.check(self.diag_n >= 1 and self.diag_buckets >= 1, "diag_n and diag_buckets must be >= 1")
-        C.check(self.lora.rank >= 0, f"lora.rank={self.lora.rank}: must be >= 0 (0: off)")
-        C.check(self.lora.alpha > 0, f"lora.alpha={self.lora.alpha}: must be > 0")
-        C.check(self.keep_last >= 1, f"keep_last={self.keep_last}: must be >= 1")
-        C.check(self.max_bad_steps >= 1, f"max_bad_steps={self.max_bad_steps}: must be >= 1")
-        for name in ("dtype", "teacher_dtype"):
-            v = getattr(self, name)
-            C.check(v in DTYPES or (name == "teacher_dtype" and v == ""),
-                    f"{name}={v!r}: choose one of {', '.join(sorted(DTYPES))}")
-        for name in ("device", "teacher_device"):
-            v = getattr(self, name)
-            if v.startswith("cuda"):
-                C.check(torch.cuda.is_available(), f"{name}={v!r}: CUDA is not available here; "
-                        "use device=cpu")
-            else:
-                C.check(v in ("cpu", "mps") or (name == "teacher_device" and v == ""),
-                        f"{name}={v!r}: use cpu, cuda or cuda:N")
-        self.horizon.validate(self.budget or None)
-
-
-ALIASES = {"steps": "max_steps", "lr": "optim.lr", "H": "horizon.tokens",
-           "teacher.url": "teacher_url", "teacher.path": "teacher", "student.path": "student"}
-
-
-def load_config(path: str | Path | None, overrides: list[str]) -> DistillConfig:
-    return C.load(DistillConfig, path, overrides, aliases=ALIASES)
-
 
 # ---------------------------------------------------------------------------------------------
 # Pieces of one step
@@ -315,24 +197,44 @@ class _count_saved_bytes:
         self.ctx.__exit__(*exc)
 
 
+EXACT_DIAG_MAX_ELEMENTS = 50_000_000  # larger vocab x L x prompts: sampled KL estimate instead
+
+
 def position_diagnostics(student: PreTrainedModel, scorer: Scorer,
                          prompts: list[list[int]], cfg: DistillConfig, budget: int, vocab: int,
                          eos: int, pad: int, step: int,
                          teacher_prompts: list[list[int]] | None = None) -> dict[str, Any]:
     """Per-position feedback at the full budget: rollouts of L tokens, bucketed by position.
 
-    rkl_by_pos: mean sampled reverse KL log q(y_t) - log t(y_t) per bucket (an unbiased estimate
-    of KL(q || t) at those positions); teacher_entropy_by_pos: mean teacher entropy per bucket.
+    rkl_by_pos: mean exact reverse KL(s || t) over the vocabulary at the positions of each
+    bucket (s: the student at temperature 1), from one extra no-grad student forward pass; with
+    a remote teacher (top-k only), or when (prompts x L x vocab) is too large to hold, the
+    sampled estimate log q(y_t) - log t(y_t) instead (`diag_rkl_exact` says which).
+    teacher_entropy_by_pos: mean teacher entropy per bucket.
     """
     student.eval()
     r = sample(student, prompts, budget, eos, pad, temperature=cfg.sampling.temperature,
                row_seeds=[(cfg.seed * 7919 + step) * 4099 + i for i in range(len(prompts))])
+    t = None
+    if len(prompts) * budget * vocab <= EXACT_DIAG_MAX_ELEMENTS:  # (B, L, V) fits comfortably
+        try:
+            t = scorer(r, "full", with_entropy=True, prompts=teacher_prompts)
+        except TeacherUnavailable:  # a remote teacher: sampled tokens only
+            pass
+    if t is None:
+        t = scorer(r, with_entropy=True, prompts=teacher_prompts)
+    mask = r.response_mask_B_R.float()
+    exact = t.logp_B_R_V is not None
+    if exact:
+        with torch.no_grad():
+            s_logp = response_logits(student, r.ids_B_T, r.attn_B_T, r.prompt_len,
+                                     vocab).float().log_softmax(-1)
+        rkl = divergence(s_logp, t.logp_B_R_V, "rkl") * mask
+    else:
+        rkl = (r.sampler_logp_B_R - t.logp_B_R) * mask
     student.train()
-    t = scorer(r, with_entropy=True, prompts=teacher_prompts)
     nb = cfg.diag_buckets
     bucket_R = (torch.arange(r.response_mask_B_R.size(1)) * nb // budget).clamp(max=nb - 1)
-    mask = r.response_mask_B_R.float()
-    rkl = (r.sampler_logp_B_R - t.logp_B_R) * mask
     # a remote teacher returns top-k only: no entropy (NaN in the log)
     ent = (t.entropy_B_R if t.entropy_B_R is not None else torch.full_like(mask, math.nan)) * mask
     zeros = torch.zeros(nb, dtype=torch.float32)
@@ -343,7 +245,7 @@ def position_diagnostics(student: PreTrainedModel, scorer: Scorer,
     return {"diag_rkl_by_pos": [v if c > 0 else nan for v, c in zip(rkl_b.tolist(), count)],
             "diag_teacher_entropy_by_pos": [v if c > 0 else nan
                                             for v, c in zip(ent_b.tolist(), count)],
-            "diag_tokens_by_pos": count.int().tolist()}
+            "diag_tokens_by_pos": count.int().tolist(), "diag_rkl_exact": exact}
 
 
 def peak_memory_mb(device: str) -> float:
@@ -428,11 +330,18 @@ def distill(cfg: DistillConfig, run: Path, resume: bool = False, progress: bool 
     opt = torch.optim.AdamW(trainable, lr=cfg.optim.lr, betas=(0.9, 0.95),
                             weight_decay=cfg.optim.weight_decay)
     learner = dist.wrap(student)  # DDP when distributed: forward/backward go through it
-    start, totals = 0, {"train_time_s": 0.0, "sampled_tokens": 0, "skipped_steps": 0}
+    start, totals = 0, {"train_time_s": 0.0, "sampled_tokens": 0, "skipped_steps": 0,
+                        "prompts": 0}
+    adaptive = AdaptiveState(initial_horizon(cfg.horizon, budget))
+    rule = AdaptiveRule(budget, cfg.horizon.adaptive_window, cfg.horizon.adaptive_growth,
+                        cfg.horizon.adaptive_ratio, cfg.horizon.adaptive_threshold,
+                        cfg.horizon.adaptive_plateau, cfg.horizon.adaptive_patience)
     if ckpt is not None and state is not None:
         opt.load_state_dict(state["optimizer"])
         torch.set_rng_state(state["torch_rng"])
-        start, totals = state["step"], dict(state["totals"])
+        start, totals = state["step"], {**totals, **state["totals"]}
+        if "adaptive" in state:
+            adaptive = AdaptiveState.from_dict(json.loads(state["adaptive"]))
         if dist.main:
             truncate_metrics(run / "metrics.jsonl", start)
             print(f"distill: resuming from {ckpt.name} (step {start})", flush=True)
@@ -476,8 +385,6 @@ def distill(cfg: DistillConfig, run: Path, resume: bool = False, progress: bool 
         return accuracy
 
     acc = run_eval(0) if start == 0 else float("nan")
-    per_rank = cfg.batch_size // dist.world
-    rows = range(dist.rank * per_rank, (dist.rank + 1) * per_rank)  # this rank's prompts
     bar = Bar(cfg.max_steps, f"distill[{cfg.horizon.kind}]", enabled=progress and dist.main)
     bar.update(start)
     bad_in_row, stopped_by_signal, step = 0, False, start
@@ -487,13 +394,20 @@ def distill(cfg: DistillConfig, run: Path, resume: bool = False, progress: bool 
             if device.startswith("cuda"):
                 torch.cuda.reset_peak_memory_stats(device)
             k = schedule_step(step, totals, cfg)
-            H = horizon_at(k, cfg.max_steps, budget, cfg.horizon)
+            H = adaptive.horizon if cfg.horizon.kind == "adaptive" else \
+                horizon_at(k, cfg.max_steps, budget, cfg.horizon)
             lr = cfg.optim.lr * warmup_cosine(k, cfg.max_steps, cfg.optim.warmup_steps,
                                               cfg.optim.min_lr_ratio)
             for group in opt.param_groups:
                 group["lr"] = lr
 
-            examples = source.train_batch(step, cfg.batch_size, cfg.seed)
+            n_prompts = cfg.batch_size
+            if cfg.token_budget:  # spend a short horizon's savings on more prompts
+                n_prompts = token_budget_batch(cfg.batch_size, H, budget, cfg.max_batch)
+                n_prompts -= n_prompts % dist.world
+            examples = source.train_batch(step, n_prompts, cfg.seed, start=totals["prompts"])
+            per_rank = n_prompts // dist.world
+            rows = range(dist.rank * per_rank, (dist.rank + 1) * per_rank)  # this rank's slice
             batch = [examples[i].prompt for i in rows]
             prompts = encode_prompts(tok, batch, cfg.system_prompt)
             t_prompts = encode_prompts(t_tok, batch, teacher_system) if separate_teacher_prompt \
@@ -522,14 +436,15 @@ def distill(cfg: DistillConfig, run: Path, resume: bool = False, progress: bool 
             n_tok = int(n_tok)
             totals["train_time_s"] += t_end - t_step
             totals["sampled_tokens"] += n_tok
+            totals["prompts"] += n_prompts
             rkl = rkl_sum / max(n_tok, 1)
             rec = {
                 "step": step + 1, "horizon": H, "loss": stats["loss"],
                 "step_time_s": t_end - t_step, "sample_time_s": t_sampled - t_step,
                 "teacher_time_s": t_scored - t_sampled, "learn_time_s": t_end - t_scored,
-                "sampled_tokens": n_tok, "cut_fraction": n_cut / cfg.batch_size,
-                "eos_fraction": 1.0 - n_cut / cfg.batch_size,
-                "mean_response_tokens": n_tok / cfg.batch_size, "sampled_rkl": rkl,
+                "sampled_tokens": n_tok, "cut_fraction": n_cut / n_prompts,
+                "eos_fraction": 1.0 - n_cut / n_prompts, "batch_prompts": n_prompts,
+                "mean_response_tokens": n_tok / n_prompts, "sampled_rkl": rkl,
                 "tokens_per_s": n_tok / max(t_sampled - t_step, 1e-9),
                 "lr": lr, "grad_norm": gnorm, "skipped": not finite,
                 "rho_mean": stats["rho_mean"], "act_mem_mb": stats["act_mem_mb"],
@@ -540,6 +455,24 @@ def distill(cfg: DistillConfig, run: Path, resume: bool = False, progress: bool 
                 rec.update(position_diagnostics(student, scorer, diag_prompts, cfg,
                                                 budget, vocab, eos, pad, step, diag_teacher))
                 rec["diag_time_s"] = time.perf_counter() - t0
+            if cfg.horizon.kind == "adaptive" and cfg.diag_every and \
+                    (step + 1) % cfg.diag_every == 0:
+                if dist.main:
+                    n_moves = len(adaptive.moves)
+                    adaptive = adaptive_update(adaptive, rule, step + 1, rec["diag_rkl_by_pos"],
+                                               rec["diag_tokens_by_pos"])
+                    if len(adaptive.moves) > n_moves:
+                        rec["horizon_move"] = adaptive.moves[-1]
+                adaptive.horizon = int(dist.max([float(adaptive.horizon)])[0])
+            if cfg.probe_every and (step + 1) % cfg.probe_every == 0 and dist.main \
+                    and remote is None:
+                t0 = time.perf_counter()
+                probe = eval_examples[: cfg.probe_n]
+                rec["probe_teacher_acc_by_cut"] = recovery_probe(
+                    student, teacher_model, tok,
+                    encode_prompts(tok, [e.prompt for e in probe], cfg.system_prompt),
+                    [e.answer for e in probe], source.is_correct, budget)
+                rec["probe_time_s"] = time.perf_counter() - t0
             write(rec)
             # one snapshot of the stop flag, agreed by all ranks; a later signal waits a step
             stop_now = dist.max([float(flag.stop)])[0] > 0
@@ -547,8 +480,9 @@ def distill(cfg: DistillConfig, run: Path, resume: bool = False, progress: bool 
             if (cfg.eval_every and (step + 1) % cfg.eval_every == 0) or last:
                 acc = run_eval(step + 1)
             if ((cfg.save_every and (step + 1) % cfg.save_every == 0) or last) and dist.main:
-                save_checkpoint(run, step + 1, student, tok, opt, {"totals": totals},
-                                cfg.keep_last)
+                save_checkpoint(run, step + 1, student, tok, opt,
+                                {"totals": totals,
+                                 "adaptive": json.dumps(adaptive.to_dict())}, cfg.keep_last)
             dist.barrier()
             bar.update(1, H=H, loss=rec["loss"], rkl=rkl, acc=acc)
             if bad_in_row >= cfg.max_bad_steps:

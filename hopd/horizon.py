@@ -37,6 +37,12 @@ class HorizonConfig:
     shape: str = "step"  # progressive: step | linear | cosine | exp
     reach_at: float = 0.5  # progressive: fraction of training at which H reaches L
     increments: int = 4  # progressive `step` shape: number of increments
+    adaptive_window: float = 0.1  # adaptive: frontier width past H, as a fraction of L
+    adaptive_growth: float = 0.1  # adaptive: widen by this fraction of L
+    adaptive_ratio: float = 1.0  # adaptive: widen when frontier KL <= ratio x covered KL
+    adaptive_threshold: float = 0.0  # adaptive: ... or when frontier KL <= this (0: off)
+    adaptive_plateau: float = 0.05  # adaptive: ... or covered KL improved less than this
+    adaptive_patience: int = 3  # adaptive: ... over this many diagnostics checks
 
     def validate(self, budget: int | None = None) -> None:
         C.check(self.kind in KINDS, f"horizon.kind={self.kind!r}: choose one of {', '.join(KINDS)}")
@@ -47,6 +53,14 @@ class HorizonConfig:
         C.check(0 < self.reach_at <= 1, f"horizon.reach_at={self.reach_at}: must be in (0, 1] "
                 "so that the schedule reaches L within the run")
         C.check(self.increments >= 1, f"horizon.increments={self.increments}: must be >= 1")
+        for name in ("adaptive_window", "adaptive_growth"):
+            v = getattr(self, name)
+            C.check(0 < v <= 1, f"horizon.{name}={v}: must be in (0, 1]")
+        C.check(self.adaptive_ratio >= 0 and self.adaptive_threshold >= 0
+                and self.adaptive_plateau >= 0, "horizon.adaptive_ratio, adaptive_threshold "
+                "and adaptive_plateau must be >= 0")
+        C.check(self.adaptive_patience >= 1,
+                f"horizon.adaptive_patience={self.adaptive_patience}: must be >= 1")
         C.check(self.tokens >= 0 and self.start_tokens >= 0,
                 "horizon.tokens and horizon.start_tokens must be >= 0")
         if budget is not None:

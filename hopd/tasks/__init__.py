@@ -68,14 +68,20 @@ class PromptSource:
                 raise ValueError(f"data {source}: no training rows left after holding out the "
                                  "evaluation split; give more rows or a separate eval_data file")
 
-    def train_batch(self, step: int, batch_size: int, seed: int) -> list[Example]:
-        """The prompts of optimizer step `step`: a pure function of (seed, step)."""
+    def train_batch(self, step: int, batch_size: int, seed: int, start: int | None = None
+                    ) -> list[Example]:
+        """The prompts of optimizer step `step`: a pure function of (seed, step).
+
+        For file sources, `start` (prompts consumed so far) replaces step * batch_size when
+        batch sizes vary between steps (token-budget batching).
+        """
         if self.chain is not None:
             return [Example(p.prompt, p.answer, p.response) for p in
                     chain.generate(batch_size, self.chain, "train", seed * 1_000_003 + step)]
         n = len(self.train_rows)
         out = []
-        for j in range(step * batch_size, (step + 1) * batch_size):
+        first = step * batch_size if start is None else start
+        for j in range(first, first + batch_size):
             epoch, i = divmod(j, n)
             order = list(range(n))
             random.Random(f"{seed}-{epoch}").shuffle(order)

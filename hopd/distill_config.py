@@ -1,0 +1,160 @@
+"""What a distillation run is: typed, documented, validated settings (`hopd distill` configs).
+
+Every field has a default and a one-line comment; `validate()` checks types, ranges and
+consistency once, up front, with a message that names the field, the value and the fix.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from hopd import config as C
+from hopd.horizon import HorizonConfig
+from hopd.models import DTYPES
+
+LOSSES = ("sampled_rkl", "rkl", "fkl", "jsd")
+
+
+class TrainingStopped(RuntimeError):
+    """Training cannot go on (e.g. repeated non-finite steps); the message says why."""
+
+
+@dataclass
+class LossConfig:
+    kind: str = "sampled_rkl"  # sampled_rkl | rkl | fkl | jsd
+    beta: float = 0.5  # jsd weight: 0 = forward KL, 1 = reverse KL
+    top_k: int = 0  # full-vocabulary losses on the teacher's top-k + tail (0: all tokens)
+    gamma: float = 0.0  # sampled_rkl discount over future tokens (0: per-token advantage)
+    clip_eps: float = 0.0  # sampled_rkl PPO-style ratio clipping (0: off)
+
+
+@dataclass
+class SamplingConfig:
+    temperature: float = 1.0  # student sampling temperature for rollouts
+    top_p: float = 1.0  # nucleus sampling (1: off)
+    top_k: int = 0  # top-k sampling (0: off)
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 5e-4  # peak learning rate (AdamW)
+    warmup_steps: int = 5  # linear warm-up steps
+    min_lr_ratio: float = 0.1  # cosine decay floor, as a fraction of lr
+    weight_decay: float = 0.0  # AdamW weight decay
+    grad_clip: float = 1.0  # max global gradient norm
+
+
+@dataclass
+class LoraSection:
+    rank: int = 0  # LoRA rank (0: train every weight of the student)
+    alpha: float = 16.0  # LoRA scaling numerator (scale = alpha / rank)
+    dropout: float = 0.0  # dropout on the LoRA input
+    target_modules: list[str] = field(default_factory=lambda: ["all-linear"])  # module names
+    merge: bool = True  # RUN/model holds the merged model (false: the adapter only)
+
+
+@dataclass
+class DistillConfig:
+    student: str = "testbed:student"  # student checkpoint: path or testbed:student
+    teacher: str = "testbed:teacher"  # teacher checkpoint: path or testbed:teacher
+    data: str = "chain:default"  # prompts: chain:PRESET, a JSONL file or a saved dataset
+    eval_data: str = ""  # held-out prompts ("": a hash-based 10% of `data`)
+    data_prompt_field: str = ""  # JSONL prompt field ("": prompt, question, messages, problem)
+    data_answer_field: str = ""  # JSONL answer field ("": answer, solution, target)
+    system_prompt: str = ""  # system turn added to the student's prompts ("": none)
+    teacher_system_prompt: str = ""  # the teacher's own system turn ("": same as the student's)
+    budget: int = 0  # full response budget L in tokens (0: the task's default)
+    max_steps: int = 60  # optimizer steps (with a time or token budget: the schedules' length)
+    max_time_s: float = 0.0  # stop after this much training time (0: no limit)
+    max_tokens: int = 0  # stop after this many sampled tokens (0: no limit)
+    batch_size: int = 32  # prompts (rollouts) per optimizer step
+    grad_accum: int = 1  # micro-batches per optimizer step (same gradient, less memory)
+    horizon: HorizonConfig = field(default_factory=HorizonConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    sampling: SamplingConfig = field(default_factory=SamplingConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    lora: LoraSection = field(default_factory=LoraSection)
+    eval_every: int = 10  # full-budget greedy evaluation every N steps (0: start and end only)
+    eval_n: int = 200  # held-out prompts per evaluation
+    diag_every: int = 10  # per-position diagnostics every N steps (0: off)
+    diag_n: int = 16  # prompts sampled at the full budget for diagnostics
+    diag_buckets: int = 16  # position buckets over [0, L)
+    token_budget: bool = False  # scale prompts per step with L / H (same tokens every step)
+    max_batch: int = 256  # token_budget: at most this many prompts per step
+    probe_every: int = 0  # teacher-recovery probe every N steps (0: off)
+    probe_n: int = 16  # held-out prompts per probe
+    save_every: int = 0  # checkpoint every N steps (0: only at the end)
+    keep_last: int = 2  # checkpoints kept
+    max_bad_steps: int = 5  # stop after this many non-finite steps in a row
+    seed: int = 0  # data order, sampling and evaluation seed
+    device: str = "cpu"  # student device
+    teacher_device: str = ""  # teacher device ("": same as the student)
+    dtype: str = "float32"  # student weights dtype
+    teacher_dtype: str = ""  # teacher weights dtype ("": same as the student)
+    teacher_url: str = ""  # a teacher server (hopd serve-teacher, vLLM) instead of `teacher`
+    teacher_timeout_s: float = 60.0  # per request to the teacher server
+    teacher_retries: int = 3  # retries of a failed request (connection errors, timeouts)
+    threads: int = 0  # torch CPU threads (0: torch's default)
+
+    def validate(self) -> None:
+        C.check(self.max_steps >= 1, f"max_steps={self.max_steps}: must be >= 1")
+        C.check(self.batch_size >= 1, f"batch_size={self.batch_size}: must be >= 1")
+        C.check(self.grad_accum >= 1, f"grad_accum={self.grad_accum}: must be >= 1")
+        C.check(self.grad_accum <= self.batch_size, f"grad_accum={self.grad_accum} exceeds "
+                f"batch_size={self.batch_size}: each micro-batch needs at least one prompt")
+        C.check(self.max_time_s >= 0 and self.max_tokens >= 0,
+                "max_time_s and max_tokens must be >= 0 (0: no limit)")
+        C.check(self.budget >= 0, f"budget={self.budget}: must be >= 0 (0: task default)")
+        C.check(self.loss.kind in LOSSES,
+                f"loss.kind={self.loss.kind!r}: choose one of {', '.join(LOSSES)}")
+        C.check(0 <= self.loss.beta <= 1, f"loss.beta={self.loss.beta}: must be in [0, 1]")
+        C.check(self.loss.top_k >= 0, f"loss.top_k={self.loss.top_k}: must be >= 0")
+        C.check(0 <= self.loss.gamma <= 1, f"loss.gamma={self.loss.gamma}: must be in [0, 1]")
+        C.check(self.loss.clip_eps >= 0, f"loss.clip_eps={self.loss.clip_eps}: must be >= 0")
+        C.check(self.sampling.temperature > 0,
+                f"sampling.temperature={self.sampling.temperature}: must be > 0")
+        C.check(0 < self.sampling.top_p <= 1,
+                f"sampling.top_p={self.sampling.top_p}: must be in (0, 1]")
+        C.check(self.optim.lr > 0, f"optim.lr={self.optim.lr}: must be > 0")
+        C.check(self.optim.grad_clip > 0, f"optim.grad_clip={self.optim.grad_clip}: must be > 0")
+        C.check(0 <= self.optim.min_lr_ratio <= 1,
+                f"optim.min_lr_ratio={self.optim.min_lr_ratio}: must be in [0, 1]")
+        for name in ("eval_every", "diag_every", "save_every"):
+            C.check(getattr(self, name) >= 0, f"{name}={getattr(self, name)}: must be >= 0")
+        C.check(self.eval_n >= 1, f"eval_n={self.eval_n}: must be >= 1")
+        C.check(self.diag_n >= 1 and self.diag_buckets >= 1, "diag_n and diag_buckets must be >= 1")
+        C.check(self.lora.rank >= 0, f"lora.rank={self.lora.rank}: must be >= 0 (0: off)")
+        C.check(self.lora.alpha > 0, f"lora.alpha={self.lora.alpha}: must be > 0")
+        C.check(self.max_batch >= self.batch_size,
+                f"max_batch={self.max_batch} is below batch_size={self.batch_size}")
+        C.check(self.probe_every >= 0 and self.probe_n >= 1,
+                "probe_every must be >= 0 and probe_n >= 1")
+        C.check(self.horizon.kind != "adaptive" or self.diag_every > 0,
+                "horizon.kind=adaptive decides from the per-position diagnostics: set "
+                "diag_every > 0 (e.g. 5)")
+        C.check(self.keep_last >= 1, f"keep_last={self.keep_last}: must be >= 1")
+        C.check(self.max_bad_steps >= 1, f"max_bad_steps={self.max_bad_steps}: must be >= 1")
+        for name in ("dtype", "teacher_dtype"):
+            v = getattr(self, name)
+            C.check(v in DTYPES or (name == "teacher_dtype" and v == ""),
+                    f"{name}={v!r}: choose one of {', '.join(sorted(DTYPES))}")
+        for name in ("device", "teacher_device"):
+            v = getattr(self, name)
+            if v.startswith("cuda"):
+                C.check(torch.cuda.is_available(), f"{name}={v!r}: CUDA is not available here; "
+                        "use device=cpu")
+            else:
+                C.check(v in ("cpu", "mps") or (name == "teacher_device" and v == ""),
+                        f"{name}={v!r}: use cpu, cuda or cuda:N")
+        self.horizon.validate(self.budget or None)
+
+
+ALIASES = {"steps": "max_steps", "lr": "optim.lr", "H": "horizon.tokens",
+           "teacher.url": "teacher_url", "teacher.path": "teacher", "student.path": "student"}
+
+
+def load_config(path: str | Path | None, overrides: list[str]) -> DistillConfig:
+    return C.load(DistillConfig, path, overrides, aliases=ALIASES)
