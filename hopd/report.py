@@ -303,16 +303,46 @@ def plot_heatmap(groups: dict[str, list[Run]], path: Path) -> bool:
     fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 4), squeeze=False)
     vmax = max((v for _, rows in panels for x in rows for v in x["diag_rkl_by_pos"]
                 if v == v), default=1.0)
-    for ax, (name, rows) in zip(axes[0], panels):
+    for i, (ax, (name, rows)) in enumerate(zip(axes[0], panels)):
         grid = [[v if v == v else float("nan") for v in x["diag_rkl_by_pos"]] for x in rows]
         im = ax.imshow(list(map(list, zip(*grid))), aspect="auto", origin="lower",
                        cmap="magma", vmin=0, vmax=vmax,
                        extent=(rows[0]["step"], rows[-1]["step"], 0, 1))
         ax.set_title(name)
         ax.set_xlabel("step")
-        ax.set_ylabel("response position (fraction of L)")
-    fig.colorbar(im, ax=axes[0].tolist(), label="sampled reverse KL per token")
+        if i == 0:
+            ax.set_ylabel("response position (fraction of L)")
+    fig.colorbar(im, ax=axes[0].tolist(), label="reverse KL(student || teacher) per token")
     fig.suptitle("Where the teacher disagrees with the student (rollouts at the full budget)")
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
+
+
+def plot_probe(groups: dict[str, list[Run]], path: Path) -> bool:
+    """Teacher-recovery probe: the teacher's accuracy finishing student prefixes cut at p * L."""
+    panels = []
+    for name, runs in groups.items():
+        rows = [x for x in runs[0].train if "probe_teacher_acc_by_cut" in x]
+        if rows:
+            panels.append((name, rows))
+    if not panels:
+        return False
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.8), squeeze=False)
+    for i, (ax, (name, rows)) in enumerate(zip(axes[0], panels)):
+        for cut in rows[0]["probe_teacher_acc_by_cut"]:
+            ax.plot([x["step"] for x in rows],
+                    [x["probe_teacher_acc_by_cut"][cut] for x in rows], marker="o", ms=3,
+                    label=f"cut at {float(cut):.0%} of L")
+        ax.set_title(name)
+        ax.set_xlabel("step")
+        ax.set_ylim(-0.05, 1.05)
+        ax.grid(alpha=0.3)
+        if i == 0:
+            ax.set_ylabel("teacher accuracy finishing the prefix")
+            ax.legend(fontsize=7)
+    fig.suptitle("Teacher-recovery probe: can the teacher still finish the student's prefix?")
+    fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return True
@@ -367,6 +397,7 @@ def write_report(paths: list[Path], out: Path) -> dict[str, Any]:
     plot_accuracy(groups, summary["target"], out / "accuracy.png")
     plot_cost(groups, out / "cost.png")
     has_heat = plot_heatmap(groups, out / "rkl_heatmap.png")
+    has_probe = plot_probe(groups, out / "probe.png")
     plot_horizon(groups, out / "horizon.png")
     budgets = {r.config.get("budget") or "task default" for r in runs}
     lines = [
@@ -388,6 +419,15 @@ def write_report(paths: list[Path], out: Path) -> dict[str, Any]:
     ]
     if has_heat:
         lines += ["![per-position reverse KL](rkl_heatmap.png)", ""]
+    if has_probe:
+        lines += ["![teacher-recovery probe](probe.png)", ""]
+    moves = [(name, m["horizon_move"]) for name, runs in groups.items() for m in runs[0].train
+             if "horizon_move" in m]
+    if moves:
+        lines += ["## Adaptive horizon moves", ""]
+        lines += [f"- `{n}` step {m['step']}: H {m['from']} -> {m['to']} ({m['reason']})"
+                  for n, m in moves]
+        lines.append("")
     (out / "report.md").write_text("\n".join(lines))
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
     return summary

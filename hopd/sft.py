@@ -43,6 +43,7 @@ class SFTConfig:
     grad_clip: float = 1.0  # max global gradient norm
     eval_every: int = 300  # evaluate every N steps (0: only at the end)
     eval_n: int = 100  # held-out problems per periodic evaluation
+    save_every: int = 0  # also save OUT/step_N every N steps (0: only the final checkpoint)
     seed: int = 0  # model init, data order and evaluation seed
     save_dtype: str = "float32"  # dtype of the saved weights (bfloat16 halves the file)
     threads: int = 0  # torch CPU threads (0: torch's default)
@@ -56,6 +57,7 @@ class SFTConfig:
         C.check(self.grad_clip > 0, f"grad_clip={self.grad_clip}: must be > 0")
         C.check(self.eval_every >= 0, f"eval_every={self.eval_every}: must be >= 0")
         C.check(self.eval_n >= 1, f"eval_n={self.eval_n}: must be >= 1")
+        C.check(self.save_every >= 0, f"save_every={self.save_every}: must be >= 0")
         C.check(self.save_dtype in DTYPES,
                 f"save_dtype={self.save_dtype!r}: choose one of {sorted(DTYPES)}")
         C.check(is_chain(self.task),
@@ -160,6 +162,8 @@ def train_sft(cfg: SFTConfig, out: Path, progress: bool = True) -> dict:
             ev = evaluate(model, tok, eval_examples, source.is_correct, budget)
             acc = rec["eval_accuracy"] = ev["accuracy"]
         log.write(rec)
+        if cfg.save_every and (step + 1) % cfg.save_every == 0:
+            save_checkpoint(model, tok, out / f"step_{step + 1}", dtype=DTYPES[cfg.save_dtype])
         bar.update(1, loss=rec["loss"], tok_s=int(rec["tokens_per_s"]), acc=acc)
     bar.close()
     log.close()

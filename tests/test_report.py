@@ -23,7 +23,8 @@ def _write_run(root, strategy, horizons, accs, step_time, seed=0):
                       "sample_time_s": step_time * h / 2, "teacher_time_s": step_time * h / 4,
                       "learn_time_s": step_time * h / 4, "sampled_tokens": tok,
                       "cut_fraction": 1.0, "peak_mem_mb": 100.0, "act_mem_mb": h / 10,
-                      "train_time_s": t, "diag_rkl_by_pos": [0.5, 0.2, float("nan")]})
+                      "train_time_s": t, "diag_rkl_by_pos": [0.5, 0.2, float("nan")],
+                      "probe_teacher_acc_by_cut": {"0": 1.0, "0.5": 0.5 * step / 6}})
         if step % 2 == 0:
             lines.append({"step": step, "eval_accuracy": accs[step // 2], "train_time_s": t,
                           "sampled_tokens": tok})
@@ -41,7 +42,7 @@ def _make(root, popd_accs, topd_accs):
 def test_plots_exist_and_are_valid_pngs(tmp_path):
     _make(tmp_path / "runs", [0.1, 0.5, 0.8, 0.8], [0.1, 0.4, 0.6, 0.78])
     write_report([tmp_path / "runs"], tmp_path / "rep")
-    for name in ("accuracy.png", "cost.png", "rkl_heatmap.png", "horizon.png"):
+    for name in ("accuracy.png", "cost.png", "rkl_heatmap.png", "horizon.png", "probe.png"):
         with Image.open(tmp_path / "rep" / name) as im:
             im.verify()
             assert im.format == "PNG"
