@@ -17,15 +17,17 @@ from hopd.models import build_testbed_tokenizer, load_model, load_tokenizer, tin
 from hopd.tasks import PromptSource
 
 
-def testbed_models(student: str, teacher: str, device: str):
+def testbed_models(student: str, teacher: str, device: str, max_positions: int = 1024):
     """The bundled testbed pair, or random models of the same sizes when a name is 'random'.
 
     With rollouts forced to a fixed length, cost does not depend on the weights.
     """
     if student == "random" or teacher == "random":
         tok = build_testbed_tokenizer()
-        s = tiny_llama("student", tok, seed=1) if student == "random" else load_model(student)
-        t = tiny_llama("teacher", tok, seed=2) if teacher == "random" else load_model(teacher)
+        s = tiny_llama("student", tok, max_positions, seed=1) if student == "random" \
+            else load_model(student)
+        t = tiny_llama("teacher", tok, max_positions, seed=2) if teacher == "random" \
+            else load_model(teacher)
     else:
         tok = load_tokenizer(student)
         s, t = load_model(student), load_model(teacher)

@@ -39,14 +39,19 @@ def main() -> None:
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--threads", type=int, default=0)
+    ap.add_argument("--budget", type=int, default=0,
+                    help="full budget L (0: the testbed's); a longer L shows the cost with the "
+                    "prompt's share small, as in real reasoning distillation (use random models)")
     ap.add_argument("--quick", action="store_true", help="batch 16, 2 timed steps, 1 warm-up")
     args = ap.parse_args()
     if args.quick:
         args.batch, args.steps, args.warmup = 16, 2, 1
     if args.threads:
         torch.set_num_threads(args.threads)
-    student, teacher, tok = testbed_models(args.student, args.teacher, args.device)
+    student, teacher, tok = testbed_models(args.student, args.teacher, args.device,
+                                           max_positions=max(1024, 2 * args.budget))
     prompts, L = testbed_prompts(tok, args.batch)
+    L = args.budget or L
     cfg = DistillConfig(batch_size=args.batch)
     opt = torch.optim.AdamW(student.parameters(), lr=1e-6)
     vocab = min(student.config.vocab_size, teacher.config.vocab_size)
@@ -78,8 +83,10 @@ def main() -> None:
         print(f"H={H:4d} done: {row['step_time_s']:.3f}s/step", file=sys.stderr, flush=True)
     full = results[0]
     print(f"\nOPD step cost against horizon: {machine(args.device)}, commit {commit()}")
-    print(f"student {args.student}, teacher {args.teacher}, batch {args.batch}, L={L}, "
-          f"{args.steps} timed steps after {args.warmup} warm-up, medians; rollouts forced to H\n")
+    P = max(len(p) for p in prompts)
+    print(f"student {args.student}, teacher {args.teacher}, batch {args.batch}, prompt P={P}, "
+          f"L={L}, {args.steps} timed steps after {args.warmup} warm-up, medians; rollouts "
+          "forced to H\n")
     mem_label = "peak alloc MiB" if args.device.startswith("cuda") else "act. mem MiB"
     print_table(
         ["H", "H/L", "step s", "sample s", "teacher s", "learn s", "sampled tok/s", mem_label,
@@ -93,7 +100,8 @@ def main() -> None:
         "speedup_at_0.1L": full["step_time_s"] / at["0.1"]["step_time_s"],
         "mem_ratio_at_0.1L": at["0.1"]["mem_mb"] / full["mem_mb"],
         "speedup_at_0.5L": full["step_time_s"] / at["0.5"]["step_time_s"],
-        "step_time_s_at_L": full["step_time_s"], "L": L, "batch": args.batch,
+        "step_time_s_at_L": full["step_time_s"], "L": L, "prompt_tokens": P,
+        "batch": args.batch,
         "device": args.device, "memory_metric": mem_label}))
 
 
