@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import (
     BarColumn,
     MofNCompleteColumn,
@@ -40,14 +41,14 @@ class Bar:
                 TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
                 TextColumn("{task.fields[info]}"), TimeElapsedColumn(), TextColumn("ETA"),
                 TimeRemainingColumn(), console=Console(stderr=True), transient=False)
-            self.task = self.progress.add_task(desc, total=total, info="")
+            self.task = self.progress.add_task(escape(desc), total=total, info="")
             self.progress.start()
 
     def update(self, advance: int = 1, **fields: Any) -> None:
         self.done += advance
         info = "  ".join(f"{k}={_fmt(v)}" for k, v in fields.items())
         if self.progress is not None:
-            self.progress.update(self.task, advance=advance, info=info)
+            self.progress.update(self.task, advance=advance, info=escape(info))
             return
         now = time.perf_counter() - self.t0
         if self.enabled and (now - self.last_print >= self.every_s or self.done >= self.total):
