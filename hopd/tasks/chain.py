@@ -60,6 +60,7 @@ PRESETS = {
     "default": ChainSpec(steps=12),  # responses of 154 tokens
     "hard": ChainSpec(steps=34, reach=6),  # responses of 418 tokens
     "tiny": ChainSpec(steps=3),  # for tests
+    "two": ChainSpec(steps=2),  # two operations: the SFT recipe learns it in seconds (tests)
 }
 
 
