@@ -154,7 +154,30 @@ def summarize(groups: dict[str, list[Run]], baseline: str = "opd") -> dict[str, 
                 row[out] = (b[key] / row[key] if b[key] and row[key] else None)
             row["cost_ratio_time"] = (row["train_time_s"] / b["train_time_s"]
                                       if b["train_time_s"] else None)
-    return {"baseline": baseline, "baseline_final": base_final, "target": target, "rows": rows}
+    n_eval = min((int(r.config.get("eval_n") or 0) for runs in groups.values() for r in runs),
+                 default=0)
+    return {"baseline": baseline, "baseline_final": base_final, "target": target, "rows": rows,
+            "n_eval": n_eval}
+
+
+def opd_gain_is_noise(summary: dict[str, Any]) -> str | None:
+    """Why the claims cannot be judged when OPD's own gain is within evaluation noise, else None.
+
+    Noise: two binomial standard errors of an accuracy near the start, sqrt(p (1 - p) / n),
+    with n the number of evaluation prompts (unknown n: no guard).
+    """
+    opd, n = summary["rows"].get(summary["baseline"]), summary.get("n_eval") or 0
+    if opd is None or not n or opd["initial_accuracy"] is None:
+        return None
+    p = min(max(opd["initial_accuracy"], 0.05), 0.95)
+    noise = 2 * math.sqrt(p * (1 - p) / n)
+    gain = opd["final_accuracy"] - opd["initial_accuracy"]
+    if gain < noise:
+        return (f"OPD itself moved from {_pct(opd['initial_accuracy'])} to "
+                f"{_pct(opd['final_accuracy'])}, within the evaluation noise (+-{_pct(noise)} "
+                f"on {n} prompts), so a target relative to it means little; run longer or "
+                "evaluate on more prompts.")
+    return None
 
 
 def verdicts(summary: dict[str, Any]) -> list[str]:
@@ -164,6 +187,9 @@ def verdicts(summary: dict[str, Any]) -> list[str]:
     if target is None:
         return ["No full-OPD run was given, so neither claim can be judged (both are relative to "
                 "OPD)."]
+    noise = opd_gain_is_noise(summary)
+    if noise is not None:
+        return [f"**Both claims are inconclusive here**: {noise}"]
     opd = rows[summary["baseline"]]
     popd = [n for n in rows if n.startswith("popd")]
     if not popd:

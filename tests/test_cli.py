@@ -76,3 +76,13 @@ def test_bad_input_exits_2_with_a_clear_line(args, needle, tmp_path, capsys, mon
     err = capsys.readouterr().err
     assert needle in err and "Traceback" not in err
     assert not (tmp_path / "X").exists()  # nothing created before the failure
+
+
+def test_overrides_may_follow_options(tmp_path, micro_pair):
+    student, teacher = micro_pair
+    run = tmp_path / "run"
+    rc = main(["distill", f"student={student}",
+               "--out", str(run), "--quiet", f"teacher={teacher}", "data=chain:tiny",
+               "steps=1", "batch_size=2", "eval_n=2", "diag_every=0"])
+    assert rc == 0
+    assert [r["step"] for r in read_metrics(run / "metrics.jsonl") if "loss" in r] == [1]

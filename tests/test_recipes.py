@@ -1,4 +1,4 @@
-"""The bundled-teacher recipe at a small scale learns; the bundled checkpoints are what they claim."""
+"""Recipes end to end: SFT at a small scale, OPD on the bundled pair, the quick demo."""
 
 from __future__ import annotations
 
@@ -29,3 +29,33 @@ def test_bundled_checkpoints_ship_with_the_package():
         path = BUNDLED_DIR / folder
         assert (path / "model.safetensors").stat().st_size < 8 * 2**20, name
         assert (path / "tokenizer.json").exists() and (path / "config.json").exists(), name
+
+
+def test_opd_improves_the_warm_student(tmp_path):
+    """Full-horizon OPD from the bundled student and teacher, fixed seed, 20 steps.
+
+    Measured here: 0.200 -> 0.280 on 200 held-out problems (greedy, full budget). The student
+    sits on a plateau where it solves the easy chains; with a fixed seed the run is
+    deterministic, and across seeds the step-0 to step-20 gain varied by a few points, so a
+    gain of 0.05 is well clear of noise while leaving room for numeric drift.
+    """
+    run = tmp_path / "opd"
+    recipe = BUNDLED_DIR.parent / "configs" / "opd.yaml"
+    rc = main(["distill", str(recipe), "--out", str(run), "--quiet", "max_steps=20",
+               "eval_every=0", "eval_n=200", "diag_every=0", "threads=2"])
+    assert rc == 0
+    evals = [r for r in read_metrics(run / "metrics.jsonl") if "eval_accuracy" in r]
+    before, after = evals[0]["eval_accuracy"], evals[-1]["eval_accuracy"]
+    assert 0.05 <= before <= 0.40  # the warm student is weak ...
+    assert after >= before + 0.05  # ... and OPD makes it clearly better
+
+
+def test_demo_quick_end_to_end(tmp_path):
+    out = tmp_path / "demo"
+    assert main(["demo", "--quick", "--out", str(out), "--quiet"]) == 0
+    report = (out / "report" / "report.md").read_text()
+    for strategy in ("opd", "popd", "topd10", "topd25"):
+        assert f"| {strategy} |" in report
+    assert "Verdicts on the paper's claims" in report
+    for png in ("accuracy.png", "cost.png", "horizon.png", "rkl_heatmap.png"):
+        assert (out / "report" / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

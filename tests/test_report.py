@@ -98,3 +98,18 @@ def test_torn_last_metrics_line_is_tolerated(tmp_path):
         f.write('{"step": 5, "horizon": 10, "lo')  # a kill mid-write
     runs = find_runs([run])
     assert runs[0].train[-1]["step"] == 4
+
+
+def test_verdicts_are_inconclusive_when_opd_gain_is_noise(tmp_path):
+    import yaml
+
+    def make(root, opd_accs, n):
+        _write_run(root, "opd", [100] * 6, opd_accs, 0.01)
+        _write_run(root, "popd", [10, 10, 50, 50, 100, 100], [0.1, 0.5, 0.8, 0.8], 0.01)
+        for run in root.glob("*/seed0"):
+            (run / "config.yaml").write_text(yaml.safe_dump({"eval_n": n}))
+        return verdicts(summarize(group(find_runs([root]))))
+
+    assert "sooner**: supported" in make(tmp_path / "a", [0.1, 0.3, 0.5, 0.8], 200)[0]
+    v = make(tmp_path / "b", [0.1, 0.12, 0.15, 0.14], 100)  # +4 points on 100 prompts
+    assert len(v) == 1 and "inconclusive" in v[0] and "100 prompts" in v[0]
