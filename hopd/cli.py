@@ -177,6 +177,13 @@ def _check_out(out: Path, overwrite: bool, resume: bool = False) -> None:
         shutil.rmtree(out)
 
 
+def _run_flags(p: argparse.ArgumentParser, resume_help: str) -> None:
+    """--resume / --overwrite / --quiet, shared by the commands that write run folders."""
+    p.add_argument("--resume", action="store_true", help=resume_help)
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --out")
+    p.add_argument("--quiet", action="store_true", help="no progress output")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="hopd", description="On-policy distillation with rollout-"
                                 "horizon control (full OPD, progressive POPD, truncated TOPD).")
@@ -210,9 +217,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--steps", type=int, default=0, help="budget: optimizer steps per run")
     c.add_argument("--seconds", type=float, default=0, help="budget: training seconds per run")
     c.add_argument("--tokens", type=int, default=0, help="budget: sampled tokens per run")
-    c.add_argument("--resume", action="store_true", help="skip finished runs, resume the others")
-    c.add_argument("--overwrite", action="store_true", help="replace an existing --out")
-    c.add_argument("--quiet", action="store_true")
+    _run_flags(c, "skip finished runs, resume the others")
     c.add_argument("overrides", nargs="*", help="key=value overrides for every run")
     c.set_defaults(func=_cmd_compare)
 
@@ -224,9 +229,7 @@ def build_parser() -> argparse.ArgumentParser:
     m = sub.add_parser("demo", help="the built-in OPD vs POPD vs TOPD comparison on the testbed")
     m.add_argument("--quick", action="store_true", help="a smaller run (about 2 minutes)")
     m.add_argument("--out", default="runs/demo", help="output folder (default runs/demo)")
-    m.add_argument("--resume", action="store_true", help="skip finished runs")
-    m.add_argument("--overwrite", action="store_true", help="replace an existing --out")
-    m.add_argument("--quiet", action="store_true")
+    _run_flags(m, "skip finished runs")
     m.set_defaults(func=_cmd_demo)
 
     t = sub.add_parser("serve-teacher", help="serve a teacher's log-probs over HTTP")

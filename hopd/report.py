@@ -318,12 +318,18 @@ def plot_cost(groups: dict[str, list[Run]], path: Path) -> None:
     plt.close(fig)
 
 
-def plot_heatmap(groups: dict[str, list[Run]], path: Path) -> bool:
-    panels = []
+def _panels(groups: dict[str, list[Run]], key: str) -> list[tuple[str, list[dict[str, Any]]]]:
+    """(strategy, training lines that carry `key`) for each strategy's first seed that has any."""
+    out = []
     for name, runs in groups.items():
-        rows = [x for x in runs[0].train if "diag_rkl_by_pos" in x]
+        rows = [x for x in runs[0].train if key in x]
         if rows:
-            panels.append((name, rows))
+            out.append((name, rows))
+    return out
+
+
+def plot_heatmap(groups: dict[str, list[Run]], path: Path) -> bool:
+    panels = _panels(groups, "diag_rkl_by_pos")
     if not panels:
         return False
     fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 4), squeeze=False)
@@ -347,11 +353,7 @@ def plot_heatmap(groups: dict[str, list[Run]], path: Path) -> bool:
 
 def plot_probe(groups: dict[str, list[Run]], path: Path) -> bool:
     """Teacher-recovery probe: the teacher's accuracy finishing student prefixes cut at p * L."""
-    panels = []
-    for name, runs in groups.items():
-        rows = [x for x in runs[0].train if "probe_teacher_acc_by_cut" in x]
-        if rows:
-            panels.append((name, rows))
+    panels = _panels(groups, "probe_teacher_acc_by_cut")
     if not panels:
         return False
     fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.8), squeeze=False)
