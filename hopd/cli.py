@@ -85,8 +85,8 @@ def _cmd_compare(args: argparse.Namespace) -> int:
     _check_out(out, args.overwrite, args.resume)
     runs = compare(args.config, out, strategies, seeds, args.overrides, budget,
                    progress=not args.quiet, resume=args.resume)
-    summary = write_report(runs, out / "report")
-    _print_summary(summary, out / "report" / "report.md")
+    summary = write_report(runs, out)
+    _print_summary(summary, out / "report.md")
     return 0
 
 
@@ -94,7 +94,7 @@ def _cmd_report(args: argparse.Namespace) -> int:
     from hopd.report import write_report
 
     paths = [Path(p) for p in args.runs]
-    out = Path(args.out) if args.out else (paths[0] / "report")
+    out = Path(args.out) if args.out else paths[0]
     summary = write_report(paths, out)
     _print_summary(summary, out / "report.md")
     return 0
@@ -106,7 +106,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     out = Path(args.out)
     _check_out(out, args.overwrite, args.resume)
     summary = run_demo(out, quick=args.quick, progress=not args.quiet, resume=args.resume)
-    _print_summary(summary, out / "report" / "report.md")
+    _print_summary(summary, out / "report.md")
     return 0
 
 
@@ -223,7 +223,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     r = sub.add_parser("report", help="plots and report.md from run folders")
     r.add_argument("runs", nargs="+", help="run folders, or folders that contain them")
-    r.add_argument("--out", help="output folder (default: FIRST_RUN/report)")
+    r.add_argument("--out", help="output folder (default: the first folder given)")
     r.set_defaults(func=_cmd_report)
 
     m = sub.add_parser("demo", help="the built-in OPD vs POPD vs TOPD comparison on the testbed")

@@ -25,4 +25,4 @@ def run_demo(out: Path, quick: bool = False, progress: bool = True, resume: bool
              ) -> dict[str, Any]:
     runs = compare(CONFIGS / "opd.yaml", out, DEFAULT, [0], QUICK if quick else DEMO, [],
                    progress=progress, resume=resume)
-    return write_report(runs, out / "report")
+    return write_report(runs, out)  # DIR/report.md and its PNGs, beside the run folders

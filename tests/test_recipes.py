@@ -53,9 +53,9 @@ def test_opd_improves_the_warm_student(tmp_path):
 def test_demo_quick_end_to_end(tmp_path):
     out = tmp_path / "demo"
     assert main(["demo", "--quick", "--out", str(out), "--quiet"]) == 0
-    report = (out / "report" / "report.md").read_text()
+    report = (out / "report.md").read_text()
     for strategy in ("opd", "popd", "topd10", "topd25"):
         assert f"| {strategy} |" in report
     assert "Verdicts on the paper's claims" in report
     for png in ("accuracy.png", "cost.png", "horizon.png", "rkl_heatmap.png"):
-        assert (out / "report" / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+        assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
