@@ -15,7 +15,6 @@ or by the count of reference-answer tokens).
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
 
 def token_logprobs(logits_B_R_V: torch.Tensor, ids_B_R: torch.Tensor) -> torch.Tensor:
@@ -146,8 +145,3 @@ def distribution_loss(student_logits_B_R_V: torch.Tensor, teacher: dict[str, tor
 def entropy(logp_B_R_V: torch.Tensor) -> torch.Tensor:
     p = logp_B_R_V.exp()
     return -torch.where(p > 0, p * logp_B_R_V, torch.zeros_like(p)).sum(-1)
-
-
-def cross_entropy_ref(logits_B_T_V: torch.Tensor, targets_B_T: torch.Tensor) -> torch.Tensor:
-    """Plain per-position cross-entropy (used by tests as a reference)."""
-    return F.cross_entropy(logits_B_T_V.transpose(1, 2), targets_B_T, reduction="none")

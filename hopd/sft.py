@@ -27,7 +27,7 @@ from hopd.models import (
     tiny_llama,
 )
 from hopd.progress import Bar, MetricsLog
-from hopd.tasks import Example, PromptSource, is_chain, load_examples
+from hopd.tasks import Example, PromptSource, is_chain
 
 
 @dataclass
@@ -146,7 +146,7 @@ def train_sft(cfg: SFTConfig, out: Path, progress: bool = True) -> dict:
     t_start = time.perf_counter()
     for step in range(cfg.steps):
         t0 = time.perf_counter()
-        batch = load_examples(cfg.task, cfg.batch_size, "train", seed=cfg.seed * 1_000_003 + step)
+        batch = source.train_batch(step, cfg.batch_size, cfg.seed)
         ids, attn, loss_mask = sft_batch(tok, batch)
         loss = sft_loss(model, ids, attn, loss_mask)
         opt.zero_grad(set_to_none=True)

@@ -124,9 +124,3 @@ def load_examples(source: str, n: int, split: str, seed: int = 0) -> list[Exampl
 
 def default_budget(source: str) -> int:
     return PromptSource(source).default_budget() if is_chain(source) else 512
-
-
-def is_correct(response: str, answer: str, source: str) -> bool:
-    if is_chain(source):
-        return chain.is_correct(response, answer)
-    return jsonl.math_correct(response, answer)
