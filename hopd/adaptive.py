@@ -10,7 +10,10 @@ report plots). With `covered` = mean KL over positions [0, H) and `frontier` = m
   - the frontier is no worse than the trained region: frontier <= `adaptive_ratio` * covered, or
     frontier <= `adaptive_threshold` (absolute, nats per token); or
   - the trained region has plateaued: covered improved by less than `adaptive_plateau` (relative)
-    over the last `adaptive_patience` checks, so more steps at this H would teach little.
+    over the last `adaptive_patience` checks, so more steps at this H would teach little; or
+  - training at H is hurting the positions after it: the frontier KL has risen by more than
+    `adaptive_drift` (relative) since the first check at this H. (Added after the testbed showed
+    truncated training pushing the KL past the horizon up while the covered KL fell.)
 
 It never shrinks, logs every move with its reason, and keeps its state in checkpoints, so a
 resumed run takes the same decisions.
@@ -45,15 +48,17 @@ PROBE_FRACTIONS = (0.0, 0.1, 0.25, 0.5, 0.75)
 class AdaptiveState:
     horizon: int  # current H
     covered_history: list[float] = field(default_factory=list)  # covered KL at each check
+    frontier_history: list[float] = field(default_factory=list)  # frontier KL at each check
     moves: list[dict[str, Any]] = field(default_factory=list)  # step, from, to, reason
 
     def to_dict(self) -> dict[str, Any]:
         return {"horizon": self.horizon, "covered_history": list(self.covered_history),
-                "moves": list(self.moves)}
+                "frontier_history": list(self.frontier_history), "moves": list(self.moves)}
 
     @staticmethod
     def from_dict(d: dict[str, Any]) -> AdaptiveState:
-        return AdaptiveState(int(d["horizon"]), list(d["covered_history"]), list(d["moves"]))
+        return AdaptiveState(int(d["horizon"]), list(d["covered_history"]),
+                             list(d.get("frontier_history", [])), list(d["moves"]))
 
 
 @dataclass
@@ -65,6 +70,7 @@ class AdaptiveRule:
     threshold: float = 0.0  # ... or when frontier <= threshold (0: off)
     plateau: float = 0.05  # ... or when covered improved < 5% over `patience` checks
     patience: int = 3
+    drift: float = 0.2  # ... or when frontier KL rose > 20% since the first check at this H
 
 
 def _mean_over(values: list[float], counts: list[int], lo: int, hi: int, budget: int
@@ -91,11 +97,17 @@ def adaptive_update(state: AdaptiveState, rule: AdaptiveRule, step: int,
     frontier = _mean_over(rkl_by_pos, tokens_by_pos, H, H + w, L)
     history = [*state.covered_history, covered] if covered is not None else \
         list(state.covered_history)
+    fronts = [*state.frontier_history, frontier] if frontier is not None else \
+        list(state.frontier_history)
     reason = None
     if frontier is not None and covered is not None and frontier <= rule.ratio * covered:
         reason = f"frontier KL {frontier:.3f} <= {rule.ratio:g} x covered KL {covered:.3f}"
     elif frontier is not None and rule.threshold > 0 and frontier <= rule.threshold:
         reason = f"frontier KL {frontier:.3f} <= threshold {rule.threshold:g}"
+    elif rule.drift > 0 and len(fronts) >= 2 and fronts[0] > 0 and \
+            fronts[-1] > (1 + rule.drift) * fronts[0]:
+        reason = (f"frontier KL rising ({fronts[0]:.3f} -> {fronts[-1]:.3f}): training at H is "
+                  "hurting the positions after it")
     elif len(history) > rule.patience:
         old, new = history[-1 - rule.patience], history[-1]
         if old > 0 and (old - new) / old < rule.plateau:
@@ -105,9 +117,9 @@ def adaptive_update(state: AdaptiveState, rule: AdaptiveRule, step: int,
     if reason is not None:
         new_h = min(L, H + max(1, math.ceil(rule.growth * L)))
         moves.append({"step": step, "from": H, "to": new_h, "reason": reason})
-        history = []  # a new region: judge its plateau afresh
+        history, fronts = [], []  # a new region: judge it afresh
         H = new_h
-    return AdaptiveState(H, history, moves)
+    return AdaptiveState(H, history, fronts, moves)
 
 
 def token_budget_batch(batch_size: int, horizon: int, budget: int, max_batch: int) -> int:

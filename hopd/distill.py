@@ -335,7 +335,8 @@ def distill(cfg: DistillConfig, run: Path, resume: bool = False, progress: bool 
     adaptive = AdaptiveState(initial_horizon(cfg.horizon, budget))
     rule = AdaptiveRule(budget, cfg.horizon.adaptive_window, cfg.horizon.adaptive_growth,
                         cfg.horizon.adaptive_ratio, cfg.horizon.adaptive_threshold,
-                        cfg.horizon.adaptive_plateau, cfg.horizon.adaptive_patience)
+                        cfg.horizon.adaptive_plateau, cfg.horizon.adaptive_patience,
+                        cfg.horizon.adaptive_drift)
     if ckpt is not None and state is not None:
         opt.load_state_dict(state["optimizer"])
         torch.set_rng_state(state["torch_rng"])

@@ -43,6 +43,7 @@ class HorizonConfig:
     adaptive_threshold: float = 0.0  # adaptive: ... or when frontier KL <= this (0: off)
     adaptive_plateau: float = 0.05  # adaptive: ... or covered KL improved less than this
     adaptive_patience: int = 3  # adaptive: ... over this many diagnostics checks
+    adaptive_drift: float = 0.2  # adaptive: ... or frontier KL rose this much (0: off)
 
     def validate(self, budget: int | None = None) -> None:
         C.check(self.kind in KINDS, f"horizon.kind={self.kind!r}: choose one of {', '.join(KINDS)}")
@@ -57,8 +58,9 @@ class HorizonConfig:
             v = getattr(self, name)
             C.check(0 < v <= 1, f"horizon.{name}={v}: must be in (0, 1]")
         C.check(self.adaptive_ratio >= 0 and self.adaptive_threshold >= 0
-                and self.adaptive_plateau >= 0, "horizon.adaptive_ratio, adaptive_threshold "
-                "and adaptive_plateau must be >= 0")
+                and self.adaptive_plateau >= 0 and self.adaptive_drift >= 0,
+                "horizon.adaptive_ratio, adaptive_threshold, adaptive_plateau and "
+                "adaptive_drift must be >= 0")
         C.check(self.adaptive_patience >= 1,
                 f"horizon.adaptive_patience={self.adaptive_patience}: must be >= 1")
         C.check(self.tokens >= 0 and self.start_tokens >= 0,

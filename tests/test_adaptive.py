@@ -111,3 +111,18 @@ def test_adaptive_and_token_budget_runs(tmp_path, micro_pair):
     assert all("horizon_move" in r for r in train[:-1] if r["horizon"] < 50)
     assert train[0]["batch_prompts"] > 4  # short horizon: more prompts
     assert "probe_teacher_acc_by_cut" in train[1]
+
+
+def test_widens_when_training_hurts_the_positions_after_h():
+    rule = AdaptiveRule(L, ratio=0.0, plateau=0.0, drift=0.2, growth=0.1)
+    s = AdaptiveState(10)
+    s = adaptive_update(s, rule, 1, _kl(0.5, 1.0, 10), COUNTS)
+    s = adaptive_update(s, rule, 2, _kl(0.4, 1.1, 10), COUNTS)  # +10%: within the drift
+    assert s.horizon == 10
+    s = adaptive_update(s, rule, 3, _kl(0.3, 1.3, 10), COUNTS)  # +30%: widen
+    assert s.horizon == 20 and "rising" in s.moves[-1]["reason"]
+    off = AdaptiveRule(L, ratio=0.0, plateau=0.0, drift=0.0)
+    t = AdaptiveState(10)
+    for i, f in enumerate((1.0, 2.0, 4.0)):
+        t = adaptive_update(t, off, i, _kl(0.5, f, 10), COUNTS)
+    assert t.horizon == 10  # drift 0 turns the rule off
