@@ -19,11 +19,11 @@ import torch
 class Dist:
     """This process's place among the ranks; a no-op when there is only one."""
 
-    def __init__(self, device: str):
+    def __init__(self, device: str, from_env: bool = True):
         self.accel = None
         self.rank, self.world = 0, 1
         self.device = device
-        if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        if from_env and int(os.environ.get("WORLD_SIZE", "1")) > 1:
             try:
                 from accelerate import Accelerator
             except ImportError:
@@ -32,6 +32,11 @@ class Dist:
             self.accel = Accelerator(cpu=device == "cpu")
             self.rank, self.world = self.accel.process_index, self.accel.num_processes
             self.device = str(self.accel.device)
+
+    @classmethod
+    def local(cls, device: str = "cpu") -> Dist:
+        """One process, whatever the environment says (for callers outside the loop)."""
+        return cls(device, from_env=False)
 
     @property
     def main(self) -> bool:

@@ -149,7 +149,7 @@ def learn(student: PreTrainedModel, rollout: Rollout, teacher: TeacherScores, cf
     so the summed gradient equals the full batch's token-mean gradient whatever the split. With
     several ranks the backward is scaled by the world size, since DDP averages gradients.
     """
-    dist = dist or Dist("cpu")
+    dist = dist or Dist.local()  # a bare call never starts a process group
     n_tokens = int(dist.sum([float(rollout.num_tokens)])[0])
     B = rollout.ids_B_T.size(0)
     mb = math.ceil(B / cfg.grad_accum)

@@ -110,8 +110,7 @@ def sft_loss(model: PreTrainedModel, ids_B_T: torch.Tensor, attn_B_T: torch.Tens
     return (nll * mask).sum() / mask.sum().clamp(min=1)
 
 
-def init_model(name: str, tokenizer_source: str | None = None
-               ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+def init_model(name: str) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     if name.startswith("size:"):
         tok = build_testbed_tokenizer()
         return tiny_llama(name[5:], tok), tok
