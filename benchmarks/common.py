@@ -16,12 +16,38 @@ from hopd.evaluate import encode_prompts
 from hopd.models import build_testbed_tokenizer, load_model, load_tokenizer, tiny_llama
 from hopd.tasks import PromptSource
 
+# Random models with the shapes of real checkpoints (a name "random:qwen2-0.5b"): what sampling
+# costs at a realistic size, with no download.
+REAL_SHAPES = {
+    "qwen2-0.5b": dict(hidden_size=896, intermediate_size=4864, num_hidden_layers=24,
+                       num_attention_heads=14, num_key_value_heads=2, vocab_size=151936,
+                       tie_word_embeddings=True),
+    "qwen2-1.5b": dict(hidden_size=1536, intermediate_size=8960, num_hidden_layers=28,
+                       num_attention_heads=12, num_key_value_heads=2, vocab_size=151936,
+                       tie_word_embeddings=True),
+}
+
+
+def random_real_shape(name: str, device: str, dtype: torch.dtype = torch.bfloat16):
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    shape = REAL_SHAPES[name.removeprefix("random:")]
+    torch.manual_seed(0)
+    with torch.device(device):
+        model = Qwen2ForCausalLM(Qwen2Config(**shape, max_position_embeddings=4096))
+    return model.to(dtype)
+
 
 def testbed_models(student: str, teacher: str, device: str, max_positions: int = 1024):
-    """The bundled testbed pair, or random models of the same sizes when a name is 'random'.
+    """The bundled testbed pair, or random models of the same sizes when a name is 'random'
+    (or of a real checkpoint's shape: 'random:qwen2-0.5b', bf16; the tokenizer stays the
+    testbed's, whose ids are valid in any larger vocabulary).
 
     With rollouts forced to a fixed length, cost does not depend on the weights.
     """
+    if student.startswith("random:"):
+        return (random_real_shape(student, device), random_real_shape(teacher, device).eval(),
+                build_testbed_tokenizer())
     if student == "random" or teacher == "random":
         tok = build_testbed_tokenizer()
         s = tiny_llama("student", tok, max_positions, seed=1) if student == "random" \

@@ -20,10 +20,12 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 from common import (  # noqa: E402
+    build_testbed_tokenizer,
     commit,
     machine,
     median,
     print_table,
+    random_real_shape,
     testbed_models,
     testbed_prompts,
     timed,
@@ -47,15 +49,19 @@ def main() -> None:
         args.batch, args.repeats = 16, 2
     if args.threads:
         torch.set_num_threads(args.threads)
-    model, _, tok = testbed_models(args.model, "random", args.device)
+    if args.model.startswith("random:"):
+        model, tok = random_real_shape(args.model, args.device), build_testbed_tokenizer()
+    else:
+        model, _, tok = testbed_models(args.model, "random", args.device)
     model.eval()
     prompts, L = testbed_prompts(tok, args.batch)
     H = args.tokens or L
     ids, attn = left_pad(prompts, tok.pad_token_id, args.device)
 
-    def hopd(fast: bool, greedy: bool = False):
+    def hopd(fast: bool, greedy: bool = False, graph: bool = True):
         return sample(model, prompts, H, eos_id=-1, pad_id=tok.pad_token_id, greedy=greedy,
-                      fast=fast, generator=torch.Generator(device=args.device).manual_seed(0))
+                      fast=fast, generator=torch.Generator(device=args.device).manual_seed(0),
+                      cuda_graph=graph)
 
     def generate(greedy: bool = False):
         with torch.no_grad():
@@ -69,15 +75,24 @@ def main() -> None:
     with torch.no_grad():
         ref = model.generate(input_ids=ids, attention_mask=attn, max_new_tokens=H,
                              do_sample=False, pad_token_id=tok.pad_token_id)[:, ids.size(1):]
-    for fast in (True, False):
-        ours = hopd(fast, greedy=True).response_ids_B_R
+    cuda = args.device.startswith("cuda")
+    exact = next(model.parameters()).dtype == torch.float32
+    same = []
+    for fast, graph in [(True, True), (False, True)] + [(True, False)] * cuda:
+        ours = hopd(fast, greedy=True, graph=graph).response_ids_B_R
         for a, b in zip(ours.tolist(), ref.tolist()):
             n = b.index(tok.eos_token_id) + 1 if tok.eos_token_id in b else len(b)
-            assert a[:n] == b[:n], "greedy outputs differ from generate"
+            # bf16: kernels round differently and near-ties flip; agreement is reported only
+            assert a[:n] == b[:n] or not exact, "greedy outputs differ from generate"
+            same.append(a[0] == b[0])
+    check = "greedy outputs identical to generate's up to EOS" if exact else \
+        f"bf16: first greedy token equal to generate's in {sum(same) / len(same):.0%} of rows"
 
-    runs = {"hopd fast (static cache)": lambda: hopd(True),
-            "hopd generic (model forward)": lambda: hopd(False),
-            "transformers generate": generate}
+    runs = {"hopd fast (static cache)": lambda: hopd(True)}
+    if cuda:  # the same step run eagerly, kernel by kernel, instead of replayed as a graph
+        runs["hopd fast, no CUDA graph"] = lambda: hopd(True, graph=False)
+    runs.update({"hopd generic (model forward)": lambda: hopd(False),
+                 "transformers generate": generate})
     for fn in runs.values():  # warm-up
         fn()
     times: dict[str, list[float]] = {k: [] for k in runs}
@@ -88,11 +103,12 @@ def main() -> None:
     base = tok_s["transformers generate"]
     print(f"\nSampler throughput: {machine(args.device)}, commit {commit()}")
     print(f"model {args.model}, batch {args.batch}, {H} new tokens per row, temperature 1, "
-          f"median of {args.repeats}; greedy outputs identical to generate's up to EOS\n")
+          f"median of {args.repeats}; {check}\n")
     print_table(["sampler", "s per batch", "tokens/s", "vs generate"],
                 [[k, f"{median(times[k]):.3f}", f"{v:.0f}", f"{v / base:.2f}x"]
                  for k, v in tok_s.items()])
-    print(json.dumps({"fast_tok_s": tok_s["hopd fast (static cache)"],
+    print(json.dumps({**({"fast_eager_tok_s": tok_s["hopd fast, no CUDA graph"]} if cuda else {}),
+                      "fast_tok_s": tok_s["hopd fast (static cache)"],
                       "generic_tok_s": tok_s["hopd generic (model forward)"],
                       "generate_tok_s": base,
                       "fast_vs_generate": tok_s["hopd fast (static cache)"] / base,

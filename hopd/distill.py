@@ -15,6 +15,7 @@ import shutil
 import sys
 import time
 from collections.abc import Callable
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -97,9 +98,12 @@ def opd_step(student: PreTrainedModel, teacher: PreTrainedModel | Scorer,
     """
     t0 = time.perf_counter()
     # 1. sample: the student draws <= H tokens per prompt
+    dist = dist or Dist.local()
     student.eval()
-    rollout = sample(student, prompts, H, eos, pad, cfg.sampling.temperature,
-                     cfg.sampling.top_k, cfg.sampling.top_p, generator=gen, row_seeds=row_seeds)
+    with dist.full_weights(student):  # FSDP: the whole student on every rank while sampling
+        rollout = sample(student, prompts, H, eos, pad, cfg.sampling.temperature,
+                         cfg.sampling.top_k, cfg.sampling.top_p, generator=gen,
+                         row_seeds=row_seeds, cuda_graph=cfg.sampling.cuda_graph)
     student.train()
     t1 = time.perf_counter()
     # 2. score: one teacher forward pass over prompt + response
@@ -110,7 +114,8 @@ def opd_step(student: PreTrainedModel, teacher: PreTrainedModel | Scorer,
     opt.zero_grad(set_to_none=True)
     stats = learn(learner or student, rollout, scores, cfg, vocab, dist)
     trainable = [p for p in student.parameters() if p.requires_grad]
-    gnorm = float(torch.nn.utils.clip_grad_norm_(trainable, cfg.optim.grad_clip))
+    norm = torch.nn.utils.clip_grad_norm_(trainable, cfg.optim.grad_clip)
+    gnorm = float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)  # FSDP: DTensor
     finite = math.isfinite(stats["loss"]) and math.isfinite(gnorm)
     if finite:
         opt.step()
@@ -237,6 +242,7 @@ def position_diagnostics(student: PreTrainedModel, scorer: Scorer,
     bucket_R = (torch.arange(r.response_mask_B_R.size(1)) * nb // budget).clamp(max=nb - 1)
     # a remote teacher returns top-k only: no entropy (NaN in the log)
     ent = (t.entropy_B_R if t.entropy_B_R is not None else torch.full_like(mask, math.nan)) * mask
+    mask, rkl, ent = mask.cpu(), rkl.float().cpu(), ent.float().cpu()  # bucketed on the CPU
     zeros = torch.zeros(nb, dtype=torch.float32)
     count = zeros.index_add(0, bucket_R, mask.sum(0))
     rkl_b = zeros.index_add(0, bucket_R, rkl.sum(0)) / count.clamp(min=1)
@@ -265,7 +271,7 @@ def distill(cfg: DistillConfig, run: Path, resume: bool = False, progress: bool 
     """Runs OPD with the configured horizon schedule; writes everything under `run`."""
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
-    dist = Dist(cfg.device)  # one process, or this rank of several (accelerate launch)
+    dist = Dist(cfg.device, parallel=cfg.parallel)  # one process, or a rank of several
     device = dist.device
     if cfg.batch_size % dist.world:
         raise C.ConfigError(f"batch_size={cfg.batch_size} is not divisible by the {dist.world} "
@@ -326,10 +332,10 @@ def distill(cfg: DistillConfig, run: Path, resume: bool = False, progress: bool 
         teacher_model.requires_grad_(False)
         scorer = local_scorer(teacher_model, vocab)
     student.train()
-    trainable = [p for p in student.parameters() if p.requires_grad]
+    learner = dist.wrap(student)  # DDP wrapper or FSDP-sharded student: forward/backward
+    trainable = [p for p in student.parameters() if p.requires_grad]  # sharded under FSDP
     opt = torch.optim.AdamW(trainable, lr=cfg.optim.lr, betas=(0.9, 0.95),
                             weight_decay=cfg.optim.weight_decay)
-    learner = dist.wrap(student)  # DDP when distributed: forward/backward go through it
     start, totals = 0, {"train_time_s": 0.0, "sampled_tokens": 0, "skipped_steps": 0,
                         "prompts": 0}
     adaptive = AdaptiveState(initial_horizon(cfg.horizon, budget))
@@ -338,7 +344,7 @@ def distill(cfg: DistillConfig, run: Path, resume: bool = False, progress: bool 
                         cfg.horizon.adaptive_plateau, cfg.horizon.adaptive_patience,
                         cfg.horizon.adaptive_drift)
     if ckpt is not None and state is not None:
-        opt.load_state_dict(state["optimizer"])
+        dist.load_optimizer_state(student, opt, state["optimizer"])
         torch.set_rng_state(state["torch_rng"])
         start, totals = state["step"], {**totals, **state["totals"]}
         if "adaptive" in state:
@@ -374,15 +380,16 @@ def distill(cfg: DistillConfig, run: Path, resume: bool = False, progress: bool 
     def run_eval(step: int) -> float:
         """Rank 0 evaluates; the others wait."""
         accuracy = float("nan")
-        if dist.main:
-            ev = evaluate(student, tok, eval_examples, source.is_correct, budget, seed=cfg.seed,
-                          system_prompt=cfg.system_prompt)
-            write({"step": step, "eval_accuracy": ev["accuracy"],
-                   "eval_mean_response_tokens": ev["mean_response_tokens"],
-                   "eval_truncated_fraction": ev["truncated_fraction"],
-                   "eval_time_s": ev["eval_time_s"], **totals})
-            accuracy = ev["accuracy"]
-        dist.barrier()
+        with dist.full_weights(student):
+            if dist.main:
+                ev = evaluate(student, tok, eval_examples, source.is_correct, budget,
+                              seed=cfg.seed, system_prompt=cfg.system_prompt)
+                write({"step": step, "eval_accuracy": ev["accuracy"],
+                       "eval_mean_response_tokens": ev["mean_response_tokens"],
+                       "eval_truncated_fraction": ev["truncated_fraction"],
+                       "eval_time_s": ev["eval_time_s"], **totals})
+                accuracy = ev["accuracy"]
+            dist.barrier()
         return accuracy
 
     acc = run_eval(0) if start == 0 else float("nan")
@@ -451,13 +458,24 @@ def distill(cfg: DistillConfig, run: Path, resume: bool = False, progress: bool 
                 "rho_mean": stats["rho_mean"], "act_mem_mb": stats["act_mem_mb"],
                 "peak_mem_mb": peak_memory_mb(device), **totals,
             }
-            if cfg.diag_every and (step + 1) % cfg.diag_every == 0 and dist.main:
-                t0 = time.perf_counter()
-                rec.update(position_diagnostics(student, scorer, diag_prompts, cfg,
-                                                budget, vocab, eos, pad, step, diag_teacher))
-                rec["diag_time_s"] = time.perf_counter() - t0
-            if cfg.horizon.kind == "adaptive" and cfg.diag_every and \
-                    (step + 1) % cfg.diag_every == 0:
+            diag_now = bool(cfg.diag_every) and (step + 1) % cfg.diag_every == 0
+            probe_now = bool(cfg.probe_every) and (step + 1) % cfg.probe_every == 0 \
+                and remote is None
+            with dist.full_weights(student) if diag_now or probe_now else nullcontext():
+                if diag_now and dist.main:
+                    t0 = time.perf_counter()
+                    rec.update(position_diagnostics(student, scorer, diag_prompts, cfg, budget,
+                                                    vocab, eos, pad, step, diag_teacher))
+                    rec["diag_time_s"] = time.perf_counter() - t0
+                if probe_now and dist.main:
+                    t0 = time.perf_counter()
+                    probe = eval_examples[: cfg.probe_n]
+                    rec["probe_teacher_acc_by_cut"] = recovery_probe(
+                        student, teacher_model, tok,
+                        encode_prompts(tok, [e.prompt for e in probe], cfg.system_prompt),
+                        [e.answer for e in probe], source.is_correct, budget)
+                    rec["probe_time_s"] = time.perf_counter() - t0
+            if cfg.horizon.kind == "adaptive" and diag_now:
                 if dist.main:
                     n_moves = len(adaptive.moves)
                     adaptive = adaptive_update(adaptive, rule, step + 1, rec["diag_rkl_by_pos"],
@@ -465,25 +483,20 @@ def distill(cfg: DistillConfig, run: Path, resume: bool = False, progress: bool 
                     if len(adaptive.moves) > n_moves:
                         rec["horizon_move"] = adaptive.moves[-1]
                 adaptive.horizon = int(dist.max([float(adaptive.horizon)])[0])
-            if cfg.probe_every and (step + 1) % cfg.probe_every == 0 and dist.main \
-                    and remote is None:
-                t0 = time.perf_counter()
-                probe = eval_examples[: cfg.probe_n]
-                rec["probe_teacher_acc_by_cut"] = recovery_probe(
-                    student, teacher_model, tok,
-                    encode_prompts(tok, [e.prompt for e in probe], cfg.system_prompt),
-                    [e.answer for e in probe], source.is_correct, budget)
-                rec["probe_time_s"] = time.perf_counter() - t0
             write(rec)
             # one snapshot of the stop flag, agreed by all ranks; a later signal waits a step
             stop_now = dist.max([float(flag.stop)])[0] > 0
             last = budget_spent(step + 1, totals, cfg) or stop_now
             if (cfg.eval_every and (step + 1) % cfg.eval_every == 0) or last:
                 acc = run_eval(step + 1)
-            if ((cfg.save_every and (step + 1) % cfg.save_every == 0) or last) and dist.main:
-                save_checkpoint(run, step + 1, student, tok, opt,
-                                {"totals": totals,
-                                 "adaptive": json.dumps(adaptive.to_dict())}, cfg.keep_last)
+            if (cfg.save_every and (step + 1) % cfg.save_every == 0) or last:
+                opt_state = dist.optimizer_state(student, opt)  # FSDP: gathered by all ranks
+                weights = dist.model_state(student)
+                if dist.main:
+                    save_checkpoint(run, step + 1, student, tok, opt_state,
+                                    {"totals": totals,
+                                     "adaptive": json.dumps(adaptive.to_dict())},
+                                    cfg.keep_last, weights)
             dist.barrier()
             bar.update(1, H=H, loss=rec["loss"], rkl=rkl, acc=acc)
             if bad_in_row >= cfg.max_bad_steps:
@@ -504,14 +517,17 @@ def distill(cfg: DistillConfig, run: Path, resume: bool = False, progress: bool 
         log.close()
     result = {"final_eval_accuracy": acc, "steps": step, "stopped_by_signal": stopped_by_signal,
               **totals}
+    if not stopped_by_signal:
+        weights = dist.model_state(student)  # FSDP: gathered by all ranks
+        if dist.main:
+            final = run / "model"
+            shutil.rmtree(final, ignore_errors=True)
+            to_save = student.merge_and_unload() if cfg.lora.rank and cfg.lora.merge \
+                else student
+            to_save.save_pretrained(final, state_dict=weights)
+            tok.save_pretrained(final)
     if not dist.main:
         return result
-    if not stopped_by_signal:
-        final = run / "model"
-        shutil.rmtree(final, ignore_errors=True)
-        to_save = student.merge_and_unload() if cfg.lora.rank and cfg.lora.merge else student
-        to_save.save_pretrained(final)
-        tok.save_pretrained(final)
     (run / "result.json").write_text(json.dumps(result, indent=2))
     print(f"distill: {'stopped' if stopped_by_signal else 'done'} at step {step}, full-budget "
           f"accuracy {acc:.3f}, {totals['train_time_s']:.0f}s training, "

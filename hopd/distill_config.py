@@ -36,6 +36,7 @@ class SamplingConfig:
     temperature: float = 1.0  # student sampling temperature for rollouts
     top_p: float = 1.0  # nucleus sampling (1: off)
     top_k: int = 0  # top-k sampling (0: off)
+    cuda_graph: bool = True  # on a GPU, replay the decode step as a CUDA graph (fast path)
 
 
 @dataclass
@@ -98,6 +99,7 @@ class DistillConfig:
     teacher_timeout_s: float = 60.0  # per request to the teacher server
     teacher_retries: int = 3  # retries of a failed request (connection errors, timeouts)
     threads: int = 0  # torch CPU threads (0: torch's default)
+    parallel: str = "ddp"  # several processes: ddp (a copy per rank) or fsdp (sharded student)
 
     def validate(self) -> None:
         C.check(self.max_steps >= 1, f"max_steps={self.max_steps}: must be >= 1")
@@ -108,6 +110,11 @@ class DistillConfig:
         C.check(self.max_time_s >= 0 and self.max_tokens >= 0,
                 "max_time_s and max_tokens must be >= 0 (0: no limit)")
         C.check(self.budget >= 0, f"budget={self.budget}: must be >= 0 (0: task default)")
+        C.check(self.parallel in ("ddp", "fsdp"),
+                f"parallel={self.parallel!r}: expected 'ddp' or 'fsdp'")
+        C.check(not (self.parallel == "fsdp" and self.lora.rank),
+                "parallel=fsdp with a LoRA student is not supported: LoRA trains few weights, "
+                "use parallel=ddp (the default)")
         C.check(self.loss.kind in LOSSES,
                 f"loss.kind={self.loss.kind!r}: choose one of {', '.join(LOSSES)}")
         C.check(0 <= self.loss.beta <= 1, f"loss.beta={self.loss.beta}: must be in [0, 1]")

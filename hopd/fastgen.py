@@ -2,10 +2,23 @@
 
 Why: sampling is H sequential decode steps of a (B, 1) slice. For small models, and for any
 model at small batch, a step is dominated by per-call overhead: the generic `forward` builds
-attention masks, updates a growing cache with `torch.cat`, dispatches through module hooks and
-returns output objects. Here a decode step is a fixed list of tensor ops on the model's own
-weights, writing K/V into preallocated (B, n_kv, P + H, d) buffers, and attention reads the
-cache up to the current column with a boolean key mask (left padding and finished rows).
+attention masks, updates a growing cache with `torch.cat`, recomputes rotary tables, dispatches
+through module hooks and returns output objects. Here a decode step is a short fixed list of
+tensor ops on the model's own weights, writing K/V into preallocated (B, n_kv, ., P + H)
+buffers:
+
+- q/k/v and gate/up are one matmul each (fused weight copies, for models up to 200M
+  parameters), the attention scale is folded into the q weights, and q and k are rotated in
+  one op with cos/sin looked up in a table built once per batch;
+- the residual adds ride in the output projections (`addmm`), RMSNorm is one kernel in float32;
+- attention is a plain batched matmul against a K cache kept transposed, with an additive key
+  bias that hides the prompt's left padding.
+
+Rows that have finished (EOS) keep decoding; rows never see each other, so their tokens are
+simply discarded by the caller. Nothing in a step depends on the data, so on a GPU the step
+is captured once per batch as a CUDA graph (`static=True`: attention over the whole buffer,
+with not-yet-written columns masked, and the write column passed as a tensor) and replayed,
+which removes the per-kernel launch cost that dominates small-batch decoding there.
 
 The prompt (prefill) still runs through the model's own `forward`, once; its cache is copied into
 the static buffers. Models whose structure this does not cover fall back to the generic loop
@@ -20,6 +33,7 @@ from transformers import PreTrainedModel
 
 SUPPORTED = {"llama", "mistral", "qwen2", "qwen3"}
 FUSE_MAX_PARAMS = 200_000_000
+TABLE_ROPE = {"default", "linear", "llama3", "yarn"}  # cos/sin depend on the position alone
 
 
 def supports(model: PreTrainedModel, max_len: int) -> bool:
@@ -32,59 +46,86 @@ def supports(model: PreTrainedModel, max_len: int) -> bool:
         return False  # the window would hide keys that this step attends to
     if getattr(cfg, "hidden_act", "silu") != "silu" or getattr(cfg, "mlp_bias", False):
         return False
-    return hasattr(model, "model") and hasattr(model.model, "rotary_emb")
+    rotary = getattr(getattr(model, "model", None), "rotary_emb", None)
+    return getattr(rotary, "rope_type", "default") in TABLE_ROPE
 
 
-def _rms(x: torch.Tensor, norm: torch.nn.Module) -> torch.Tensor:
-    # HF's RMSNorm: compute in float32, scale by the weight in the input dtype
+def _rms(x: torch.Tensor, weight: torch.Tensor | None, eps: float) -> torch.Tensor:
+    """HF's RMSNorm: normalise in float32, then scale by the weight in the input dtype."""
+    if x.dtype == torch.float32:
+        return F.rms_norm(x, x.shape[-1:], weight, eps)
     xf = x.float()
-    xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + norm.variance_epsilon)
-    return norm.weight * xf.to(x.dtype)
-
-
-def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    half = x.shape[-1] // 2
-    rot = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-    return x * cos + rot * sin
+    y = (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
+    return y if weight is None else weight * y
 
 
 class StaticDecoder:
-    """Holds the static cache of one batch; `step(tokens_B, positions_B)` gives (B, V) logits."""
+    """The static cache of one batch; `step(tokens_B, positions_B)` gives (B, V) logits.
 
-    def __init__(self, model: PreTrainedModel, batch: int, max_len: int):
+    With `static`, shapes never change from step to step (attention reads the whole buffer
+    under a mask) and, on CUDA, the step is recorded as a CUDA graph after its first call.
+    """
+
+    def __init__(self, model: PreTrainedModel, batch: int, max_len: int, static: bool = False):
         self.model = model
+        m = model.model
         cfg = model.config
         self.n_heads = cfg.num_attention_heads
         self.n_kv = getattr(cfg, "num_key_value_heads", None) or self.n_heads
         self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // self.n_heads
+        self.eps = m.norm.variance_epsilon
+        self.static = static
         p = next(model.parameters())
+        kw = dict(dtype=p.dtype, device=p.device)
         # K is kept transposed, (B, n_kv, d, T): q @ K^T is then a plain batched matmul over
         # contiguous rows, faster on CPU than the fused attention kernel at q_len = 1
-        self.k = [torch.zeros((batch, self.n_kv, self.head_dim, max_len), dtype=p.dtype,
-                              device=p.device) for _ in model.model.layers]
-        self.v = [torch.zeros((batch, self.n_kv, max_len, self.head_dim), dtype=p.dtype,
-                              device=p.device) for _ in model.model.layers]
-        self.key_ok_B_T = torch.zeros((batch, max_len), dtype=torch.bool, device=p.device)
+        self.k = [torch.zeros((batch, self.n_kv, self.head_dim, max_len), **kw) for _ in m.layers]
+        self.v = [torch.zeros((batch, self.n_kv, max_len, self.head_dim), **kw) for _ in m.layers]
+        self.bias = torch.zeros((batch, 1, 1, max_len), **kw)  # 0: attend; -inf: hidden key
+        self.column = torch.zeros(1, dtype=torch.long, device=p.device)  # write column (static)
         self.length = 0  # columns of the cache in use
-        self.scale = self.head_dim ** -0.5
+        cos, sin = m.rotary_emb(self.bias, torch.arange(max_len, device=p.device)[None])
+        half = self.head_dim // 2
+        # rotate_half(x) * sin == x.roll(half) * [-sin_lo, sin_hi]: one op less, same values
+        self.cos, self.sin = cos[0], torch.cat([-sin[0, :, :half], sin[0, :, half:]], -1)
         # Small models: one matmul for q/k/v and one for gate/up instead of five; per-call
         # overhead dominates there. The fused copies are rebuilt per batch (the weights change
         # every optimizer step) and skipped for large models, where they would cost memory.
         n_params = sum(t.numel() for t in model.parameters())
-        plain = all(type(m) is torch.nn.Linear for layer in model.model.layers
-                    for m in (layer.self_attn.q_proj, layer.mlp.gate_proj))  # no LoRA wrappers
-        self.fused = [self._fuse(layer) for layer in model.model.layers] \
+        plain = all(type(mod) is torch.nn.Linear for layer in m.layers
+                    for mod in (layer.self_attn.q_proj, layer.self_attn.o_proj,
+                                layer.mlp.gate_proj, layer.mlp.down_proj)) \
+            and all(layer.self_attn.o_proj.bias is None for layer in m.layers)  # no LoRA
+        self.fused = [self._fuse(layer) for layer in m.layers] \
             if plain and n_params <= FUSE_MAX_PARAMS else None
+        self.qk_norm = [self._qk_norm_weight(layer) for layer in m.layers]
+        self.graph: torch.cuda.CUDAGraph | None = None
+        self.inputs: tuple[torch.Tensor, torch.Tensor] | None = None
+        self.output: torch.Tensor | None = None
 
-    @staticmethod
-    def _fuse(layer: torch.nn.Module) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
+    def _fuse(self, layer: torch.nn.Module) -> tuple[torch.Tensor, torch.Tensor | None,
+                                                     torch.Tensor]:
         att, mlp = layer.self_attn, layer.mlp
-        w_qkv = torch.cat([att.q_proj.weight, att.k_proj.weight, att.v_proj.weight])
+        scale = self._q_scale(layer)
+        w_qkv = torch.cat([att.q_proj.weight * scale, att.k_proj.weight, att.v_proj.weight])
         b_qkv = None
         if att.q_proj.bias is not None:
-            b_qkv = torch.cat([att.q_proj.bias, att.k_proj.bias, att.v_proj.bias])
+            b_qkv = torch.cat([att.q_proj.bias * scale, att.k_proj.bias, att.v_proj.bias])
         w_gu = torch.cat([mlp.gate_proj.weight, mlp.up_proj.weight])
         return w_qkv, b_qkv, w_gu
+
+    def _q_scale(self, layer: torch.nn.Module) -> float:
+        """The attention scale, folded into q's projection, or into q's norm where there is one
+        (a norm after the projection would undo it)."""
+        return 1.0 if hasattr(layer.self_attn, "q_norm") else self.head_dim ** -0.5
+
+    def _qk_norm_weight(self, layer: torch.nn.Module) -> torch.Tensor | None:
+        """Qwen3 normalises each q and k head before RoPE: one norm over (n_heads + n_kv, d)."""
+        att = layer.self_attn
+        if not hasattr(att, "q_norm"):
+            return None
+        return torch.cat([att.q_norm.weight.expand(self.n_heads, -1) * self.head_dim ** -0.5,
+                          att.k_norm.weight.expand(self.n_kv, -1)])
 
     def load_prefill(self, cache: object, attn_B_P: torch.Tensor) -> None:
         """Copies the prompt's K/V from the model's own cache after a prefill forward."""
@@ -92,52 +133,76 @@ class StaticDecoder:
         for i, layer in enumerate(cache.layers):  # type: ignore[attr-defined]
             self.k[i][:, :, :, :P] = layer.keys.transpose(-1, -2)
             self.v[i][:, :, :P] = layer.values
-        self.key_ok_B_T[:, :P] = attn_B_P.bool()
+        self.bias.zero_()
+        self.bias[:, 0, 0, :P].masked_fill_(attn_B_P == 0, float("-inf"))  # left padding
+        if self.static:  # the whole buffer is read: columns not written yet stay hidden
+            self.bias[:, :, :, P:] = float("-inf")
         self.length = P
 
-    def step(self, tokens_B: torch.Tensor, positions_B: torch.Tensor,
-             alive_B: torch.Tensor) -> torch.Tensor:
+    def step(self, tokens_B: torch.Tensor, positions_B: torch.Tensor) -> torch.Tensor:
         """Appends one token per row at column `length`; returns next-token logits (B, V)."""
-        m = self.model.model
         t = self.length
-        self.key_ok_B_T[:, t] = alive_B
-        bias = torch.zeros(self.key_ok_B_T.shape[0], 1, 1, t + 1, dtype=self.v[0].dtype,
-                           device=self.v[0].device)
-        bias.masked_fill_(~self.key_ok_B_T[:, None, None, : t + 1], float("-inf"))  # (B,1,1,T)
-        group = self.n_heads // self.n_kv
-        x = m.embed_tokens(tokens_B[:, None])  # (B, 1, D)
-        cos, sin = m.rotary_emb(x, positions_B[:, None])  # (B, 1, d)
-        cos, sin = cos[:, None], sin[:, None]  # (B, 1, 1, d)
-        B = x.size(0)
+        self.length = t + 1
+        if not self.static:
+            return self._step(tokens_B, positions_B, t)
+        if self.graph is not None:  # replay: new inputs into the recorded buffers
+            self.inputs[0].copy_(tokens_B)
+            self.inputs[1].copy_(positions_B)
+            self.column.fill_(t)
+            self.graph.replay()
+            return self.output
+        self.column.fill_(t)
+        out = self._step(tokens_B, positions_B, t)  # eager first call (also the warm-up)
+        if tokens_B.is_cuda:
+            self.inputs = (tokens_B.clone(), positions_B.clone())
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                # records the kernels without running them; replays write at `column`
+                self.output = self._step(*self.inputs, t)
+            self.graph = graph
+        return out
+
+    def _step(self, tokens_B: torch.Tensor, positions_B: torch.Tensor, t: int) -> torch.Tensor:
+        m = self.model.model
+        B, nh, nkv, d = tokens_B.size(0), self.n_heads, self.n_kv, self.head_dim
+        if self.static:
+            self.bias.index_fill_(-1, self.column, 0.0)
+            k_len = self.bias.size(-1)
+        else:
+            k_len = t + 1
+        bias = self.bias[..., :k_len]
+        x = F.embedding(tokens_B, m.embed_tokens.weight)  # (B, D)
+        cos, sin = self.cos[positions_B][:, None], self.sin[positions_B][:, None]  # (B, 1, d)
         for i, layer in enumerate(m.layers):
-            att = layer.self_attn
-            h = _rms(x, layer.input_layernorm)
-            nq, nk = self.n_heads * self.head_dim, self.n_kv * self.head_dim
+            att, mlp = layer.self_attn, layer.mlp
+            h = _rms(x, layer.input_layernorm.weight, self.eps)
             if self.fused is not None:
                 w_qkv, b_qkv, w_gu = self.fused[i]
-                q, k, v = F.linear(h, w_qkv, b_qkv).split([nq, nk, nk], dim=-1)
+                qkv = F.linear(h, w_qkv, b_qkv).view(B, nh + 2 * nkv, d)
+            else:  # module calls, so that adapters (LoRA) wrapping the projections apply
+                qkv = torch.cat([att.q_proj(h) * self._q_scale(layer), att.k_proj(h),
+                                 att.v_proj(h)], -1).view(B, nh + 2 * nkv, d)
+            qk, v = qkv[:, : nh + nkv], qkv[:, nh + nkv:]
+            if self.qk_norm[i] is not None:
+                qk = _rms(qk, None, self.eps) * self.qk_norm[i]
+            qk = torch.addcmul(qk * cos, qk.roll(d // 2, -1), sin)  # RoPE on q and k at once
+            q, k = qk[:, :nh], qk[:, nh:]
+            if self.static:
+                self.k[i].index_copy_(3, self.column, k[..., None])
+                self.v[i].index_copy_(2, self.column, v[:, :, None])
             else:
-                q, k, v = att.q_proj(h), att.k_proj(h), att.v_proj(h)
-            q = q.view(B, 1, self.n_heads, self.head_dim)
-            k = k.view(B, 1, self.n_kv, self.head_dim)
-            v = v.reshape(B, 1, self.n_kv, self.head_dim)
-            if hasattr(att, "q_norm"):  # Qwen3: per-head RMSNorm before RoPE
-                q, k = _rms(q, att.q_norm), _rms(k, att.k_norm)
-            q = _rotate(q.transpose(1, 2), cos, sin)  # (B, h, 1, d)
-            k = _rotate(k.transpose(1, 2), cos, sin)
-            self.k[i][:, :, :, t] = k[:, :, 0]
-            self.v[i][:, :, t] = v[:, 0]
+                self.k[i][:, :, :, t] = k
+                self.v[i][:, :, t] = v
             # query heads grouped by their kv head (HF's repeat_kv order): (B, n_kv, group, d)
-            qg = q.reshape(B, self.n_kv, group, self.head_dim)
-            scores = torch.matmul(qg, self.k[i][:, :, :, : t + 1]) * self.scale + bias
-            o = torch.matmul(scores.softmax(-1), self.v[i][:, :, : t + 1])  # (B, n_kv, g, d)
-            x = x + att.o_proj(o.reshape(B, 1, -1))
-            h = _rms(x, layer.post_attention_layernorm)
-            mlp = layer.mlp
+            scores = torch.matmul(q.view(B, nkv, nh // nkv, d), self.k[i][..., :k_len]) + bias
+            o = torch.matmul(scores.softmax(-1), self.v[i][:, :, :k_len]).view(B, nh * d)
             if self.fused is not None:
-                gate, up = F.linear(h, self.fused[i][2]).chunk(2, dim=-1)
+                x = torch.addmm(x, o, att.o_proj.weight.t())
+                gate, up = F.linear(_rms(x, layer.post_attention_layernorm.weight, self.eps),
+                                    w_gu).chunk(2, dim=-1)
+                x = torch.addmm(x, F.silu(gate) * up, mlp.down_proj.weight.t())
             else:
-                gate, up = mlp.gate_proj(h), mlp.up_proj(h)
-            x = x + mlp.down_proj(F.silu(gate) * up)
-        self.length = t + 1
-        return self.model.lm_head(_rms(x, m.norm))[:, 0]
+                x = x + att.o_proj(o)
+                h = _rms(x, layer.post_attention_layernorm.weight, self.eps)
+                x = x + mlp.down_proj(F.silu(mlp.gate_proj(h)) * mlp.up_proj(h))
+        return self.model.lm_head(_rms(x, m.norm.weight, self.eps))

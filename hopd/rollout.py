@@ -1,8 +1,10 @@
 """Student sampling up to a horizon of H new tokens, batched, with a KV cache.
 
 Sampling is H sequential decode steps, the dominant cost of an OPD step, so this loop does the
-least per step: one model call on a (B, 1) slice with the cache, sampling on the last logits, and
-an early exit once every sequence has emitted EOS.
+least per step: one model call on a (B, 1) slice with the cache, inverse-CDF sampling on the last
+logits with uniforms drawn up front, and an early exit once every sequence has emitted EOS. A row
+that is done keeps decoding until the batch stops (its extra tokens are masked afterwards), so a
+step never depends on the data and can be replayed as a CUDA graph.
 
 Layout: prompts are left-padded to a common length P, so every response starts at column P and
 `ids_B_T[:, P:]` are the (right-padded) responses: T = P + (number of decode steps taken) <= P + H.
@@ -94,18 +96,21 @@ def sample(
     generator: torch.Generator | None = None,
     fast: bool = True,
     row_seeds: list[int] | None = None,
+    cuda_graph: bool = True,
 ) -> Rollout:
     """Samples at most `horizon` tokens after each prompt; each row stops at its EOS.
 
     `sampler_logp_B_R` is the log-probability of each chosen token under the distribution it was
     drawn from: softmax(filter(logits / temperature)); with `greedy`, under softmax(logits).
     The prompt runs through the model's forward once (prefill); decode steps use the static-cache
-    fast path of `hopd.fastgen` when `fast` and the model supports it, else the model's forward.
+    fast path of `hopd.fastgen` when `fast` and the model supports it, else the model's forward;
+    on a GPU that step is recorded once as a CUDA graph and replayed (`cuda_graph=False`: not).
 
-    With `row_seeds`, row b draws its uniforms u_(b,t) from its own stream seeded by
-    row_seeds[b] and picks the first token whose cumulative probability exceeds u_(b,t)
-    (inverse-CDF sampling): its tokens then do not depend on which other rows share the batch,
-    so splitting a batch across processes or micro-batches gives the same rollouts.
+    Row b at step t picks the first token whose cumulative probability exceeds u_(b,t)
+    (inverse-CDF sampling), with the (B, H) uniforms drawn up front from `generator`. With
+    `row_seeds`, row b draws its uniforms from its own stream seeded by row_seeds[b]: its tokens
+    then do not depend on which other rows share the batch, so splitting a batch across
+    processes or micro-batches gives the same rollouts.
     """
     if horizon < 1:
         raise ValueError(f"horizon={horizon}: must be >= 1")
@@ -115,16 +120,17 @@ def sample(
     device = next(model.parameters()).device
     prompt_B_P, prompt_attn_B_P = left_pad(prompts, pad_id, device)
     B, P = prompt_B_P.shape
-    out_ids = torch.full((B, horizon), pad_id, dtype=torch.long, device=device)
-    out_logp = torch.zeros((B, horizon), dtype=torch.float32, device=device)
-    out_mask = torch.zeros((B, horizon), dtype=torch.long, device=device)
+    ids_B_H = torch.full((B, horizon), pad_id, dtype=torch.long, device=device)
+    logp_B_H = torch.zeros((B, horizon), dtype=torch.float32, device=device)
     done = torch.zeros(B, dtype=torch.bool, device=device)
-    u_B_H = None
+    u_B_H = None  # the uniforms of inverse-CDF sampling, drawn up front
     if row_seeds is not None and not greedy:
         if len(row_seeds) != B:
             raise ValueError(f"row_seeds has {len(row_seeds)} seeds for {B} prompts")
         u_B_H = torch.stack([torch.rand(horizon, generator=torch.Generator().manual_seed(s))
                              for s in row_seeds]).to(device)
+    elif not greedy:
+        u_B_H = torch.rand((B, horizon), generator=generator, device=device)
 
     # prefill: one forward over the prompts fills the cache and gives the first logits
     cache = DynamicCache()
@@ -133,10 +139,12 @@ def sample(
                    use_cache=True, logits_to_keep=1, **{cache_kw(model): cache}).logits[:, -1]
     decoder = None
     if fast and supports(model, P + horizon):
-        decoder = StaticDecoder(model, B, P + horizon)
+        decoder = StaticDecoder(model, B, P + horizon, static=cuda_graph and device.type == "cuda")
         decoder.load_prefill(cache, prompt_attn_B_P)
     attn = prompt_attn_B_P
     positions = positions[:, -1]  # (B,) position of each row's last token
+    # asking whether every row is done waits for the device: on a GPU only every few steps
+    check_every = 8 if device.type == "cuda" else 1
     n_steps = 0
     for t in range(horizon):
         logits = logits.float()  # (B, V)
@@ -144,37 +152,42 @@ def sample(
             logp_B_V = logits.log_softmax(-1)
             tok = logp_B_V.argmax(-1)
         else:
-            logp_B_V = filter_logits(logits / temperature, top_k, top_p).log_softmax(-1)
-            if u_B_H is not None:
-                cdf = logp_B_V.exp().cumsum(-1)
-                u = (u_B_H[:, t] * cdf[:, -1]).unsqueeze(-1)  # < cdf[-1]: always lands
-                tok = torch.searchsorted(cdf, u, right=True).squeeze(-1)
-            else:
-                tok = torch.multinomial(logp_B_V.exp(), 1, generator=generator).squeeze(-1)
-        alive = ~done
-        out_ids[:, t] = torch.where(alive, tok, pad_id)
-        out_logp[:, t] = torch.where(alive, logp_B_V.gather(-1, tok[:, None]).squeeze(-1), 0.0)
-        out_mask[:, t] = alive.long()
+            if temperature != 1.0:
+                logits = logits / temperature
+            logp_B_V = filter_logits(logits, top_k, top_p).log_softmax(-1)
+            cdf = logp_B_V.exp().cumsum(-1)
+            total = cdf[:, -1:]
+            u = torch.minimum(u_B_H[:, t, None] * total, total.nextafter(torch.zeros_like(total)))
+            tok = torch.searchsorted(cdf, u, right=True).squeeze(-1)  # u < total: always lands
+        ids_B_H[:, t] = tok
+        logp_B_H[:, t] = logp_B_V.gather(-1, tok[:, None]).squeeze(-1)
         done |= tok == eos_id
         n_steps = t + 1
-        if t + 1 == horizon or bool(done.all()):
+        if t + 1 == horizon or (n_steps % check_every == 0 and bool(done.all())):
             break
+        # rows that are done keep decoding (their tokens are masked below): rows never
+        # attend to each other, and the step keeps one shape
         positions = positions + 1
         if decoder is not None:
-            logits = decoder.step(out_ids[:, t], positions, alive)
+            logits = decoder.step(tok, positions)
         else:
-            attn = torch.cat([attn, alive.long()[:, None]], dim=1)
-            logits = model(input_ids=out_ids[:, t:t + 1], attention_mask=attn,
+            attn = torch.cat([attn, torch.ones_like(attn[:, :1])], dim=1)
+            logits = model(input_ids=tok[:, None], attention_mask=attn,
                            position_ids=positions[:, None], use_cache=True,
                            **{cache_kw(model): cache}).logits[:, -1]
-    R = n_steps
-    resp_mask = out_mask[:, :R]
+    # a row's response runs up to and including its first EOS
+    eos_B_H = ids_B_H[:, :n_steps] == eos_id
+    resp_mask = ((eos_B_H.cumsum(-1) - eos_B_H.long()) == 0).long()
+    n_steps = int(resp_mask.sum(-1).max())  # drops steps decoded after every row was done
+    resp_mask = resp_mask[:, :n_steps]
+    out_ids = torch.where(resp_mask.bool(), ids_B_H[:, :n_steps], pad_id)
+    out_logp = torch.where(resp_mask.bool(), logp_B_H[:, :n_steps], 0.0)
     return Rollout(
-        ids_B_T=torch.cat([prompt_B_P, out_ids[:, :R]], dim=1),
+        ids_B_T=torch.cat([prompt_B_P, out_ids], dim=1),
         attn_B_T=torch.cat([prompt_attn_B_P, resp_mask], dim=1),
         response_mask_B_R=resp_mask,
-        sampler_logp_B_R=out_logp[:, :R],
+        sampler_logp_B_R=out_logp,
         prompt_len=P,
-        cut_B=~done,
+        cut_B=~eos_B_H[:, :n_steps].any(-1),
         horizon=horizon,
     )

@@ -22,17 +22,20 @@ from hopd.progress import read_metrics
 
 
 def save_checkpoint(run: Path, step: int, student: PreTrainedModel, tokenizer: Any,
-                    opt: torch.optim.Optimizer, extra: dict[str, Any],
-                    keep_last: int) -> Path:
-    """Writes RUN/checkpoints/step_N atomically (a temporary folder, then a rename)."""
+                    opt_state: dict[str, Any], extra: dict[str, Any],
+                    keep_last: int, state_dict: dict[str, Any] | None = None) -> Path:
+    """Writes RUN/checkpoints/step_N atomically (a temporary folder, then a rename).
+
+    `opt_state`: the optimizer's state dict; `state_dict`: the student's weights when not its own
+    (`Dist.optimizer_state` and `Dist.model_state`: gathered in full under FSDP)."""
     ckpts = run / "checkpoints"
     ckpts.mkdir(exist_ok=True)
     final = ckpts / f"step_{step:07d}"
     tmp = ckpts / f".tmp_step_{step:07d}"
     shutil.rmtree(tmp, ignore_errors=True)
-    student.save_pretrained(tmp)
+    student.save_pretrained(tmp, state_dict=state_dict)
     tokenizer.save_pretrained(tmp)
-    torch.save({"optimizer": opt.state_dict(), "step": step,
+    torch.save({"optimizer": opt_state, "step": step,
                 "torch_rng": torch.get_rng_state(), **extra}, tmp / "trainer_state.pt")
     shutil.rmtree(final, ignore_errors=True)
     os.replace(tmp, final)

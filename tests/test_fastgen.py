@@ -63,3 +63,58 @@ def test_unsupported_models_fall_back():
     assert r.response_ids_B_R[0].tolist() == ref[0, 3:].tolist()
     windowed = MistralForCausalLM(MistralConfig(**COMMON, sliding_window=16))
     assert not supports(windowed, 64) and supports(windowed, 16)
+
+
+@pytest.mark.parametrize("arch", sorted(ARCHS))
+def test_static_shape_step_matches_the_sliced_step(arch):
+    """The static-shape step (what a GPU records as a CUDA graph: whole-buffer attention under
+    a mask, write column as a tensor) gives the sliced step's logits, here run eagerly."""
+    from transformers import DynamicCache
+
+    from hopd.fastgen import StaticDecoder
+    from hopd.rollout import cache_kw, left_pad, positions_from_mask
+
+    torch.manual_seed(0)
+    model = ARCHS[arch]().eval()
+    ids, attn = left_pad([[3, 4, 5, 6, 7, 8], [9, 10, 11]], 0)
+    pos = positions_from_mask(attn)
+    logits = {}
+    with torch.no_grad():
+        for static in (False, True):
+            cache = DynamicCache()
+            model(input_ids=ids, attention_mask=attn, position_ids=pos, **{cache_kw(model): cache})
+            dec = StaticDecoder(model, 2, ids.size(1) + 12, static=static)
+            dec.load_prefill(cache, attn)
+            p, tok, out = pos[:, -1], torch.tensor([20, 21]), []
+            for _ in range(12):
+                p = p + 1
+                out.append(dec.step(tok, p).clone())
+                tok = out[-1].argmax(-1)
+            logits[static] = torch.stack(out)
+    assert torch.allclose(logits[False], logits[True], atol=1e-5)
+
+
+def test_fast_path_in_bfloat16_follows_the_model():
+    torch.manual_seed(0)
+    model = ARCHS["qwen2"]().to(torch.bfloat16).eval()
+    prompts = [[3, 4, 5, 6, 7, 8], [9, 10, 11]]
+    fast = sample(model, prompts, 12, eos_id=-1, pad_id=0, greedy=True, fast=True)
+    slow = sample(model, prompts, 12, eos_id=-1, pad_id=0, greedy=True, fast=False)
+    # bf16 rounding differs between kernels: the log-probs agree to bf16 precision
+    assert (fast.response_ids_B_R == slow.response_ids_B_R).float().mean() > 0.9
+    assert torch.allclose(fast.sampler_logp_B_R[:, :3], slow.sampler_logp_B_R[:, :3], atol=0.05)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
+@pytest.mark.parametrize("arch", sorted(ARCHS))
+def test_cuda_graph_replay_gives_the_eager_tokens(arch):
+    torch.manual_seed(0)
+    model = ARCHS[arch]().cuda().eval()
+    prompts = [[3, 4, 5, 6, 7, 8], [9, 10, 11], [12, 13, 14, 15]]
+    runs = [sample(model, prompts, 20, eos_id=7, pad_id=0, temperature=1.5, fast=fast,
+                   cuda_graph=graph, generator=torch.Generator("cuda").manual_seed(1))
+            for fast, graph in ((True, True), (True, False), (False, False))]
+    for r in runs[1:]:
+        assert r.ids_B_T.equal(runs[0].ids_B_T)
+        assert r.response_mask_B_R.equal(runs[0].response_mask_B_R)
+        assert torch.allclose(r.sampler_logp_B_R, runs[0].sampler_logp_B_R, atol=1e-4)
