@@ -15,10 +15,11 @@ buffers:
   bias that hides the prompt's left padding.
 
 Rows that have finished (EOS) keep decoding; rows never see each other, so their tokens are
-simply discarded by the caller. Nothing in a step depends on the data, so on a GPU the step
-is captured once per batch as a CUDA graph (`static=True`: attention over the whole buffer,
-with not-yet-written columns masked, and the write column passed as a tensor) and replayed,
-which removes the per-kernel launch cost that dominates small-batch decoding there.
+simply discarded by the caller. Nothing in a step depends on the data, so on a GPU the sampler
+records one whole token step (pick the token, decode it) as a CUDA graph and replays it
+(`static=True` here: attention over the whole buffer with not-yet-written columns masked, and
+the write column a device tensor that the step advances itself), which removes the per-kernel
+launch cost that dominates small-batch decoding there.
 
 The prompt (prefill) still runs through the model's own `forward`, once; its cache is copied into
 the static buffers. Models whose structure this does not cover fall back to the generic loop
@@ -62,8 +63,8 @@ def _rms(x: torch.Tensor, weight: torch.Tensor | None, eps: float) -> torch.Tens
 class StaticDecoder:
     """The static cache of one batch; `step(tokens_B, positions_B)` gives (B, V) logits.
 
-    With `static`, shapes never change from step to step (attention reads the whole buffer
-    under a mask) and, on CUDA, the step is recorded as a CUDA graph after its first call.
+    With `static`, shapes and buffers never change from step to step (attention reads the whole
+    buffer under a mask), so the step can be recorded as a CUDA graph.
     """
 
     def __init__(self, model: PreTrainedModel, batch: int, max_len: int, static: bool = False):
@@ -99,9 +100,6 @@ class StaticDecoder:
         self.fused = [self._fuse(layer) for layer in m.layers] \
             if plain and n_params <= FUSE_MAX_PARAMS else None
         self.qk_norm = [self._qk_norm_weight(layer) for layer in m.layers]
-        self.graph: torch.cuda.CUDAGraph | None = None
-        self.inputs: tuple[torch.Tensor, torch.Tensor] | None = None
-        self.output: torch.Tensor | None = None
 
     def _fuse(self, layer: torch.nn.Module) -> tuple[torch.Tensor, torch.Tensor | None,
                                                      torch.Tensor]:
@@ -138,28 +136,18 @@ class StaticDecoder:
         if self.static:  # the whole buffer is read: columns not written yet stay hidden
             self.bias[:, :, :, P:] = float("-inf")
         self.length = P
+        self.column.fill_(P)
 
     def step(self, tokens_B: torch.Tensor, positions_B: torch.Tensor) -> torch.Tensor:
-        """Appends one token per row at column `length`; returns next-token logits (B, V)."""
+        """Appends one token per row at column `length`; returns next-token logits (B, V).
+
+        `static`: the column lives on the device and the step advances it itself, so a CUDA
+        graph that records this call stays right on every replay."""
         t = self.length
         self.length = t + 1
-        if not self.static:
-            return self._step(tokens_B, positions_B, t)
-        if self.graph is not None:  # replay: new inputs into the recorded buffers
-            self.inputs[0].copy_(tokens_B)
-            self.inputs[1].copy_(positions_B)
-            self.column.fill_(t)
-            self.graph.replay()
-            return self.output
-        self.column.fill_(t)
-        out = self._step(tokens_B, positions_B, t)  # eager first call (also the warm-up)
-        if tokens_B.is_cuda:
-            self.inputs = (tokens_B.clone(), positions_B.clone())
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph):
-                # records the kernels without running them; replays write at `column`
-                self.output = self._step(*self.inputs, t)
-            self.graph = graph
+        out = self._step(tokens_B, positions_B, t)
+        if self.static:
+            self.column.add_(1)
         return out
 
     def _step(self, tokens_B: torch.Tensor, positions_B: torch.Tensor, t: int) -> torch.Tensor:

@@ -135,46 +135,70 @@ def sample(
     # prefill: one forward over the prompts fills the cache and gives the first logits
     cache = DynamicCache()
     positions = positions_from_mask(prompt_attn_B_P)
-    logits = model(input_ids=prompt_B_P, attention_mask=prompt_attn_B_P, position_ids=positions,
-                   use_cache=True, logits_to_keep=1, **{cache_kw(model): cache}).logits[:, -1]
+    logits_B_V = model(input_ids=prompt_B_P, attention_mask=prompt_attn_B_P,
+                       position_ids=positions, use_cache=True, logits_to_keep=1,
+                       **{cache_kw(model): cache}).logits[:, -1].float()
+    graph = cuda_graph and device.type == "cuda"
     decoder = None
     if fast and supports(model, P + horizon):
-        decoder = StaticDecoder(model, B, P + horizon, static=cuda_graph and device.type == "cuda")
+        decoder = StaticDecoder(model, B, P + horizon, static=graph)
         decoder.load_prefill(cache, prompt_attn_B_P)
-    attn = prompt_attn_B_P
-    positions = positions[:, -1]  # (B,) position of each row's last token
-    # asking whether every row is done waits for the device: on a GPU only every few steps
-    check_every = 8 if device.type == "cuda" else 1
-    n_steps = 0
-    for t in range(horizon):
-        logits = logits.float()  # (B, V)
+    graph = graph and decoder is not None
+    attn = [prompt_attn_B_P]
+    positions = positions[:, -1].clone()  # (B,) position of each row's last token
+    column = torch.zeros(1, dtype=torch.long, device=device)  # the response column t
+
+    # pick() and advance() touch device-side state only, so a CUDA graph can replay them
+    def pick() -> torch.Tensor:
+        """Picks and records token t (at `column`) from the current logits."""
         if greedy:
-            logp_B_V = logits.log_softmax(-1)
+            logp_B_V = logits_B_V.log_softmax(-1)
             tok = logp_B_V.argmax(-1)
         else:
-            if temperature != 1.0:
-                logits = logits / temperature
-            logp_B_V = filter_logits(logits, top_k, top_p).log_softmax(-1)
+            scaled = logits_B_V / temperature if temperature != 1.0 else logits_B_V
+            logp_B_V = filter_logits(scaled, top_k, top_p).log_softmax(-1)
             cdf = logp_B_V.exp().cumsum(-1)
             total = cdf[:, -1:]
-            u = torch.minimum(u_B_H[:, t, None] * total, total.nextafter(torch.zeros_like(total)))
+            u = torch.minimum(u_B_H.index_select(1, column) * total,
+                              total.nextafter(torch.zeros_like(total)))
             tok = torch.searchsorted(cdf, u, right=True).squeeze(-1)  # u < total: always lands
-        ids_B_H[:, t] = tok
-        logp_B_H[:, t] = logp_B_V.gather(-1, tok[:, None]).squeeze(-1)
-        done |= tok == eos_id
-        n_steps = t + 1
-        if t + 1 == horizon or (n_steps % check_every == 0 and bool(done.all())):
-            break
+        ids_B_H.index_copy_(1, column, tok[:, None])
+        logp_B_H.index_copy_(1, column, logp_B_V.gather(-1, tok[:, None]))
+        done.logical_or_(tok == eos_id)
+        column.add_(1)
+        return tok
+
+    def advance(tok: torch.Tensor) -> None:
+        """Decodes token t into the logits of token t + 1."""
         # rows that are done keep decoding (their tokens are masked below): rows never
         # attend to each other, and the step keeps one shape
-        positions = positions + 1
+        positions.add_(1)
         if decoder is not None:
-            logits = decoder.step(tok, positions)
+            logits_B_V.copy_(decoder.step(tok, positions))
         else:
-            attn = torch.cat([attn, torch.ones_like(attn[:, :1])], dim=1)
-            logits = model(input_ids=tok[:, None], attention_mask=attn,
-                           position_ids=positions[:, None], use_cache=True,
-                           **{cache_kw(model): cache}).logits[:, -1]
+            attn.append(torch.ones_like(attn[0][:, :1]))
+            logits_B_V.copy_(model(input_ids=tok[:, None], attention_mask=torch.cat(attn, 1),
+                                   position_ids=positions[:, None], use_cache=True,
+                                   **{cache_kw(model): cache}).logits[:, -1])
+
+    # asking whether every row is done waits for the device: on a GPU only every few steps
+    check_every = 8 if device.type == "cuda" else 1
+    recorded = None
+    n_steps = 0
+    for t in range(horizon):
+        if recorded is not None:
+            recorded.replay()  # pick + advance; the last advance is wasted (in bounds)
+        else:
+            tok = pick()
+        n_steps = t + 1
+        if n_steps == horizon or (n_steps % check_every == 0 and bool(done.all())):
+            break
+        if recorded is None:
+            advance(tok)
+            if graph:  # the first step ran eagerly (the warm-up); record the others
+                recorded = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(recorded):
+                    advance(pick())  # recorded, not run
     # a row's response runs up to and including its first EOS
     eos_B_H = ids_B_H[:, :n_steps] == eos_id
     resp_mask = ((eos_B_H.cumsum(-1) - eos_B_H.long()) == 0).long()
