@@ -368,7 +368,8 @@ def distill(cfg: DistillConfig, run: Path, resume: bool = False, progress: bool 
         print(describe(cfg.max_steps, budget, cfg.horizon), flush=True)
         print(f"distill: student {cfg.student} -> teacher {cfg.teacher or cfg.teacher_url}, loss "
               f"{cfg.loss.kind}, {cfg.max_steps} steps x {cfg.batch_size} prompts"
-              + (f" over {dist.world} processes" if dist.world > 1 else "")
+              + (f" over {dist.world} processes ({'FSDP' if dist.fsdp else 'DDP'})"
+                 if dist.world > 1 else "")
               + f", run folder {run}", flush=True)
 
     log = MetricsLog(run / "metrics.jsonl") if dist.main else None

@@ -30,13 +30,13 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _torchrun(run, pair, extra, resume=False):
+def _torchrun(run, pair, extra, resume=False, env=()):
     torchrun = shutil.which("torchrun") or [sys.executable, "-m", "torch.distributed.run"]
     cmd = ([torchrun] if isinstance(torchrun, str) else torchrun) + [
         "--nproc_per_node", "2", "--master_port", str(_free_port()),
         "-m", "hopd", *_args(run, pair, extra), *(["--resume"] if resume else [])]
     out = subprocess.run(cmd, capture_output=True, text=True, timeout=300,
-                         env={**os.environ, "OMP_NUM_THREADS": "1"})
+                         env={**os.environ, "OMP_NUM_THREADS": "1", **dict(env)})
     assert out.returncode == 0, out.stderr[-2000:]
     assert "over 2 processes" in out.stdout
     return out
@@ -73,7 +73,8 @@ def test_fsdp_two_ranks_match_one_process_and_resume(tmp_path, micro_pair):
     one = tmp_path / "one"
     assert main(_args(one, micro_pair, ["loss.kind=fkl"])) == 0
     two = tmp_path / "two"
-    _torchrun(two, micro_pair, ["loss.kind=fkl", "parallel=fsdp", "grad_accum=2"])
+    out = _torchrun(two, micro_pair, ["loss.kind=fkl", "parallel=fsdp", "grad_accum=2"])
+    assert "(FSDP)" in out.stdout
     _same_steps(one, two)
     final = two / "model" / "model.safetensors"
     assert final.exists()
@@ -84,7 +85,10 @@ def test_fsdp_two_ranks_match_one_process_and_resume(tmp_path, micro_pair):
     for k in ref:
         assert whole[k].shape == ref[k].shape
         assert torch.allclose(whole[k], ref[k], atol=1e-5), k
-    # resume: drop the last checkpoint and its line; step 3 is recomputed from step 2's state
+    # resume: drop the last checkpoint and its line; step 3 is recomputed from step 2's state.
+    # FSDP chosen the way `accelerate launch --use_fsdp` says it, through the environment
     shutil.rmtree(two / "checkpoints" / "step_0000003")
-    _torchrun(two, micro_pair, ["loss.kind=fkl", "parallel=fsdp", "grad_accum=2"], resume=True)
+    out = _torchrun(two, micro_pair, ["loss.kind=fkl", "grad_accum=2"], resume=True,
+                    env={"ACCELERATE_USE_FSDP": "true"})
+    assert "(FSDP)" in out.stdout
     _same_steps(one, two)

@@ -57,6 +57,8 @@ def _bad_cases(tmp: Path, pair: tuple[Path, Path], other_tok_model: Path) -> lis
         (D + good + ["horizon.start_tokens=500"], "H0 <= L"),
         (D + good + ["horizon.shape=zigzag"], "horizon.shape='zigzag'"),
         (D + good + ["max_steps=0"], "max_steps=0"),
+        (D + good + ["parallel=zero3"], "parallel='zero3': expected 'ddp' or 'fsdp'"),
+        (D + good + ["parallel=fsdp", "lora.rank=8"], "use parallel=ddp"),
         (D + good + ["batch_size=0"], "batch_size=0"),
         (D + good + ["grad_accum=8"], "exceeds batch_size"),
         (D + good + ["loss.kind=l2"], "loss.kind='l2'"),
