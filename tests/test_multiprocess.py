@@ -59,6 +59,10 @@ def test_two_ranks_match_one_process(tmp_path, micro_pair, loss):
     two = tmp_path / "two"
     _torchrun(two, micro_pair, [f"loss.kind={loss}", "grad_accum=2"])
     _same_steps(one, two)
+    if loss == "sampled_rkl":  # resume from step 2's checkpoint: step 3 comes out the same
+        shutil.rmtree(two / "checkpoints" / "step_0000003")
+        _torchrun(two, micro_pair, [f"loss.kind={loss}", "grad_accum=2"], resume=True)
+        _same_steps(one, two)
     # rank 0 alone wrote the run folder: one metrics file with one line per step and eval
     evals = [r for r in read_metrics(two / "metrics.jsonl") if "eval_accuracy" in r]
     assert [r["step"] for r in evals] == [0, 3]
