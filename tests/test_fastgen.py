@@ -118,3 +118,27 @@ def test_cuda_graph_replay_gives_the_eager_tokens(arch):
         assert r.ids_B_T.equal(runs[0].ids_B_T)
         assert r.response_mask_B_R.equal(runs[0].response_mask_B_R)
         assert torch.allclose(r.sampler_logp_B_R, runs[0].sampler_logp_B_R, atol=1e-4)
+
+
+@pytest.mark.parametrize("rope", [
+    {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+     "original_max_position_embeddings": 16, "rope_theta": 10000.0},
+    {"rope_type": "yarn", "factor": 8.0, "original_max_position_embeddings": 16,
+     "rope_theta": 10000.0},
+])
+def test_scaled_rope_tables_match_the_model(rope):
+    """Llama 3 and YaRN scaling depend on the position alone: the cos/sin table is exact."""
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(**COMMON, rope_parameters=rope)).eval()
+    assert supports(model, 64)
+    prompts = [[3, 4, 5, 6, 7, 8], [9, 10, 11]]
+    fast = sample(model, prompts, 30, eos_id=-1, pad_id=0, greedy=True, fast=True)
+    slow = sample(model, prompts, 30, eos_id=-1, pad_id=0, greedy=True, fast=False)
+    assert fast.ids_B_T.equal(slow.ids_B_T)
+    assert torch.allclose(fast.sampler_logp_B_R, slow.sampler_logp_B_R, atol=1e-5)
+
+
+def test_position_dependent_rope_falls_back():
+    dynamic = {"rope_type": "dynamic", "factor": 2.0, "rope_theta": 10000.0}
+    model = LlamaForCausalLM(LlamaConfig(**COMMON, rope_parameters=dynamic))
+    assert not supports(model, 64)  # its frequencies change with the sequence length
