@@ -143,6 +143,7 @@ def sample(
     if fast and supports(model, P + horizon):
         decoder = StaticDecoder(model, B, P + horizon, static=graph)
         decoder.load_prefill(cache, prompt_attn_B_P)
+        cache = None  # the static buffers hold the prompt's K/V now
     graph = graph and decoder is not None
     attn = [prompt_attn_B_P]
     positions = positions[:, -1].clone()  # (B,) position of each row's last token
