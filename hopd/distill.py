@@ -318,6 +318,13 @@ def distill(cfg: DistillConfig, run: Path, resume: bool = False, progress: bool 
     dist.barrier()
     ckpt = latest_checkpoint(run) if resume else None
     state = load_trainer_state(ckpt) if ckpt is not None else None
+    sharded = "fsdp" if dist.fsdp else "ddp"  # FSDP saves the optimizer keyed by parameter name
+    written = state.get("parallel", "ddp") if state is not None else sharded
+    if written != sharded:
+        raise C.ConfigError(
+            f"{ckpt} was written with parallel={written} and this run is parallel={sharded} "
+            "(one process counts as ddp): resume it the way it was run, or start again with "
+            "--overwrite")
     if cfg.lora.rank:  # checkpoints hold the adapter only; the base comes from `student`
         student = attach_lora(load_model(str(s_path), device, cfg.dtype), cfg.lora.rank,
                               cfg.lora.alpha, cfg.lora.dropout, cfg.lora.target_modules,
@@ -496,7 +503,8 @@ def distill(cfg: DistillConfig, run: Path, resume: bool = False, progress: bool 
                 if dist.main:
                     save_checkpoint(run, step + 1, student, tok, opt_state,
                                     {"totals": totals,
-                                     "adaptive": json.dumps(adaptive.to_dict())},
+                                     "adaptive": json.dumps(adaptive.to_dict()),
+                                     "parallel": sharded},
                                     cfg.keep_last, weights)
             dist.barrier()
             bar.update(1, H=H, loss=rec["loss"], rkl=rkl, acc=acc)

@@ -71,7 +71,7 @@ def test_two_ranks_match_one_process(tmp_path, micro_pair, loss):
                                                                        "step_0000003"]
 
 
-def test_fsdp_two_ranks_match_one_process_and_resume(tmp_path, micro_pair):
+def test_fsdp_two_ranks_match_one_process_and_resume(tmp_path, micro_pair, capsys):
     """FSDP (sharded weights, gradients and AdamW state) gives one process's updates; a run
     resumed from a sharded run's checkpoint continues with the same numbers."""
     one = tmp_path / "one"
@@ -96,3 +96,6 @@ def test_fsdp_two_ranks_match_one_process_and_resume(tmp_path, micro_pair):
                     env={"ACCELERATE_USE_FSDP": "true"})
     assert "(FSDP)" in out.stdout
     _same_steps(one, two)
+    # a sharded run's optimizer state does not load into one process: a clear error instead
+    assert main(_args(two, micro_pair, ["loss.kind=fkl"]) + ["--resume"]) == 2
+    assert "parallel=fsdp" in capsys.readouterr().err
