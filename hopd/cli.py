@@ -5,7 +5,7 @@
     hopd distill CONFIG --out DIR [key=value ...]   on-policy distillation with a horizon schedule
     hopd compare [CONFIG] --out DIR                 OPD vs POPD vs TOPD from the same student
     hopd report DIR...                              plots and report.md from run folders
-    hopd demo [--quick] [--out DIR]                 the built-in comparison on the testbed
+    hopd demo [--quick] [--out DIR] [--device D]    the built-in comparison on the testbed
 
 Bad input exits with code 2 and one line that names the problem and the fix.
 """
@@ -105,7 +105,13 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 
     out = Path(args.out)
     _check_out(out, args.overwrite, args.resume)
-    summary = run_demo(out, quick=args.quick, progress=not args.quiet, resume=args.resume)
+    device = args.device
+    if device == "auto":
+        import torch
+
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    summary = run_demo(out, quick=args.quick, progress=not args.quiet, resume=args.resume,
+                       device=device)
     _print_summary(summary, out / "report.md")
     return 0
 
@@ -229,6 +235,8 @@ def build_parser() -> argparse.ArgumentParser:
     m = sub.add_parser("demo", help="the built-in OPD vs POPD vs TOPD comparison on the testbed")
     m.add_argument("--quick", action="store_true", help="a smaller run (about 2 minutes)")
     m.add_argument("--out", default="runs/demo", help="output folder (default runs/demo)")
+    m.add_argument("--device", default="auto",
+                   help="cpu, cuda, cuda:N (default auto: a GPU when there is one)")
     _run_flags(m, "skip finished runs")
     m.set_defaults(func=_cmd_demo)
 

@@ -21,8 +21,9 @@ QUICK = ["max_steps=16", "batch_size=16", "eval_every=4", "eval_n=100", "diag_ev
          "diag_n=8"]
 
 
-def run_demo(out: Path, quick: bool = False, progress: bool = True, resume: bool = False
-             ) -> dict[str, Any]:
-    runs = compare(CONFIGS / "opd.yaml", out, DEFAULT, [0], QUICK if quick else DEMO, [],
+def run_demo(out: Path, quick: bool = False, progress: bool = True, resume: bool = False,
+             device: str = "cpu") -> dict[str, Any]:
+    settings = (QUICK if quick else DEMO) + [f"device={device}"]
+    runs = compare(CONFIGS / "opd.yaml", out, DEFAULT, [0], settings, [],
                    progress=progress, resume=resume)
     return write_report(runs, out)  # DIR/report.md and its PNGs, beside the run folders

@@ -107,7 +107,10 @@ def _bad_cases(tmp: Path, pair: tuple[Path, Path], other_tok_model: Path) -> lis
          "give one budget"),
         (["sft", "--out", str(tmp / "sft"), "model=size:huge"], "unknown size"),
         (["sft", "--out", str(tmp / "sft"), "task=data.jsonl"], "SFT needs reference solutions"),
-    ]
+    ] + ([] if torch.cuda.is_available() else [  # a GPU asked for where there is none
+        (["demo", "--quick", "--out", str(tmp / "demo"), "--device", "cuda"],
+         "CUDA is not available here"),
+    ])
 
 
 @pytest.fixture(scope="module")
