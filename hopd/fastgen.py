@@ -75,6 +75,11 @@ class StaticDecoder:
         self.n_kv = getattr(cfg, "num_key_value_heads", None) or self.n_heads
         self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // self.n_heads
         self.eps = m.norm.variance_epsilon
+        # the attention scale, folded into q's projection, or into q's norm where there is one
+        # (Qwen3: a norm after the projection would undo it)
+        self.scale = self.head_dim ** -0.5
+        self.q_scale = [1.0 if hasattr(layer.self_attn, "q_norm") else self.scale
+                        for layer in m.layers]
         self.static = static
         p = next(model.parameters())
         kw = dict(dtype=p.dtype, device=p.device)
@@ -97,14 +102,14 @@ class StaticDecoder:
                     for mod in (layer.self_attn.q_proj, layer.self_attn.o_proj,
                                 layer.mlp.gate_proj, layer.mlp.down_proj)) \
             and all(layer.self_attn.o_proj.bias is None for layer in m.layers)  # no LoRA
-        self.fused = [self._fuse(layer) for layer in m.layers] \
+        self.fused = [self._fuse(layer, q) for layer, q in zip(m.layers, self.q_scale)] \
             if plain and n_params <= FUSE_MAX_PARAMS else None
         self.qk_norm = [self._qk_norm_weight(layer) for layer in m.layers]
 
-    def _fuse(self, layer: torch.nn.Module) -> tuple[torch.Tensor, torch.Tensor | None,
-                                                     torch.Tensor]:
+    @staticmethod
+    def _fuse(layer: torch.nn.Module, scale: float) -> tuple[torch.Tensor, torch.Tensor | None,
+                                                             torch.Tensor]:
         att, mlp = layer.self_attn, layer.mlp
-        scale = self._q_scale(layer)
         w_qkv = torch.cat([att.q_proj.weight * scale, att.k_proj.weight, att.v_proj.weight])
         b_qkv = None
         if att.q_proj.bias is not None:
@@ -112,17 +117,12 @@ class StaticDecoder:
         w_gu = torch.cat([mlp.gate_proj.weight, mlp.up_proj.weight])
         return w_qkv, b_qkv, w_gu
 
-    def _q_scale(self, layer: torch.nn.Module) -> float:
-        """The attention scale, folded into q's projection, or into q's norm where there is one
-        (a norm after the projection would undo it)."""
-        return 1.0 if hasattr(layer.self_attn, "q_norm") else self.head_dim ** -0.5
-
     def _qk_norm_weight(self, layer: torch.nn.Module) -> torch.Tensor | None:
         """Qwen3 normalises each q and k head before RoPE: one norm over (n_heads + n_kv, d)."""
         att = layer.self_attn
         if not hasattr(att, "q_norm"):
             return None
-        return torch.cat([att.q_norm.weight.expand(self.n_heads, -1) * self.head_dim ** -0.5,
+        return torch.cat([att.q_norm.weight.expand(self.n_heads, -1) * self.scale,
                           att.k_norm.weight.expand(self.n_kv, -1)])
 
     def load_prefill(self, cache: object, attn_B_P: torch.Tensor) -> None:
@@ -168,7 +168,7 @@ class StaticDecoder:
                 w_qkv, b_qkv, w_gu = self.fused[i]
                 qkv = F.linear(h, w_qkv, b_qkv).view(B, nh + 2 * nkv, d)
             else:  # module calls, so that adapters (LoRA) wrapping the projections apply
-                qkv = torch.cat([att.q_proj(h) * self._q_scale(layer), att.k_proj(h),
+                qkv = torch.cat([att.q_proj(h) * self.q_scale[i], att.k_proj(h),
                                  att.v_proj(h)], -1).view(B, nh + 2 * nkv, d)
             qk, v = qkv[:, : nh + nkv], qkv[:, nh + nkv:]
             if self.qk_norm[i] is not None:
