@@ -50,6 +50,11 @@ class Dist:
         return cls(device, from_env=False)
 
     @property
+    def parallel(self) -> str:
+        """How the student is replicated: "fsdp" (sharded) or "ddp" (one process counts too)."""
+        return "fsdp" if self.fsdp else "ddp"
+
+    @property
     def main(self) -> bool:
         return self.rank == 0
 

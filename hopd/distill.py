@@ -318,11 +318,12 @@ def distill(cfg: DistillConfig, run: Path, resume: bool = False, progress: bool 
     dist.barrier()
     ckpt = latest_checkpoint(run) if resume else None
     state = load_trainer_state(ckpt) if ckpt is not None else None
-    sharded = "fsdp" if dist.fsdp else "ddp"  # FSDP saves the optimizer keyed by parameter name
-    written = state.get("parallel", "ddp") if state is not None else sharded
-    if written != sharded:
+    # FSDP saves the optimizer state keyed by parameter name, DDP by position: not interchangeable
+    written = state.get("parallel", "ddp") if state is not None else dist.parallel
+    if written != dist.parallel:
         raise C.ConfigError(
-            f"{ckpt} was written with parallel={written} and this run is parallel={sharded} "
+            f"{ckpt} was written with parallel={written} and this run is "
+            f"parallel={dist.parallel} "
             "(one process counts as ddp): resume it the way it was run, or start again with "
             "--overwrite")
     if cfg.lora.rank:  # checkpoints hold the adapter only; the base comes from `student`
@@ -375,7 +376,7 @@ def distill(cfg: DistillConfig, run: Path, resume: bool = False, progress: bool 
         print(describe(cfg.max_steps, budget, cfg.horizon), flush=True)
         print(f"distill: student {cfg.student} -> teacher {cfg.teacher or cfg.teacher_url}, loss "
               f"{cfg.loss.kind}, {cfg.max_steps} steps x {cfg.batch_size} prompts"
-              + (f" over {dist.world} processes ({'FSDP' if dist.fsdp else 'DDP'})"
+              + (f" over {dist.world} processes ({dist.parallel.upper()})"
                  if dist.world > 1 else "")
               + f", run folder {run}", flush=True)
 
@@ -504,7 +505,7 @@ def distill(cfg: DistillConfig, run: Path, resume: bool = False, progress: bool 
                     save_checkpoint(run, step + 1, student, tok, opt_state,
                                     {"totals": totals,
                                      "adaptive": json.dumps(adaptive.to_dict()),
-                                     "parallel": sharded},
+                                     "parallel": dist.parallel},
                                     cfg.keep_last, weights)
             dist.barrier()
             bar.update(1, H=H, loss=rec["loss"], rkl=rkl, acc=acc)
