@@ -26,9 +26,7 @@ def _cmd_sft(args: argparse.Namespace) -> int:
 
     _split_config(args)
     cfg = C.load(SFTConfig, args.config, args.overrides)
-    out = Path(args.out)
-    _check_out(out, args.overwrite)
-    train_sft(cfg, out, progress=not args.quiet)
+    train_sft(cfg, Path(args.out), progress=not args.quiet, overwrite=args.overwrite)
     return 0
 
 
@@ -37,28 +35,37 @@ def _cmd_eval(args: argparse.Namespace) -> int:
 
     from hopd.evaluate import evaluate
     from hopd.models import load_model, load_tokenizer
+    from hopd.progress import clean_json
+    from hopd.runstate import write_json
     from hopd.tasks import PromptSource
 
     if args.n < 1:
         raise ConfigError(f"--n {args.n}: must be >= 1")
     if args.samples < 1:
         raise ConfigError(f"--samples {args.samples}: must be >= 1")
+    if args.batch_size < 1:
+        raise ConfigError(f"--batch-size {args.batch_size}: must be >= 1")
+    if args.threads < 0:
+        raise ConfigError(f"--threads {args.threads}: must be >= 0 (0: torch's default)")
+    if args.out and Path(args.out).is_dir():
+        raise ConfigError(f"--out {args.out} is a folder: give a file name, e.g. "
+                          f"{Path(args.out) / 'eval.json'}")
+    _check_device(args.device)
     source = PromptSource(args.task, args.eval_data)
     budget = args.budget or source.default_budget()
-    examples = source.eval_set(args.n, seed=args.seed)
+    examples = source.eval_set(args.n, seed=args.seed, part=args.split)
     if args.threads:
         torch.set_num_threads(args.threads)
-    model = load_model(args.model, device=args.device)
-    tok = load_tokenizer(args.model)
+    model = load_model(args.model, device=args.device, trust_remote_code=args.trust_remote_code)
+    tok = load_tokenizer(args.model, trust_remote_code=args.trust_remote_code)
     res = evaluate(model, tok, examples, source.is_correct, budget, batch_size=args.batch_size,
                    samples=args.samples, temperature=args.temperature, seed=args.seed,
                    keep_responses=args.show)
     res.update({"model": args.model, "task": args.task})
-    text = json.dumps(res, indent=2)
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(text + "\n")
-    print(text)
+        write_json(Path(args.out), res)
+    print(json.dumps(clean_json(res), indent=2))
     return 0
 
 
@@ -67,14 +74,13 @@ def _cmd_distill(args: argparse.Namespace) -> int:
 
     _split_config(args)
     cfg = load_config(args.config, args.overrides)
-    out = Path(args.out)
-    _check_out(out, args.overwrite, args.resume)
-    distill(cfg, out, resume=args.resume, progress=not args.quiet)
-    return 0
+    result = distill(cfg, Path(args.out), resume=args.resume, progress=not args.quiet,
+                     overwrite=args.overwrite, force_config=args.force_config)
+    return _signal_status(result.get("signal", 0))
 
 
 def _cmd_compare(args: argparse.Namespace) -> int:
-    from hopd.compare import DEFAULT, budget_overrides, compare, parse_strategies
+    from hopd.compare import DEFAULT, budget_overrides, compare, parse_lrs, parse_strategies
     from hopd.report import write_report
 
     _split_config(args)
@@ -82,9 +88,12 @@ def _cmd_compare(args: argparse.Namespace) -> int:
     seeds = _parse_seeds(args.seeds)
     out = Path(args.out)
     budget = budget_overrides(args.steps, args.seconds, args.tokens)
-    _check_out(out, args.overwrite, args.resume)
-    runs = compare(args.config, out, strategies, seeds, args.overrides, budget,
-                   progress=not args.quiet, resume=args.resume)
+    lrs = parse_lrs(args.lrs) if args.lrs else None
+    runs, signum = compare(args.config, out, strategies, seeds, args.overrides, budget,
+                           progress=not args.quiet, resume=args.resume, overwrite=args.overwrite,
+                           lrs=lrs)
+    if signum:
+        return _signal_status(signum)
     summary = write_report(runs, out)
     _print_summary(summary, out / "report.md")
     return 0
@@ -104,14 +113,15 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     from hopd.demo import run_demo
 
     out = Path(args.out)
-    _check_out(out, args.overwrite, args.resume)
     device = args.device
     if device == "auto":
         import torch
 
         device = "cuda" if torch.cuda.is_available() else "cpu"
-    summary = run_demo(out, quick=args.quick, progress=not args.quiet, resume=args.resume,
-                       device=device)
+    summary, signum = run_demo(out, quick=args.quick, progress=not args.quiet,
+                               resume=args.resume, device=device, overwrite=args.overwrite)
+    if signum:
+        return _signal_status(signum)
     _print_summary(summary, out / "report.md")
     return 0
 
@@ -173,20 +183,29 @@ def _split_config(args: argparse.Namespace) -> None:
         args.config = None
 
 
-def _check_out(out: Path, overwrite: bool, resume: bool = False) -> None:
-    if out.exists() and any(out.iterdir()) and not (overwrite or resume):
-        raise ConfigError(f"output folder {out} exists and is not empty: pass --overwrite to "
-                          "replace it, --resume to continue it, or choose another --out")
-    if out.exists() and overwrite and not resume:
-        import shutil
+def _signal_status(signum: int) -> int:
+    """The conventional exit status of a run stopped by a signal (SIGTERM: 143, SIGINT: 130)."""
+    if signum:
+        print(f"hopd: stopped by signal {signum}; the run was saved, continue it with --resume",
+              file=sys.stderr)
+        return 128 + signum
+    return 0
 
-        shutil.rmtree(out)
+
+def _check_device(device: str) -> None:
+    import torch
+
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError(f"--device {device}: CUDA is not available here; use --device cpu")
+    if not (device.startswith("cuda") or device in ("cpu", "mps")):
+        raise ConfigError(f"--device {device}: use cpu, cuda or cuda:N")
 
 
 def _run_flags(p: argparse.ArgumentParser, resume_help: str) -> None:
     """--resume / --overwrite / --quiet, shared by the commands that write run folders."""
     p.add_argument("--resume", action="store_true", help=resume_help)
-    p.add_argument("--overwrite", action="store_true", help="replace an existing --out")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace an existing --out (only a folder hopd made)")
     p.add_argument("--quiet", action="store_true", help="no progress output")
 
 
@@ -207,7 +226,10 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("config", nargs="?", help="YAML config, e.g. configs/popd.yaml")
     d.add_argument("--out", required=True, help="run folder")
     d.add_argument("--resume", action="store_true", help="continue the run in --out")
-    d.add_argument("--overwrite", action="store_true", help="replace an existing --out")
+    d.add_argument("--overwrite", action="store_true",
+                   help="replace an existing --out (only a folder hopd made)")
+    d.add_argument("--force-config", action="store_true",
+                   help="with --resume: accept config changes that make it a different run")
     d.add_argument("--quiet", action="store_true", help="no progress output")
     d.add_argument("overrides", nargs="*",
                    help="key=value overrides by dotted path (horizon.kind=truncated, optim.lr=1e-4;"
@@ -218,7 +240,11 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("config", nargs="?", help="base distill YAML (default: built-in defaults)")
     c.add_argument("--out", required=True, help="comparison folder")
     c.add_argument("--strategies", default="",
-                   help="comma list from opd,popd,topd10,topd25 (default: all four)")
+                   help="comma list from opd,popd,topd10,topd25,adaptive,topd10_tb,sft (default: "
+                   "opd,popd,topd10,topd25); NAME@LR pins a strategy's learning rate")
+    c.add_argument("--lrs", default="",
+                   help="learning-rate grid, e.g. 3e-4,1e-3,3e-3: every strategy at every rate; "
+                   "the report picks each one's rate on the val half and reports the test half")
     c.add_argument("--seeds", default="0", help="comma list of seeds (default 0)")
     c.add_argument("--steps", type=int, default=0, help="budget: optimizer steps per run")
     c.add_argument("--seconds", type=float, default=0, help="budget: training seconds per run")
@@ -254,6 +280,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="chain:default|hard|tiny, or a JSONL file (its held-out split is used)")
     e.add_argument("--eval-data", default="", help="a JSONL file used whole as the eval set")
     e.add_argument("--n", type=int, default=500, help="held-out problems (default 500)")
+    e.add_argument("--split", default="test", choices=["test", "val", "eval"],
+                   help="held-out half: test (default), val, or eval (both halves)")
     e.add_argument("--samples", type=int, default=1, help="1: greedy; k > 1: k samples each")
     e.add_argument("--temperature", type=float, default=1.0, help="sampling temperature")
     e.add_argument("--budget", type=int, default=0, help="response budget L (0: task default)")
@@ -262,6 +290,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--device", default="cpu")
     e.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: default)")
     e.add_argument("--show", type=int, default=0, help="keep N example responses in the output")
+    e.add_argument("--trust-remote-code", action="store_true",
+                   help="run Python code shipped in the model folder (off: such a folder fails)")
     e.add_argument("--out", help="write the JSON result here")
     e.set_defaults(func=_cmd_eval)
     return p
@@ -280,11 +310,22 @@ def main(argv: list[str] | None = None) -> int:
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()  # hopd shows its own progress
+    from hopd.runstate import DiskFull, is_disk_full
+
     try:
         return args.func(args)
     except (ConfigError, FileNotFoundError, ValueError) as e:
         print(f"hopd {args.command}: error: {e}", file=sys.stderr)
         return 2
+    except DiskFull as e:
+        print(f"hopd {args.command}: error: {e}", file=sys.stderr)
+        return 1
+    except OSError as e:
+        if not is_disk_full(e):
+            raise
+        print(f"hopd {args.command}: error: no space left on the device ({e.filename or e}); "
+              "free space, then continue with --resume", file=sys.stderr)
+        return 1
     except RuntimeError as e:
         from hopd.distill import TrainingStopped
 

@@ -22,8 +22,12 @@ QUICK = ["max_steps=16", "batch_size=16", "eval_every=4", "eval_n=100", "diag_ev
 
 
 def run_demo(out: Path, quick: bool = False, progress: bool = True, resume: bool = False,
-             device: str = "cpu") -> dict[str, Any]:
+             device: str = "cpu", overwrite: bool = False) -> tuple[dict[str, Any], int]:
+    """Runs the comparison and writes its report; returns the summary and the number of the
+    signal that stopped it (0: finished)."""
     settings = (QUICK if quick else DEMO) + [f"device={device}"]
-    runs = compare(CONFIGS / "opd.yaml", out, DEFAULT, [0], settings, [],
-                   progress=progress, resume=resume)
-    return write_report(runs, out)  # DIR/report.md and its PNGs, beside the run folders
+    runs, signum = compare(CONFIGS / "opd.yaml", out, DEFAULT, [0], settings, [],
+                           progress=progress, resume=resume, overwrite=overwrite)
+    if signum:
+        return {}, signum
+    return write_report(runs, out), 0  # DIR/report.md and its PNGs, beside the run folders

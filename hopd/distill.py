@@ -10,12 +10,14 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import resource
 import shutil
 import sys
 import time
 from collections.abc import Callable
 from contextlib import nullcontext
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +29,7 @@ from hopd import config as C
 from hopd.adaptive import (
     AdaptiveRule,
     AdaptiveState,
+    PositionReading,
     adaptive_update,
     recovery_probe,
     token_budget_batch,
@@ -45,7 +48,14 @@ from hopd.distill_config import (  # noqa: F401  (re-exported: the loop's public
 )
 from hopd.evaluate import encode_prompts, evaluate
 from hopd.horizon import describe, horizon_at, initial_horizon
-from hopd.losses import distribution_loss, divergence, sampled_rkl, token_logprobs
+from hopd.losses import (
+    distribution_loss,
+    divergence,
+    sampled_rkl,
+    sft_loss,
+    token_logprobs,
+    token_weights,
+)
 from hopd.models import (
     attach_lora,
     check_compatible,
@@ -56,11 +66,16 @@ from hopd.models import (
 from hopd.progress import Bar, MetricsLog
 from hopd.rollout import Rollout, sample
 from hopd.runstate import (
+    DiskFull,
     StopFlag,
+    check_out,
+    is_disk_full,
     latest_checkpoint,
     load_trainer_state,
+    prepare_out,
     save_checkpoint,
     truncate_metrics,
+    write_json,
 )
 from hopd.serve import RemoteTeacher, TeacherUnavailable
 from hopd.sft import warmup_cosine
@@ -88,31 +103,39 @@ def opd_step(student: PreTrainedModel, teacher: PreTrainedModel | Scorer,
              gen: torch.Generator | None, teacher_prompts: list[list[int]] | None = None,
              need: str = "sampled", row_seeds: list[int] | None = None,
              dist: Dist | None = None, learner: torch.nn.Module | None = None,
+             teacher_model: PreTrainedModel | None = None, budget: int = 0,
              ) -> tuple[Rollout, TeacherScores, dict[str, Any]]:
     """One optimizer step of OPD at horizon H: sample -> score -> learn -> clip -> AdamW.
 
     A step whose loss or gradient is not finite is skipped (no optimizer update). Pass
     eos = -1 to force every rollout to the full H (benchmarks compare equal lengths that way).
     `learner` is the module that runs forward/backward (the DDP wrapper of `student` when
-    distributed); sampling always uses the plain `student`.
+    distributed); sampling uses the plain `student`, or `teacher_model` for the SFT baseline
+    (loss.kind=sft). `budget` is L, for the `constant` normaliser.
     """
     t0 = time.perf_counter()
-    # 1. sample: the student draws <= H tokens per prompt
+    # 1. sample: the student draws <= H tokens per prompt (the SFT baseline: the teacher does)
     dist = dist or Dist.local()
-    student.eval()
+    sampler = teacher_model if cfg.loss.kind == "sft" else student
+    sampler.eval()
     with dist.full_weights(student):  # FSDP: the whole student on every rank while sampling
-        rollout = sample(student, prompts, H, eos, pad, cfg.sampling.temperature,
+        rollout = sample(sampler, prompts, H, eos, pad, cfg.sampling.temperature,
                          cfg.sampling.top_k, cfg.sampling.top_p, generator=gen,
-                         row_seeds=row_seeds, cuda_graph=cfg.sampling.cuda_graph)
+                         row_seeds=row_seeds, cuda_graph=cfg.sampling.cuda_graph,
+                         greedy=cfg.loss.kind == "sft" and cfg.loss.sft_greedy)
     student.train()
     t1 = time.perf_counter()
-    # 2. score: one teacher forward pass over prompt + response
-    scorer = local_scorer(teacher, vocab) if isinstance(teacher, torch.nn.Module) else teacher
-    scores = scorer(rollout, need, cfg.loss.top_k, prompts=teacher_prompts)
+    # 2. score: one teacher forward pass over prompt + response (SFT needs none)
+    if cfg.loss.kind == "sft":
+        scores = TeacherScores(logp_B_R=rollout.sampler_logp_B_R)
+    else:
+        scorer = local_scorer(teacher, vocab) if isinstance(teacher, torch.nn.Module) \
+            else teacher
+        scores = scorer(rollout, need, cfg.loss.top_k, prompts=teacher_prompts)
     t2 = time.perf_counter()
     # 3. learn: per-token loss, backward over micro-batches, clip, AdamW
     opt.zero_grad(set_to_none=True)
-    stats = learn(learner or student, rollout, scores, cfg, vocab, dist)
+    stats = learn(learner or student, rollout, scores, cfg, vocab, dist, budget)
     trainable = [p for p in student.parameters() if p.requires_grad]
     norm = torch.nn.utils.clip_grad_norm_(trainable, cfg.optim.grad_clip)
     gnorm = float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)  # FSDP: DTensor
@@ -147,36 +170,44 @@ def budget_spent(step: int, totals: dict[str, float], cfg: DistillConfig) -> boo
 
 
 def learn(student: PreTrainedModel, rollout: Rollout, teacher: TeacherScores, cfg: DistillConfig,
-          vocab: int, dist: Dist | None = None) -> dict[str, float]:
+          vocab: int, dist: Dist | None = None, budget: int = 0) -> dict[str, float]:
     """Accumulates the step's gradient over `grad_accum` micro-batches; returns loss stats.
 
-    Every micro-batch loss is divided by the step's total response-token count (over all ranks),
-    so the summed gradient equals the full batch's token-mean gradient whatever the split. With
-    several ranks the backward is scaled by the world size, since DDP averages gradients.
+    Every micro-batch loss is weighted with the step's totals over all ranks (token_mean: divided
+    by the step's response-token count), so the summed gradient equals the full batch's gradient
+    whatever the split. With several ranks the backward is scaled by the world size, since DDP
+    averages gradients.
     """
     dist = dist or Dist.local()  # a bare call never starts a process group
-    n_tokens = int(dist.sum([float(rollout.num_tokens)])[0])
     B = rollout.ids_B_T.size(0)
+    n_tokens, n_seqs = dist.sum([float(rollout.num_tokens), float(B)])
+    n_tokens = int(n_tokens)
     mb = math.ceil(B / cfg.grad_accum)
     total, stats, act_bytes = 0.0, {"rho_mean": 0.0, "rho_max": 0.0}, 0
-    teacher_in = None if cfg.loss.kind == "sampled_rkl" else teacher.as_loss_input()
+    kind = cfg.loss.kind
+    teacher_in = None if kind in ("sampled_rkl", "sft") else teacher.as_loss_input()
     for lo in range(0, B, mb):
         rows = slice(lo, lo + mb)
         mask = rollout.response_mask_B_R[rows]
+        weight = None if cfg.loss.normalizer == "token_mean" and kind != "sft" else \
+            token_weights(mask, cfg.loss.normalizer, n_tokens, n_seqs, budget or mask.size(1))
         with dist.no_sync(student, skip=lo + mb < B), _count_saved_bytes() as saved:
             logits = response_logits(student, rollout.ids_B_T[rows], rollout.attn_B_T[rows],
                                      rollout.prompt_len, vocab)
-            if cfg.loss.kind == "sampled_rkl":
+            if kind == "sampled_rkl":
                 learner_logp = token_logprobs(logits, rollout.response_ids_B_R[rows])
                 loss, s = sampled_rkl(learner_logp, rollout.sampler_logp_B_R[rows],
                                       teacher.logp_B_R[rows], mask, n_tokens,
-                                      gamma=cfg.loss.gamma, clip_eps=cfg.loss.clip_eps)
+                                      gamma=cfg.loss.gamma, clip_eps=cfg.loss.clip_eps,
+                                      weight_B_R=weight)
                 stats["rho_mean"] += s["rho_mean"] * float(mask.sum()) / max(n_tokens, 1)
                 stats["rho_max"] = max(stats["rho_max"], s["rho_max"])
+            elif kind == "sft":
+                loss = sft_loss(token_logprobs(logits, rollout.response_ids_B_R[rows]), weight)
             else:
                 sub = {k: v[rows] for k, v in teacher_in.items()}
-                loss = distribution_loss(logits, sub, mask, n_tokens, cfg.loss.kind,
-                                         cfg.loss.beta)
+                loss = distribution_loss(logits, sub, mask, n_tokens, kind, cfg.loss.beta,
+                                         weight_B_R=weight)
             (loss * dist.world).backward()
         act_bytes = max(act_bytes, saved.bytes)
         total += loss.item()
@@ -248,7 +279,12 @@ def position_diagnostics(student: PreTrainedModel, scorer: Scorer,
     rkl_b = zeros.index_add(0, bucket_R, rkl.sum(0)) / count.clamp(min=1)
     ent_b = zeros.index_add(0, bucket_R, ent.float().sum(0)) / count.clamp(min=1)
     nan = float("nan")
-    return {"diag_rkl_by_pos": [v if c > 0 else nan for v, c in zip(rkl_b.tolist(), count)],
+    short = budget - mask.size(1)  # all rows ended before L: positions past them hold nothing
+    per_pos = [torch.nn.functional.pad(x, (0, short)).tolist()
+               for x in (rkl.sum(0), (rkl * rkl).sum(0), mask.sum(0))]
+    reading = PositionReading(per_pos[0], per_pos[1], [int(c) for c in per_pos[2]])
+    return {"_reading": reading,  # per position, for the adaptive rule (not logged)
+            "diag_rkl_by_pos": [v if c > 0 else nan for v, c in zip(rkl_b.tolist(), count)],
             "diag_teacher_entropy_by_pos": [v if c > 0 else nan
                                             for v, c in zip(ent_b.tolist(), count)],
             "diag_tokens_by_pos": count.int().tolist(), "diag_rkl_exact": exact}
@@ -266,56 +302,176 @@ def peak_memory_mb(device: str) -> float:
 # The loop
 
 
-def distill(cfg: DistillConfig, run: Path, resume: bool = False, progress: bool = True
-            ) -> dict[str, Any]:
-    """Runs OPD with the configured horizon schedule; writes everything under `run`."""
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
-    dist = Dist(cfg.device, parallel=cfg.parallel)  # one process, or a rank of several
-    device = dist.device
-    if cfg.batch_size % dist.world:
-        raise C.ConfigError(f"batch_size={cfg.batch_size} is not divisible by the {dist.world} "
-                            "processes: each rank takes an equal slice of every step's prompts")
-    # Everything that can be wrong is checked before any model is loaded or token sampled:
-    # the data, the horizon against the budget, the tokenizer pair, the context length.
+@dataclass
+class Inputs:
+    """What the checks before a run establish: data, budget, tokenizers, vocabulary, teacher."""
+
+    source: PromptSource
+    budget: int  # the full response budget L
+    s_path: Path
+    tok: Any  # the student's tokenizer
+    t_tok: Any  # the teacher's (the student's own with a remote teacher)
+    t_path: Path | None  # None: a remote teacher
+    vocab: int  # logits the losses compare: min(V_student, V_teacher)
+    remote: RemoteTeacher | None
+    separate_teacher_prompt: bool  # the teacher has its own system prompt or chat template
+
+
+def check_inputs(cfg: DistillConfig) -> Inputs:
+    """Everything that can be wrong, checked before any model is loaded or file written: the data,
+    the horizon against the budget, the tokenizer pair, model code, the context length."""
     source = PromptSource(cfg.data, cfg.eval_data, cfg.data_prompt_field, cfg.data_answer_field)
     budget = cfg.budget or source.default_budget()
     cfg.horizon.validate(budget)
     s_path = resolve_model_path(cfg.student)
-    tok = load_tokenizer(str(s_path))
+    tok = load_tokenizer(str(s_path), cfg.trust_remote_code)
     s_conf = json.loads((s_path / "config.json").read_text())
     s_vocab = s_conf.get("vocab_size", len(tok))
-    remote = None
+    remote, t_path, t_conf = None, None, {}
     if cfg.teacher_url:  # the teacher runs elsewhere: check it answers and shares the tokenizer
         remote = RemoteTeacher(cfg.teacher_url, cfg.teacher_timeout_s, cfg.teacher_retries)
         remote.check_tokenizer(tok)
-        t_tok, t_conf, vocab = tok, {}, s_vocab
+        t_tok, vocab = tok, s_vocab
     else:
         t_path = resolve_model_path(cfg.teacher)
-        t_tok = load_tokenizer(str(t_path))
+        t_tok = load_tokenizer(str(t_path), cfg.trust_remote_code)
         t_conf = json.loads((t_path / "config.json").read_text())
         t_vocab = t_conf.get("vocab_size", len(t_tok))
         check_compatible(t_tok, tok, t_vocab, s_vocab)
         vocab = min(s_vocab, t_vocab)
-    eval_examples = source.eval_set(cfg.eval_n, seed=cfg.seed)
-    teacher_system = cfg.teacher_system_prompt or cfg.system_prompt
-    separate_teacher_prompt = bool(cfg.teacher_system_prompt) or (
-        t_tok.chat_template != tok.chat_template)
-    probe = [e.prompt for e in eval_examples] + [
-        e.prompt for e in source.train_batch(0, cfg.batch_size, cfg.seed)]
-    longest = max(len(p) for p in encode_prompts(tok, probe, cfg.system_prompt))
-    if separate_teacher_prompt:
-        longest = max(longest, max(len(p) for p in encode_prompts(t_tok, probe, teacher_system)))
-    for name, conf in (("student", s_conf), ("teacher", t_conf)):
-        ctx = conf.get("max_position_embeddings")
-        if ctx and longest + budget > ctx:
-            raise C.ConfigError(
-                f"prompts of up to {longest} tokens plus the budget L={budget} exceed the "
-                f"{name}'s context of {ctx} tokens: lower budget or use shorter prompts")
+    C.check(cfg.loss.top_k <= vocab, f"loss.top_k={cfg.loss.top_k} exceeds the vocabulary "
+            f"({vocab} tokens): use a smaller k, or 0 for the full vocabulary")
+    separate = bool(cfg.teacher_system_prompt) or t_tok.chat_template != tok.chat_template
+    inputs = Inputs(source, budget, s_path, tok, t_tok, t_path, vocab, remote, separate)
+    check_context(cfg, inputs, [("student", s_conf), ("teacher", t_conf)])
+    return inputs
 
-    if dist.main:
-        run.mkdir(parents=True, exist_ok=True)
-    dist.barrier()
+
+def check_context(cfg: DistillConfig, inp: Inputs, confs: list[tuple[str, dict[str, Any]]]
+                  ) -> None:
+    """Every prompt plus the budget L must fit each model's context.
+
+    A file source is checked row by row (token counts cached per file); the generated testbed by
+    its evaluation set and first batch (all its prompts have the same shape). Rows that do not fit
+    are named, or dropped with a count when `drop_long_prompts` is set."""
+    limits = [(c["max_position_embeddings"], name) for name, c in confs
+              if c.get("max_position_embeddings")]
+    if not limits:
+        return
+    ctx, who = min(limits)
+    rows = inp.source.all_rows() or (
+        inp.source.eval_set(cfg.eval_n, seed=cfg.seed)
+        + inp.source.train_batch(0, cfg.batch_size, cfg.seed))
+    teacher_system = cfg.teacher_system_prompt or cfg.system_prompt
+    lengths = prompt_lengths(inp.tok, rows, cfg.system_prompt)
+    if inp.separate_teacher_prompt:
+        lengths = [max(a, b) for a, b in
+                   zip(lengths, prompt_lengths(inp.t_tok, rows, teacher_system))]
+    too_long = {id(e) for e, n in zip(rows, lengths) if n + inp.budget > ctx}
+    if not too_long:
+        return
+    if cfg.drop_long_prompts and inp.source.all_rows():
+        dropped = inp.source.drop_rows(lambda e: id(e) not in too_long)
+        print(f"distill: dropped {dropped} prompts longer than {ctx - inp.budget} tokens "
+              f"(the {who}'s context {ctx} - budget L={inp.budget})", file=sys.stderr, flush=True)
+        return
+    bad = [(e.where, n) for e, n in zip(rows, lengths) if id(e) in too_long]
+    named = (": " + ", ".join(f"{w} ({n} tokens)" for w, n in bad[:5])
+             + (", ..." if len(bad) > 5 else "")) if bad[0][0] else ""
+    raise C.ConfigError(
+        f"{len(bad)} prompt(s) of up to {max(n for _, n in bad)} tokens plus the budget "
+        f"L={inp.budget} exceed the {who}'s context of {ctx} tokens{named}; lower budget, "
+        "shorten those prompts, or set drop_long_prompts=true to skip them")
+
+
+_LENGTHS: dict[tuple[Any, ...], list[int]] = {}
+
+
+def prompt_lengths(tok: Any, rows: list[Any], system_prompt: str) -> list[int]:
+    """Token counts of the encoded prompts, cached per (tokenizer, rows, system prompt)."""
+    key = (getattr(tok, "name_or_path", ""), len(tok), tok.chat_template, system_prompt,
+           tuple(id(e) for e in rows[:1]), len(rows), rows[0].where if rows else "")
+    if key not in _LENGTHS:
+        _LENGTHS.clear()
+        _LENGTHS[key] = [len(p) for p in encode_prompts(tok, [e.prompt for e in rows],
+                                                         system_prompt)]
+    return _LENGTHS[key]
+
+
+# settings a resumed run may change: they decide how long it runs and what it logs, not what it is
+RESUMABLE_CHANGES = {
+    "max_steps", "max_time_s", "max_tokens", "eval_every", "diag_every", "diag_n", "diag_buckets",
+    "probe_every", "probe_n", "save_every", "keep_last", "max_bad_steps", "threads", "device",
+    "teacher_device", "teacher_url", "teacher_timeout_s", "teacher_retries",
+    "grad_accum",  # the same gradient in more or fewer micro-batches
+    "parallel",  # checked against the checkpoint itself (the optimizer formats differ)
+}
+
+
+def config_changes(saved: dict[str, Any], new: dict[str, Any], prefix: str = "") -> list[str]:
+    """Dotted keys whose values differ between two config dicts (`saved` -> `new`)."""
+    out = []
+    for key in sorted(set(saved) | set(new)):
+        a, b = saved.get(key), new.get(key)
+        if isinstance(a, dict) and isinstance(b, dict):
+            out += config_changes(a, b, f"{prefix}{key}.")
+        elif a != b:
+            out.append(f"{prefix}{key}: {a!r} -> {b!r}")
+    return out
+
+
+def check_resume_config(cfg: DistillConfig, run: Path, force: bool) -> bool:
+    """Refuses a resume whose config makes it a different experiment; True if it changed."""
+    path = run / "config.yaml"
+    if not path.exists():
+        return True
+    saved = yaml.safe_load(path.read_text()) or {}
+    changes = config_changes(saved, C.to_dict(cfg))
+    blocking = [c for c in changes if c.split(":")[0] not in RESUMABLE_CHANGES]
+    if blocking and not force:
+        raise C.ConfigError(
+            f"--resume: this config differs from the run's own ({path}): {'; '.join(blocking)}. "
+            "That makes it a different experiment: drop those overrides, start a new run with "
+            "another --out, or pass --force-config to continue anyway")
+    return bool(changes)
+
+
+def distill(cfg: DistillConfig, run: Path, resume: bool = False, progress: bool = True,
+            overwrite: bool = False, force_config: bool = False) -> dict[str, Any]:
+    """Runs OPD with the configured horizon schedule; writes everything under `run`.
+
+    Every input is checked before the run folder is touched; `overwrite` replaces the folder
+    (only one hopd made), `resume` continues it (refusing config changes that make it a different
+    experiment unless `force_config`)."""
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    dist = Dist(cfg.device, parallel=cfg.parallel)  # one process, or a rank of several
+    cfg = replace(cfg, parallel=dist.parallel)  # as run (accelerate's environment may pick FSDP)
+    if cfg.batch_size % dist.world:
+        raise C.ConfigError(f"batch_size={cfg.batch_size} is not divisible by the {dist.world} "
+                            "processes: each rank takes an equal slice of every step's prompts")
+    check_out(run, kind="distill", overwrite=overwrite, resume=resume)
+    changed = resume and check_resume_config(cfg, run, force_config)
+    inp = check_inputs(cfg)
+    dist.barrier()  # every rank has checked the folder before rank 0 writes to it
+    lock = prepare_out(run, kind="distill", overwrite=overwrite, resume=resume) \
+        if dist.main else None
+    try:
+        dist.barrier()
+        return _distill(cfg, run, inp, dist, resume=resume, progress=progress,
+                        write_config=not resume or changed)
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def _distill(cfg: DistillConfig, run: Path, inp: Inputs, dist: Dist, *, resume: bool,
+             progress: bool, write_config: bool) -> dict[str, Any]:
+    device = dist.device
+    source, budget, tok, t_tok, vocab = inp.source, inp.budget, inp.tok, inp.t_tok, inp.vocab
+    remote, separate_teacher_prompt = inp.remote, inp.separate_teacher_prompt
+    eval_examples = source.eval_set(cfg.eval_n, seed=cfg.seed, part=cfg.eval_split)
+    teacher_system = cfg.teacher_system_prompt or cfg.system_prompt
     ckpt = latest_checkpoint(run) if resume else None
     state = load_trainer_state(ckpt) if ckpt is not None else None
     # FSDP saves the optimizer state keyed by parameter name, DDP by position: not interchangeable
@@ -326,17 +482,21 @@ def distill(cfg: DistillConfig, run: Path, resume: bool = False, progress: bool 
             f"parallel={dist.parallel} "
             "(one process counts as ddp): resume it the way it was run, or start again with "
             "--overwrite")
+    if state is not None and budget_spent(state["step"], {**state["totals"]}, cfg):
+        return finish_done_run(cfg, run, ckpt, state, inp, dist)
+    s_path, trust = inp.s_path, cfg.trust_remote_code
     if cfg.lora.rank:  # checkpoints hold the adapter only; the base comes from `student`
-        student = attach_lora(load_model(str(s_path), device, cfg.dtype), cfg.lora.rank,
+        student = attach_lora(load_model(str(s_path), device, cfg.dtype, trust), cfg.lora.rank,
                               cfg.lora.alpha, cfg.lora.dropout, cfg.lora.target_modules,
                               adapter=ckpt)
     else:
-        student = load_model(str(ckpt or s_path), device, cfg.dtype)
+        student = load_model(str(ckpt or s_path), device, cfg.dtype, trust)
+    teacher_model = None
     if remote is not None:
         scorer: Scorer = remote.score
     else:
-        teacher_model = load_model(str(t_path), cfg.teacher_device or device,
-                                   cfg.teacher_dtype or cfg.dtype).eval()
+        teacher_model = load_model(str(inp.t_path), cfg.teacher_device or device,
+                                   cfg.teacher_dtype or cfg.dtype, trust).eval()
         teacher_model.requires_grad_(False)
         scorer = local_scorer(teacher_model, vocab)
     student.train()
@@ -350,11 +510,13 @@ def distill(cfg: DistillConfig, run: Path, resume: bool = False, progress: bool 
     rule = AdaptiveRule(budget, cfg.horizon.adaptive_window, cfg.horizon.adaptive_growth,
                         cfg.horizon.adaptive_ratio, cfg.horizon.adaptive_threshold,
                         cfg.horizon.adaptive_plateau, cfg.horizon.adaptive_patience,
-                        cfg.horizon.adaptive_drift)
+                        cfg.horizon.adaptive_drift, cfg.horizon.adaptive_z)
+    acc = float("nan")
     if ckpt is not None and state is not None:
         dist.load_optimizer_state(student, opt, state["optimizer"])
         torch.set_rng_state(state["torch_rng"])
         start, totals = state["step"], {**totals, **state["totals"]}
+        acc = _nan_if_none(state.get("eval_accuracy"))
         if "adaptive" in state:
             adaptive = AdaptiveState.from_dict(json.loads(state["adaptive"]))
         if dist.main:
@@ -362,7 +524,7 @@ def distill(cfg: DistillConfig, run: Path, resume: bool = False, progress: bool 
             print(f"distill: resuming from {ckpt.name} (step {start})", flush=True)
     elif resume and (run / "metrics.jsonl").exists() and dist.main:
         truncate_metrics(run / "metrics.jsonl", -1)  # no checkpoint yet: start over
-    if dist.main:
+    if dist.main and write_config:
         (run / "config.yaml").write_text(yaml.safe_dump(C.to_dict(cfg), sort_keys=False))
     dist.barrier()
 
@@ -401,10 +563,41 @@ def distill(cfg: DistillConfig, run: Path, resume: bool = False, progress: bool 
             dist.barrier()
         return accuracy
 
-    acc = run_eval(0) if start == 0 else float("nan")
+    def run_val(step: int) -> float:
+        """Rank 0 evaluates the `val` half (disjoint from the test half); the others wait."""
+        accuracy = float("nan")
+        with dist.full_weights(student):
+            if dist.main:
+                val = source.eval_set(cfg.val_n, seed=cfg.seed, part="val")
+                ev = evaluate(student, tok, val, source.is_correct, budget, seed=cfg.seed,
+                              system_prompt=cfg.system_prompt)
+                write({"step": step, "val_accuracy": ev["accuracy"], "val_n": len(val)})
+                accuracy = ev["accuracy"]
+            dist.barrier()
+        return accuracy
+
+    def save(step: int) -> None:
+        opt_state = dist.optimizer_state(student, opt)  # FSDP: gathered by all ranks
+        weights = dist.model_state(student)
+        if dist.main:
+            save_checkpoint(run, step, student, tok, opt_state,
+                            {"totals": totals, "adaptive": json.dumps(adaptive.to_dict()),
+                             "parallel": dist.parallel, "eval_accuracy": _none_if_nan(acc)},
+                            cfg.keep_last, weights)
+
+    def checkpoint_note() -> str:
+        last = latest_checkpoint(run)
+        return (f"the last good checkpoint is {last}" if last is not None else
+                "no checkpoint was saved (save_every=0 saves only at the end)")
+
+    if start == 0:
+        if progress and dist.main:
+            print(f"distill: evaluating the student on {len(eval_examples)} held-out prompts "
+                  f"at L={budget} before training...", file=sys.stderr, flush=True)
+        acc = run_eval(0)
     bar = Bar(cfg.max_steps, f"distill[{cfg.horizon.kind}]", enabled=progress and dist.main)
     bar.update(start)
-    bad_in_row, stopped_by_signal, step = 0, False, start
+    bad_in_row, stopped_by, step = 0, 0, start
     with StopFlag() as flag:
         while not budget_spent(step, totals, cfg):
             t_step = time.perf_counter()
@@ -431,9 +624,20 @@ def distill(cfg: DistillConfig, run: Path, resume: bool = False, progress: bool 
                 else None
             # one random stream per global row: rollouts do not depend on how rows are split
             seeds = [(cfg.seed * 1_000_003 + step) * 4099 + i for i in rows]
-            rollout, scores, stats = opd_step(student, scorer, opt, prompts, H, cfg, vocab,
-                                              eos, pad, None, t_prompts, need, seeds, dist,
-                                              learner)
+            try:
+                rollout, scores, stats = opd_step(student, scorer, opt, prompts, H, cfg, vocab,
+                                                  eos, pad, None, t_prompts, need, seeds, dist,
+                                                  learner, teacher_model, budget)
+            except TeacherUnavailable as e:  # nothing was updated: this step's state is sound
+                bar.close()
+                with flag.saving():
+                    save(step)
+                if log is not None:
+                    log.close()
+                raise TrainingStopped(
+                    f"the teacher failed at step {step + 1} ({e}); the run state is saved in "
+                    f"{latest_checkpoint(run)}: resume with --resume once the teacher answers"
+                ) from None
             finite = stats["finite"]
             gnorm = stats["grad_norm"]
             if finite:
@@ -441,6 +645,14 @@ def distill(cfg: DistillConfig, run: Path, resume: bool = False, progress: bool 
             else:
                 bad_in_row += 1
                 totals["skipped_steps"] += 1
+            if finite and not weights_finite(student):
+                bar.close()
+                if log is not None:
+                    log.close()
+                raise TrainingStopped(
+                    f"the student's weights became non-finite at step {step + 1} (the update "
+                    f"was too large: optim.lr={cfg.optim.lr}); nothing was saved from this step "
+                    f"and {checkpoint_note()}. Lower optim.lr")
             t_end = time.perf_counter()
             t_sampled = t_step + stats["sample_time_s"]
             t_scored = t_sampled + stats["teacher_time_s"]
@@ -469,12 +681,13 @@ def distill(cfg: DistillConfig, run: Path, resume: bool = False, progress: bool 
             }
             diag_now = bool(cfg.diag_every) and (step + 1) % cfg.diag_every == 0
             probe_now = bool(cfg.probe_every) and (step + 1) % cfg.probe_every == 0 \
-                and remote is None
+                and teacher_model is not None
             with dist.full_weights(student) if diag_now or probe_now else nullcontext():
                 if diag_now and dist.main:
                     t0 = time.perf_counter()
                     rec.update(position_diagnostics(student, scorer, diag_prompts, cfg, budget,
                                                     vocab, eos, pad, step, diag_teacher))
+                    reading = rec.pop("_reading")
                     rec["diag_time_s"] = time.perf_counter() - t0
                 if probe_now and dist.main:
                     t0 = time.perf_counter()
@@ -487,26 +700,20 @@ def distill(cfg: DistillConfig, run: Path, resume: bool = False, progress: bool 
             if cfg.horizon.kind == "adaptive" and diag_now:
                 if dist.main:
                     n_moves = len(adaptive.moves)
-                    adaptive = adaptive_update(adaptive, rule, step + 1, rec["diag_rkl_by_pos"],
-                                               rec["diag_tokens_by_pos"])
+                    adaptive = adaptive_update(adaptive, rule, step + 1, reading)
                     if len(adaptive.moves) > n_moves:
                         rec["horizon_move"] = adaptive.moves[-1]
                 adaptive.horizon = int(dist.max([float(adaptive.horizon)])[0])
             write(rec)
             # one snapshot of the stop flag, agreed by all ranks; a later signal waits a step
-            stop_now = dist.max([float(flag.stop)])[0] > 0
-            last = budget_spent(step + 1, totals, cfg) or stop_now
-            if (cfg.eval_every and (step + 1) % cfg.eval_every == 0) or last:
+            stop_now = dist.max([float(flag.signum)])[0]
+            last = budget_spent(step + 1, totals, cfg)
+            # a signal: save at once, no evaluation (a scheduler's grace period is short)
+            if not stop_now and ((cfg.eval_every and (step + 1) % cfg.eval_every == 0) or last):
                 acc = run_eval(step + 1)
-            if (cfg.save_every and (step + 1) % cfg.save_every == 0) or last:
-                opt_state = dist.optimizer_state(student, opt)  # FSDP: gathered by all ranks
-                weights = dist.model_state(student)
-                if dist.main:
-                    save_checkpoint(run, step + 1, student, tok, opt_state,
-                                    {"totals": totals,
-                                     "adaptive": json.dumps(adaptive.to_dict()),
-                                     "parallel": dist.parallel},
-                                    cfg.keep_last, weights)
+            if (cfg.save_every and (step + 1) % cfg.save_every == 0) or last or stop_now:
+                with flag.saving():
+                    save(step + 1)
             dist.barrier()
             bar.update(1, H=H, loss=rec["loss"], rkl=rkl, acc=acc)
             if bad_in_row >= cfg.max_bad_steps:
@@ -515,31 +722,100 @@ def distill(cfg: DistillConfig, run: Path, resume: bool = False, progress: bool 
                     log.close()
                 raise TrainingStopped(
                     f"{bad_in_row} steps in a row had a non-finite loss or gradient (last at step "
-                    f"{step + 1}); stopping. The last good checkpoint is in {run / 'checkpoints'}; "
-                    "lower optim.lr or check the models' dtype")
-            if stop_now:
-                stopped_by_signal = True
+                    f"{step + 1}); stopping: {checkpoint_note()}. Lower optim.lr or check the "
+                    "models' dtype")
             step += 1
-            if stopped_by_signal:
+            if stop_now:
+                stopped_by = int(stop_now)
                 break
     bar.close()
+    result = {"final_eval_accuracy": acc, "steps": step, "stopped_by_signal": bool(stopped_by),
+              "signal": stopped_by, **totals}
+    if cfg.val_n and not stopped_by:  # the held-out half that settings are chosen on
+        result["final_val_accuracy"] = run_val(step)
     if log is not None:
         log.close()
-    result = {"final_eval_accuracy": acc, "steps": step, "stopped_by_signal": stopped_by_signal,
-              **totals}
-    if not stopped_by_signal:
+    if not stopped_by:
         weights = dist.model_state(student)  # FSDP: gathered by all ranks
         if dist.main:
-            final = run / "model"
-            shutil.rmtree(final, ignore_errors=True)
             to_save = student.merge_and_unload() if cfg.lora.rank and cfg.lora.merge \
                 else student
-            to_save.save_pretrained(final, state_dict=weights)
-            tok.save_pretrained(final)
+            save_final_model(run, to_save, tok, weights)
     if not dist.main:
         return result
-    (run / "result.json").write_text(json.dumps(result, indent=2))
-    print(f"distill: {'stopped' if stopped_by_signal else 'done'} at step {step}, full-budget "
-          f"accuracy {acc:.3f}, {totals['train_time_s']:.0f}s training, "
+    write_json(run / "result.json", result)
+    print(f"distill: {'stopped by a signal' if stopped_by else 'done'} at step {step}, "
+          f"full-budget accuracy {acc:.3f}, {totals['train_time_s']:.0f}s training, "
           f"{totals['sampled_tokens']} sampled tokens", flush=True)
     return result
+
+
+def weights_finite(model: torch.nn.Module) -> bool:
+    """One reduction over every weight: False once an update has put a NaN or inf anywhere."""
+    params = [p.detach() for p in model.parameters() if p.requires_grad]
+    if not params:
+        return True
+    local = [p.to_local() if hasattr(p, "to_local") else p for p in params]  # FSDP shards
+    return bool(torch.stack([torch.isfinite(t).all() for t in local]).all())  # one sync
+
+
+def save_final_model(run: Path, model: PreTrainedModel, tok: Any,
+                     weights: dict[str, Any] | None = None) -> None:
+    """RUN/model, written beside the old one and swapped in: a failed write loses nothing."""
+    final, tmp = run / "model", run / ".tmp_model"
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        model.save_pretrained(tmp, state_dict=weights)
+        tok.save_pretrained(tmp)
+    except (OSError, RuntimeError) as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if is_disk_full(e):
+            raise DiskFull(f"no space left on the disk of {run} while writing the final model; "
+                           "the last checkpoint is intact: free space, then run again with "
+                           "--resume to write it") from None
+        raise
+    shutil.rmtree(final, ignore_errors=True)
+    os.replace(tmp, final)
+
+
+def finish_done_run(cfg: DistillConfig, run: Path, ckpt: Path, state: dict[str, Any],
+                    inp: Inputs, dist: Dist) -> dict[str, Any]:
+    """--resume of a run whose budget is spent: report it, or finish a final save a kill cut."""
+    result_path, s_path, tok = run / "result.json", inp.s_path, inp.tok
+    if result_path.exists():
+        try:
+            result = json.loads(result_path.read_text())
+        except ValueError:
+            result = None
+        if isinstance(result, dict) and not result.get("stopped_by_signal") and \
+                (run / "model" / "config.json").exists():
+            if dist.main:
+                print(f"distill: {run} is finished (step {result.get('steps')}, full-budget "
+                      f"accuracy {result.get('final_eval_accuracy')}); nothing to do. Raise "
+                      "max_steps to train further.", flush=True)
+            return result
+    # killed during the final save: the last checkpoint is the final state
+    if cfg.lora.rank:
+        student = attach_lora(load_model(str(s_path), "cpu", cfg.dtype, cfg.trust_remote_code),
+                              cfg.lora.rank, cfg.lora.alpha, cfg.lora.dropout,
+                              cfg.lora.target_modules, adapter=ckpt)
+        student = student.merge_and_unload() if cfg.lora.merge else student
+    else:
+        student = load_model(str(ckpt), "cpu", cfg.dtype, cfg.trust_remote_code)
+    result = {"final_eval_accuracy": _nan_if_none(state.get("eval_accuracy")),
+              "steps": state["step"], "stopped_by_signal": False, "signal": 0,
+              **state["totals"]}
+    if dist.main:
+        save_final_model(run, student, tok)
+        write_json(result_path, result)
+        print(f"distill: {run} had finished training; wrote its final model and result from "
+              f"{ckpt.name}", flush=True)
+    return result
+
+
+def _nan_if_none(x: Any) -> float:
+    return float("nan") if x is None else float(x)
+
+
+def _none_if_nan(x: float) -> float | None:
+    return None if math.isnan(x) else x

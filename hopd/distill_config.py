@@ -6,6 +6,7 @@ consistency once, up front, with a message that names the field, the value and t
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -13,9 +14,10 @@ import torch
 
 from hopd import config as C
 from hopd.horizon import HorizonConfig
+from hopd.losses import NORMALIZERS
 from hopd.models import DTYPES
 
-LOSSES = ("sampled_rkl", "rkl", "fkl", "jsd")
+LOSSES = ("sampled_rkl", "rkl", "fkl", "jsd", "sft")
 
 
 class TrainingStopped(RuntimeError):
@@ -24,7 +26,9 @@ class TrainingStopped(RuntimeError):
 
 @dataclass
 class LossConfig:
-    kind: str = "sampled_rkl"  # sampled_rkl | rkl | fkl | jsd
+    kind: str = "sampled_rkl"  # sampled_rkl | rkl | fkl | jsd | sft (CE on the teacher's answers)
+    normalizer: str = "token_mean"  # token_mean | seq_mean | constant | sum (see NORMALIZERS)
+    sft_greedy: bool = False  # sft: the teacher answers greedily (false: at sampling.temperature)
     beta: float = 0.5  # jsd weight: 0 = forward KL, 1 = reverse KL
     top_k: int = 0  # full-vocabulary losses on the teacher's top-k + tail (0: all tokens)
     gamma: float = 0.0  # sampled_rkl discount over future tokens (0: per-token advantage)
@@ -80,6 +84,8 @@ class DistillConfig:
     lora: LoraSection = field(default_factory=LoraSection)
     eval_every: int = 10  # full-budget greedy evaluation every N steps (0: start and end only)
     eval_n: int = 200  # held-out prompts per evaluation
+    eval_split: str = "test"  # held-out half evaluated during the run: test | val | eval (both)
+    val_n: int = 0  # at the end, also evaluate this many `val` prompts (to choose settings on)
     diag_every: int = 10  # per-position diagnostics every N steps (0: off)
     diag_n: int = 16  # prompts sampled at the full budget for diagnostics
     diag_buckets: int = 16  # position buckets over [0, L)
@@ -99,6 +105,8 @@ class DistillConfig:
     teacher_timeout_s: float = 60.0  # per request to the teacher server
     teacher_retries: int = 3  # retries of a failed request (connection errors, timeouts)
     threads: int = 0  # torch CPU threads (0: torch's default)
+    trust_remote_code: bool = False  # run Python code shipped in a model folder (auto_map)
+    drop_long_prompts: bool = False  # skip prompts that do not fit the context with L (counted)
     parallel: str = "ddp"  # several processes: ddp (a copy per rank) or fsdp (sharded student)
 
     def validate(self) -> None:
@@ -117,6 +125,15 @@ class DistillConfig:
                 "use parallel=ddp (the default)")
         C.check(self.loss.kind in LOSSES,
                 f"loss.kind={self.loss.kind!r}: choose one of {', '.join(LOSSES)}")
+        C.check(self.loss.normalizer in NORMALIZERS,
+                f"loss.normalizer={self.loss.normalizer!r}: choose one of "
+                f"{', '.join(NORMALIZERS)}")
+        C.check(not (self.loss.kind == "sft" and self.teacher_url),
+                "loss.kind=sft samples answers from the teacher model itself: give teacher=PATH, "
+                "not teacher_url")
+        C.check(not (self.loss.kind == "sft" and self.teacher_system_prompt),
+                "loss.kind=sft trains the student on the teacher's answers to the student's own "
+                "prompts: leave teacher_system_prompt empty")
         C.check(0 <= self.loss.beta <= 1, f"loss.beta={self.loss.beta}: must be in [0, 1]")
         C.check(self.loss.top_k >= 0, f"loss.top_k={self.loss.top_k}: must be >= 0")
         C.check(0 <= self.loss.gamma <= 1, f"loss.gamma={self.loss.gamma}: must be in [0, 1]")
@@ -125,13 +142,32 @@ class DistillConfig:
                 f"sampling.temperature={self.sampling.temperature}: must be > 0")
         C.check(0 < self.sampling.top_p <= 1,
                 f"sampling.top_p={self.sampling.top_p}: must be in (0, 1]")
-        C.check(self.optim.lr > 0, f"optim.lr={self.optim.lr}: must be > 0")
+        C.check(math.isfinite(self.optim.lr) and self.optim.lr > 0,
+                f"optim.lr={self.optim.lr}: must be a finite number > 0 (e.g. 1e-3)")
+        C.check(self.optim.lr <= 100, f"optim.lr={self.optim.lr} is far too large: an AdamW "
+                "step moves each weight by about lr; use e.g. 1e-3")
+        C.check(math.isfinite(self.sampling.temperature),
+                f"sampling.temperature={self.sampling.temperature}: must be finite (e.g. 1.0)")
+        C.check(self.sampling.top_k >= 0,
+                f"sampling.top_k={self.sampling.top_k}: must be >= 0 (0: off)")
+        C.check(math.isfinite(self.optim.weight_decay) and self.optim.weight_decay >= 0,
+                f"optim.weight_decay={self.optim.weight_decay}: must be >= 0")
+        C.check(self.optim.warmup_steps >= 0,
+                f"optim.warmup_steps={self.optim.warmup_steps}: must be >= 0")
+        C.check(self.threads >= 0, f"threads={self.threads}: must be >= 0 (0: torch's default)")
+        C.check(self.teacher_retries >= 0,
+                f"teacher_retries={self.teacher_retries}: must be >= 0 (0: no retry)")
+        C.check(math.isfinite(self.teacher_timeout_s) and self.teacher_timeout_s > 0,
+                f"teacher_timeout_s={self.teacher_timeout_s}: must be a number of seconds > 0")
         C.check(self.optim.grad_clip > 0, f"optim.grad_clip={self.optim.grad_clip}: must be > 0")
         C.check(0 <= self.optim.min_lr_ratio <= 1,
                 f"optim.min_lr_ratio={self.optim.min_lr_ratio}: must be in [0, 1]")
         for name in ("eval_every", "diag_every", "save_every"):
             C.check(getattr(self, name) >= 0, f"{name}={getattr(self, name)}: must be >= 0")
         C.check(self.eval_n >= 1, f"eval_n={self.eval_n}: must be >= 1")
+        C.check(self.eval_split in ("test", "val", "eval"),
+                f"eval_split={self.eval_split!r}: choose test, val or eval (both halves)")
+        C.check(self.val_n >= 0, f"val_n={self.val_n}: must be >= 0 (0: no validation eval)")
         C.check(self.diag_n >= 1 and self.diag_buckets >= 1, "diag_n and diag_buckets must be >= 1")
         C.check(self.lora.rank >= 0, f"lora.rank={self.lora.rank}: must be >= 0 (0: off)")
         C.check(self.lora.alpha > 0, f"lora.alpha={self.lora.alpha}: must be > 0")

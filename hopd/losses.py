@@ -9,12 +9,44 @@ Normalisation: every loss is a *sum* over masked positions divided by `num_token
 response tokens in the whole optimizer step (all micro-batches, all ranks). Summing the losses of
 micro-batches therefore gives exactly the token mean of the full batch, so gradient accumulation
 and batch splitting do not change the gradient (unlike dividing each micro-batch by its own count,
-or by the count of reference-answer tokens).
+or by the count of reference-answer tokens). Other normalisers (`token_weights`) pass per-token
+weights instead, built from step-wide counts for the same reason.
 """
 
 from __future__ import annotations
 
 import torch
+
+# loss.normalizer: how the per-token terms of one optimizer step are weighted. Under AdamW the
+# choice barely changes the size of an update (Adam divides by the gradient's running scale), so
+# it decides how positions and sequences share the update, not how large it is.
+NORMALIZERS = {
+    "token_mean": "sum over tokens / tokens in the step (every token counts the same)",
+    "seq_mean": "mean over each sequence's tokens, then over sequences (short answers weigh more)",
+    "constant": "sum over tokens / (sequences x L), fixed for the run whatever H is",
+    "sum": "plain sum over tokens (the tinker recipe; scale grows with batch and H)",
+}
+
+
+def token_weights(mask_B_R: torch.Tensor, normalizer: str, step_tokens: float,
+                  step_seqs: float, budget: int) -> torch.Tensor:
+    """(B, R) weights w with loss = sum_t w_t * term_t, for one micro-batch of a step.
+
+    `step_tokens` and `step_seqs` count the whole optimizer step (all micro-batches and ranks),
+    so that the summed micro-batch losses equal the full batch's loss for every normaliser.
+    token_mean: mask / N;  seq_mean: mask / (len_b * S);  constant: mask / (S * L);  sum: mask.
+    """
+    mask = mask_B_R.double()  # float64: exact counts, cast to the loss dtype by each loss
+    if normalizer == "token_mean":
+        return mask / max(step_tokens, 1.0)
+    if normalizer == "seq_mean":
+        lengths = mask.sum(-1, keepdim=True).clamp(min=1)
+        return mask / lengths / max(step_seqs, 1.0)
+    if normalizer == "constant":
+        return mask / max(step_seqs * budget, 1.0)
+    if normalizer == "sum":
+        return mask
+    raise ValueError(f"unknown normalizer {normalizer!r}: choose one of {', '.join(NORMALIZERS)}")
 
 
 def token_logprobs(logits_B_R_V: torch.Tensor, ids_B_R: torch.Tensor) -> torch.Tensor:
@@ -45,13 +77,14 @@ def sampled_rkl(
     num_tokens: int | float,
     gamma: float = 0.0,
     clip_eps: float = 0.0,
+    weight_B_R: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, dict[str, float]]:
     """Sampled-token reverse KL used as a per-token advantage (Thinking Machines / tinker recipe).
 
     r_t = -(log q(y_t) - log t(y_t))                  (detached; minus the per-token reverse KL)
     A_t = sum_{u >= t} gamma^(u - t) r_u               (gamma = 0: A_t = r_t, the default)
     rho_t = exp(log s(y_t) - log q(y_t))               (importance ratio learner / sampler)
-    loss = -sum_t mask_t * rho_t * A_t / num_tokens
+    loss = -sum_t mask_t * rho_t * A_t / num_tokens     (or -sum_t w_t rho_t A_t with weights)
 
     With `clip_eps` > 0 the PPO surrogate min(rho A, clip(rho, 1 - eps, 1 + eps) A) replaces
     rho A. At rho = 1 the gradient is -A_t grad log s(y_t): the REINFORCE gradient of the
@@ -64,7 +97,10 @@ def sampled_rkl(
     surrogate = rho * adv
     if clip_eps > 0:
         surrogate = torch.minimum(surrogate, rho.clamp(1 - clip_eps, 1 + clip_eps) * adv)
-    loss = -(surrogate * mask).sum() / max(float(num_tokens), 1.0)
+    if weight_B_R is not None:
+        loss = -(surrogate * weight_B_R.to(surrogate.dtype)).sum()
+    else:
+        loss = -(surrogate * mask).sum() / max(float(num_tokens), 1.0)
     with torch.no_grad():
         n = mask.sum().clamp(min=1)
         stats = {"sampled_rkl_sum": float(-(reward * mask).sum()),
@@ -127,8 +163,10 @@ def _with_tail(logp_k: torch.Tensor) -> torch.Tensor:
 
 def distribution_loss(student_logits_B_R_V: torch.Tensor, teacher: dict[str, torch.Tensor],
                       mask_B_R: torch.Tensor, num_tokens: int | float, kind: str,
-                      beta: float = 0.5) -> torch.Tensor:
-    """sum_t mask_t * D_t / num_tokens for D in {rkl, fkl, jsd} on full or top-k distributions.
+                      beta: float = 0.5, weight_B_R: torch.Tensor | None = None
+                      ) -> torch.Tensor:
+    """sum_t mask_t * D_t / num_tokens for D in {rkl, fkl, jsd} on full or top-k distributions
+    (sum_t w_t * D_t when per-token weights are given).
 
     `teacher` holds either `logp_B_R_V` (full) or `topk_logp_B_R_K` and `topk_ids_B_R_K`.
     """
@@ -139,7 +177,17 @@ def distribution_loss(student_logits_B_R_V: torch.Tensor, teacher: dict[str, tor
     else:
         t = teacher["logp_B_R_V"].to(dtype)
     d = divergence(s, t, kind, beta)
+    if weight_B_R is not None:
+        return (d * weight_B_R.to(dtype)).sum()
     return (d * mask_B_R.to(dtype)).sum() / max(float(num_tokens), 1.0)
+
+
+def sft_loss(learner_logp_B_R: torch.Tensor, weight_B_R: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy on the given response tokens: -sum_t w_t log s(y_t).
+
+    The off-policy baseline (sequence-level KD): y are the teacher's own samples, not the
+    student's, so the student learns from states it may never reach itself."""
+    return -(learner_logp_B_R * weight_B_R.to(learner_logp_B_R.dtype)).sum()
 
 
 def entropy(logp_B_R_V: torch.Tensor) -> torch.Tensor:

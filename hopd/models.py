@@ -7,6 +7,7 @@ works unchanged on a local checkpoint pair.
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -120,17 +121,42 @@ def resolve_model_path(name: str) -> Path:
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
-def load_model(name: str, device: str = "cpu", dtype: str = "float32") -> PreTrainedModel:
-    """Loads a causal LM from safetensors; bundled 16-bit checkpoints are upcast to `dtype`."""
+def check_custom_code(path: Path, trust_remote_code: bool) -> None:
+    """Refuses a model folder that ships its own Python code unless the user trusts it.
+
+    transformers runs such code (`auto_map` in config.json or tokenizer_config.json) only with
+    trust_remote_code=True; hopd passes False unless the config says otherwise, and says so
+    here before transformers would ask on the terminal."""
+    if trust_remote_code:
+        return
+    for name in ("config.json", "tokenizer_config.json"):
+        try:
+            meta = json.loads((path / name).read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            continue
+        if isinstance(meta, dict) and meta.get("auto_map"):
+            raise ValueError(
+                f"model folder {path} ships its own code ({name} names auto_map "
+                f"{sorted(meta['auto_map'])}); hopd never runs a model folder's code unless you "
+                "ask: read the .py files there, then set trust_remote_code=true")
+
+
+def load_model(name: str, device: str = "cpu", dtype: str = "float32",
+               trust_remote_code: bool = False) -> PreTrainedModel:
+    """Loads a causal LM from safetensors; bundled 16-bit checkpoints are upcast to `dtype`.
+
+    A folder's own Python code runs only with `trust_remote_code=True`."""
     if dtype not in DTYPES:
         raise ValueError(f"dtype={dtype!r}: choose one of {sorted(DTYPES)}")
     path = resolve_model_path(name)
+    check_custom_code(path, trust_remote_code)
     if not any(path.glob("*.safetensors")):
         raise FileNotFoundError(f"model directory {path} has no .safetensors weights (hopd loads "
                                 "weights only from safetensors; convert .bin files first)")
     try:
         model = AutoModelForCausalLM.from_pretrained(path, dtype=DTYPES[dtype],
-                                                     use_safetensors=True)
+                                                     use_safetensors=True,
+                                                     trust_remote_code=trust_remote_code)
     except Exception as e:  # safetensors, torch and transformers raise many types here
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise ValueError(f"cannot load the model in {path}: {first}. The checkpoint may be "
@@ -138,10 +164,11 @@ def load_model(name: str, device: str = "cpu", dtype: str = "float32") -> PreTra
     return model.to(device)
 
 
-def load_tokenizer(name: str) -> PreTrainedTokenizerBase:
+def load_tokenizer(name: str, trust_remote_code: bool = False) -> PreTrainedTokenizerBase:
     path = resolve_model_path(name)
+    check_custom_code(path, trust_remote_code)
     try:
-        tok = AutoTokenizer.from_pretrained(path)
+        tok = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
     except (OSError, ValueError, KeyError) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise ValueError(f"cannot load the tokenizer in {path}: {first}") from None

@@ -69,8 +69,33 @@ def _fmt(v: Any) -> str:
     return str(v)
 
 
+def clean_json(obj: Any) -> Any:
+    """`obj` with every non-finite float replaced by None, so it dumps as standard JSON."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: clean_json(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [clean_json(v) for v in obj]
+    return obj
+
+
+def _nan_for_null(obj: Any) -> Any:
+    """The inverse of `clean_json` for metrics: a null number reads back as NaN."""
+    if obj is None:
+        return math.nan
+    if isinstance(obj, dict):
+        return {k: _nan_for_null(v) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_nan_for_null(v) for v in obj]
+    return obj
+
+
 class MetricsLog:
-    """Appends one JSON object per line to `path`, flushed and fsynced after each write."""
+    """Appends one JSON object per line to `path`, flushed and fsynced after each write.
+
+    Lines are standard JSON: a NaN or infinite value (an accuracy not measured yet, an empty
+    position bucket) is written as null and `read_metrics` reads it back as NaN."""
 
     def __init__(self, path: Path):
         self.path = path
@@ -78,7 +103,7 @@ class MetricsLog:
         self.f = open(path, "a", encoding="utf-8")
 
     def write(self, record: dict[str, Any]) -> None:
-        self.f.write(json.dumps(record, allow_nan=True) + "\n")
+        self.f.write(json.dumps(clean_json(record), allow_nan=False) + "\n")
         self.f.flush()
         os.fsync(self.f.fileno())
 
@@ -96,7 +121,7 @@ def read_metrics(path: Path) -> list[dict[str, Any]]:
         if not line.strip():
             continue
         try:
-            records.append(json.loads(line))
+            records.append(_nan_for_null(json.loads(line)))
         except json.JSONDecodeError:
             if i == len(lines) - 1:  # torn final line from a kill: ignore it
                 break

@@ -27,6 +27,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import yaml  # noqa: E402
 
 from hopd.progress import read_metrics  # noqa: E402
+from hopd.runstate import write_json  # noqa: E402
 
 TARGET_FRACTION = 0.95  # target = 95% of full OPD's final accuracy
 MATCH_TOLERANCE = 0.95  # "matches OPD": final accuracy >= 95% of OPD's final accuracy
@@ -40,6 +41,17 @@ class Run:
     train: list[dict[str, Any]]
     evals: list[dict[str, Any]]
     config: dict[str, Any] = field(default_factory=dict)
+    val: list[dict[str, Any]] = field(default_factory=list)
+
+    @property
+    def lr(self) -> float | None:
+        lr = (self.config.get("optim") or {}).get("lr")
+        return float(lr) if lr is not None else None
+
+    @property
+    def val_accuracy(self) -> float | None:
+        """The final accuracy on the `val` half (what a learning rate is chosen on), if run."""
+        return self.val[-1]["val_accuracy"] if self.val else None
 
     @property
     def final_accuracy(self) -> float:
@@ -68,7 +80,8 @@ def load_run(path: Path) -> Run:
     cfg = yaml.safe_load(cfg_file.read_text()) if cfg_file.exists() else {}
     strategy = meta.get("strategy") or _strategy_from_config(cfg) or path.name
     return Run(path, strategy, int(meta.get("seed", cfg.get("seed", 0) or 0)),
-               [r for r in lines if "loss" in r], [r for r in lines if "eval_accuracy" in r], cfg)
+               [r for r in lines if "loss" in r], [r for r in lines if "eval_accuracy" in r], cfg,
+               [r for r in lines if "val_accuracy" in r])
 
 
 def _strategy_from_config(cfg: dict[str, Any]) -> str | None:
@@ -104,6 +117,34 @@ def group(runs: list[Run]) -> dict[str, list[Run]]:
     for r in runs:
         out.setdefault(r.strategy, []).append(r)
     return out
+
+
+def choose_rates(groups: dict[str, list[Run]]) -> tuple[dict[str, list[Run]], list[list[str]]]:
+    """Each strategy at its best learning rate, chosen on the `val` half (never on test).
+
+    Returns the groups restricted to the chosen rates and the whole grid as table rows (empty
+    when no strategy was run at more than one rate). Without val accuracies the rate cannot be
+    chosen fairly: every (strategy, rate) then stays its own group, named `strategy@lr`."""
+    if all(len({r.lr for r in runs}) < 2 for runs in groups.values()):
+        return groups, []
+    header = ["strategy", "lr", "seeds", "val accuracy", "test accuracy", "chosen"]
+    table, chosen = [header], {}
+    for name, runs in groups.items():
+        by_lr: dict[float | None, list[Run]] = {}
+        for r in runs:
+            by_lr.setdefault(r.lr, []).append(r)
+        val = {lr: _mean([r.val_accuracy for r in rs]) for lr, rs in by_lr.items()}
+        fair = all(v is not None for v in val.values())
+        best = max(by_lr, key=lambda lr: (val[lr], -(lr or 0))) if fair else None
+        for lr, rs in sorted(by_lr.items(), key=lambda kv: kv[0] or 0):
+            table.append([name, f"{lr:g}" if lr is not None else "?", str(len(rs)),
+                          _pct(val[lr]), _pct(_mean([r.final_accuracy for r in rs])),
+                          "yes" if lr == best else ""])
+            if best is None:
+                chosen[f"{name}@{lr:g}" if lr is not None else name] = rs
+        if best is not None:
+            chosen[name] = by_lr[best]
+    return chosen, table
 
 
 def _mean(xs: list[float | None]) -> float | None:
@@ -419,8 +460,9 @@ def markdown_table(rows: list[list[str]]) -> str:
 def write_report(paths: list[Path], out: Path) -> dict[str, Any]:
     """Writes report.md and its PNG plots into `out`; returns the summary."""
     runs = find_runs(paths)
-    groups = group(runs)
+    groups, grid = choose_rates(group(runs))
     summary = summarize(groups)
+    summary["lr_grid"] = grid
     out.mkdir(parents=True, exist_ok=True)
     plot_accuracy(groups, summary["target"], out / "accuracy.png")
     plot_cost(groups, out / "cost.png")
@@ -437,6 +479,10 @@ def write_report(paths: list[Path], out: Path) -> dict[str, Any]:
         f"Budget L: {', '.join(map(str, budgets))}. Times are training time only (sampling, "
         "teacher scoring, learning), without evaluation or diagnostics.", "",
         markdown_table(table_rows(summary)), "",
+        *(["## Learning rates", "",
+            "Every strategy ran at every rate; each one is reported at the rate with the best "
+            "final accuracy on the `val` half of the held-out prompts, and every accuracy above "
+            "is on the disjoint `test` half.", "", markdown_table(grid), ""] if grid else []),
         "## Verdicts on the paper's claims", "",
         *[f"- {v}" for v in verdicts(summary)], "",
         "These verdicts are computed from the numbers above each time the report is made; with "
@@ -457,5 +503,5 @@ def write_report(paths: list[Path], out: Path) -> dict[str, Any]:
                   for n, m in moves]
         lines.append("")
     (out / "report.md").write_text("\n".join(lines))
-    (out / "summary.json").write_text(json.dumps(summary, indent=2))
+    write_json(out / "summary.json", summary)
     return summary

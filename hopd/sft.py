@@ -6,10 +6,9 @@ the prompt is context, never a target.
 
 from __future__ import annotations
 
-import json
 import math
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -27,7 +26,8 @@ from hopd.models import (
     tiny_llama,
 )
 from hopd.progress import Bar, MetricsLog
-from hopd.tasks import Example, PromptSource, is_chain
+from hopd.runstate import check_out, prepare_out, write_json
+from hopd.tasks import Example, PromptSource, chain, is_chain
 
 
 @dataclass
@@ -47,6 +47,8 @@ class SFTConfig:
     seed: int = 0  # model init, data order and evaluation seed
     save_dtype: str = "float32"  # dtype of the saved weights (bfloat16 halves the file)
     threads: int = 0  # torch CPU threads (0: torch's default)
+    trust_remote_code: bool = False  # run Python code shipped in a model folder (auto_map)
+    shortcut_fraction: float = 0.0  # prompts answered in the shortcut style ("Answer: N" at once)
 
     def validate(self) -> None:
         C.check(self.steps >= 1, f"steps={self.steps}: must be >= 1")
@@ -58,6 +60,8 @@ class SFTConfig:
         C.check(self.eval_every >= 0, f"eval_every={self.eval_every}: must be >= 0")
         C.check(self.eval_n >= 1, f"eval_n={self.eval_n}: must be >= 1")
         C.check(self.save_every >= 0, f"save_every={self.save_every}: must be >= 0")
+        C.check(0 <= self.shortcut_fraction <= 1,
+                f"shortcut_fraction={self.shortcut_fraction}: must be in [0, 1]")
         C.check(self.save_dtype in DTYPES,
                 f"save_dtype={self.save_dtype!r}: choose one of {sorted(DTYPES)}")
         C.check(is_chain(self.task),
@@ -74,6 +78,28 @@ def warmup_cosine(step: int, total: int, warmup: int, min_ratio: float) -> float
         return (step + 1) / (warmup + 1)
     progress = min(1.0, (step - warmup) / max(1, total - warmup))
     return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def with_shortcuts(examples: list[Example], fraction: float) -> list[Example]:
+    """Gives the prompts whose first digit is below 10 x `fraction` the shortcut style: the final
+    answer at once ("Answer: N"), with no steps; the others keep their worked solution.
+
+    A student trained on such a mix chooses its style with its first response token, from a
+    feature it can see (the first digit of the program): the worked style is reliable, the
+    shortcut is a guess for a model too small to compute a chain in one step. This makes the
+    `fork` regime of the testbed, where success is decided by the first tokens. (A style drawn at
+    random per example would not do: the student would learn a 50/50 first token, and greedy
+    decoding would then pick one style for nearly every prompt.)"""
+    if fraction <= 0:
+        return examples
+    cut = 10 * fraction
+    return [replace(e, response=chain.ANSWER_PREFIX + e.answer) if _first_digit(e) < cut else e
+            for e in examples]
+
+
+def _first_digit(e: Example) -> int:
+    text = e.prompt if isinstance(e.prompt, str) else e.prompt[-1]["content"]
+    return next((int(c) for c in text if c.isdigit()), 9)
 
 
 def sft_batch(tokenizer: PreTrainedTokenizerBase, examples: list[Example]
@@ -110,22 +136,33 @@ def sft_loss(model: PreTrainedModel, ids_B_T: torch.Tensor, attn_B_T: torch.Tens
     return (nll * mask).sum() / mask.sum().clamp(min=1)
 
 
-def init_model(name: str) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+def init_model(name: str, trust_remote_code: bool = False
+               ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     if name.startswith("size:"):
         tok = build_testbed_tokenizer()
         return tiny_llama(name[5:], tok), tok
-    return load_model(name), load_tokenizer(name)
+    return load_model(name, trust_remote_code=trust_remote_code), \
+        load_tokenizer(name, trust_remote_code=trust_remote_code)
 
 
-def train_sft(cfg: SFTConfig, out: Path, progress: bool = True) -> dict:
-    """Runs SFT and saves an HF checkpoint with its tokenizer in `out`; returns the final eval."""
+def train_sft(cfg: SFTConfig, out: Path, progress: bool = True, overwrite: bool = False
+              ) -> dict:
+    """Runs SFT and saves an HF checkpoint with its tokenizer in `out`; returns the final eval.
+
+    `out` is checked first and replaced (`overwrite`) only once the model has loaded."""
+    check_out(out, kind="sft", overwrite=overwrite)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     torch.manual_seed(cfg.seed)
-    model, tok = init_model(cfg.model)
+    model, tok = init_model(cfg.model, cfg.trust_remote_code)
+    with prepare_out(out, kind="sft", overwrite=overwrite):
+        return _train(cfg, out, model, tok, progress)
+
+
+def _train(cfg: SFTConfig, out: Path, model: PreTrainedModel, tok: PreTrainedTokenizerBase,
+           progress: bool) -> dict:
     model.train()
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "sft_config.json").write_text(json.dumps(C.to_dict(cfg), indent=2))
+    write_json(out / "sft_config.json", C.to_dict(cfg))
     source = PromptSource(cfg.task)
     budget = source.default_budget()
     eval_examples = source.eval_set(cfg.eval_n, seed=cfg.seed)
@@ -145,7 +182,8 @@ def train_sft(cfg: SFTConfig, out: Path, progress: bool = True) -> dict:
     t_start = time.perf_counter()
     for step in range(cfg.steps):
         t0 = time.perf_counter()
-        batch = source.train_batch(step, cfg.batch_size, cfg.seed)
+        batch = with_shortcuts(source.train_batch(step, cfg.batch_size, cfg.seed),
+                               cfg.shortcut_fraction)
         ids, attn, loss_mask = sft_batch(tok, batch)
         loss = sft_loss(model, ids, attn, loss_mask)
         opt.zero_grad(set_to_none=True)
@@ -169,7 +207,7 @@ def train_sft(cfg: SFTConfig, out: Path, progress: bool = True) -> dict:
     save_checkpoint(model, tok, out, dtype=DTYPES[cfg.save_dtype])
     result = {"final_eval_accuracy": acc, "steps": cfg.steps,
               "train_time_s": time.perf_counter() - t_start}
-    (out / "sft_result.json").write_text(json.dumps(result, indent=2))
+    write_json(out / "sft_result.json", result)
     print(f"sft: done, eval accuracy {acc:.3f} on {cfg.eval_n} held-out problems; saved to {out}",
           flush=True)
     return result

@@ -72,3 +72,68 @@ def test_sft_loss_ignores_prompt_tokens(tokenizer):
     assert base.item() == pytest.approx(((nll * m).sum() / m.sum()).item(), rel=1e-5)
     # the mask matters: the plain mean over all positions (prompt included) is different
     assert not torch.isclose(base, (nll.sum() / nll.numel()))
+
+
+def _rollout_and_scores(tokenizer, need="full"):
+    student = tiny_llama("micro", tokenizer, seed=1).double()
+    teacher = tiny_llama("micro", tokenizer, seed=2).double().eval()
+    prompts = [[1] + tokenizer(f"a={i}+{i};", add_special_tokens=False)["input_ids"]
+               for i in range(8)]
+    r = sample(student, prompts, 10, eos_id=14, pad_id=0, temperature=2.0,
+               generator=torch.Generator().manual_seed(0))
+    assert r.cut_B.any() and (~r.cut_B).any()  # mixed lengths: the normalisers differ
+    return student, teacher, r, score(teacher, r, need)
+
+
+@pytest.mark.parametrize("normalizer", ["token_mean", "seq_mean", "constant", "sum"])
+@pytest.mark.parametrize("kind", ["sampled_rkl", "rkl", "sft"])
+def test_every_normalizer_matches_brute_force_and_accumulation(tokenizer, normalizer, kind):
+    from hopd.losses import divergence
+
+    student, teacher, r, scores = _rollout_and_scores(
+        tokenizer, "sampled" if kind in ("sampled_rkl", "sft") else "full")
+    L = 12
+    # brute force in float64: per-token terms, then the normaliser written out row by row
+    with torch.no_grad():
+        logits = student(input_ids=r.ids_B_T, attention_mask=r.attn_B_T).logits
+        s_logp = logits[:, r.prompt_len - 1:-1].log_softmax(-1)
+        y = r.response_ids_B_R
+        s_y = s_logp.gather(-1, y.unsqueeze(-1)).squeeze(-1)
+        if kind == "sampled_rkl":  # -rho_t A_t, A_t = -(log q - log t), rho_t = s / q
+            rho = (s_y - r.sampler_logp_B_R).exp()
+            term = rho * (r.sampler_logp_B_R - scores.logp_B_R)
+        elif kind == "sft":
+            term = -s_y
+        else:
+            term = divergence(s_logp, scores.logp_B_R_V, "rkl")
+    m = r.response_mask_B_R.double()
+    rows = [(term[b] * m[b]).sum() for b in range(8)]
+    n_b = m.sum(1)
+    expected = {"token_mean": sum(rows) / m.sum(), "sum": sum(rows),
+                "seq_mean": sum(rw / n for rw, n in zip(rows, n_b)) / 8,
+                "constant": sum(rows) / (8 * L)}[normalizer]
+    results = []
+    for accum in (1, 4):
+        cfg = DistillConfig(batch_size=8, grad_accum=accum,
+                            loss=LossConfig(kind=kind, normalizer=normalizer))
+        student.zero_grad(set_to_none=True)
+        stats = learn(student, r, scores, cfg, vocab=len(tokenizer), budget=L)
+        results.append((_grads(student), stats["loss"]))
+    assert results[0][1] == pytest.approx(float(expected), rel=1e-9)
+    assert torch.allclose(results[0][0], results[1][0], rtol=1e-9, atol=1e-12)
+
+
+def test_sft_strategy_trains_on_the_teachers_answers(tmp_path, micro_pair):
+    """loss.kind=sft: the rollouts are the teacher's (its log-probs, not the student's)."""
+    from hopd.cli import main
+    from hopd.progress import read_metrics
+
+    s, t = micro_pair
+    run = tmp_path / "sft"
+    assert main(["distill", "--out", str(run), "--quiet", f"student={s}", f"teacher={t}",
+                 "data=chain:tiny", "batch_size=4", "eval_n=4", "diag_every=0", "max_steps=2",
+                 "loss.kind=sft", "loss.sft_greedy=true", "eval_every=0"]) == 0
+    train = [x for x in read_metrics(run / "metrics.jsonl") if "loss" in x]
+    # greedy teacher answers carry log-prob <= 0 and the CE of a random student is about log V
+    assert len(train) == 2 and all(2.0 < x["loss"] < 6.0 for x in train)
+    assert all(x["sampled_rkl"] == 0.0 for x in train)

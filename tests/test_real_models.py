@@ -42,8 +42,8 @@ def _arch(name: str, tok):
 @pytest.fixture(scope="module")
 def gsm8k_file(tmp_path_factory):
     path = tmp_path_factory.mktemp("data") / "gsm8k.jsonl"
-    rows = [{"question": f"a={i % 10}+{(i * 3) % 10};", "answer": f"step\n#### {(i + i * 3) % 10}"}
-            for i in range(40)]
+    rows = [{"question": f"a={i % 10}+{(i * 3) % 10};{'b=a;' * (i // 10)}",
+             "answer": f"step\n#### {(i + i * 3) % 10}"} for i in range(200)]
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     return path
 

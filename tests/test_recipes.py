@@ -42,7 +42,7 @@ def test_opd_improves_the_warm_student(tmp_path):
     run = tmp_path / "opd"
     recipe = BUNDLED_DIR.parent / "configs" / "opd.yaml"
     rc = main(["distill", str(recipe), "--out", str(run), "--quiet", "max_steps=20",
-               "eval_every=0", "eval_n=200", "diag_every=0", "threads=2"])
+               "eval_every=0", "eval_n=200", "eval_split=eval", "diag_every=0", "threads=2"])
     assert rc == 0
     evals = [r for r in read_metrics(run / "metrics.jsonl") if "eval_accuracy" in r]
     before, after = evals[0]["eval_accuracy"], evals[-1]["eval_accuracy"]

@@ -113,3 +113,27 @@ def test_verdicts_are_inconclusive_when_opd_gain_is_noise(tmp_path):
     assert "sooner**: supported" in make(tmp_path / "a", [0.1, 0.3, 0.5, 0.8], 200)[0]
     v = make(tmp_path / "b", [0.1, 0.12, 0.15, 0.14], 100)  # +4 points on 100 prompts
     assert len(v) == 1 and "inconclusive" in v[0] and "100 prompts" in v[0]
+
+
+def test_learning_rate_is_chosen_on_val_and_reported_on_test(tmp_path):
+    """Each strategy is shown at the rate with the best val accuracy, even when another rate has
+    the better test accuracy (choosing on test would be peeking)."""
+    import yaml
+
+    def run(strategy, lr, val, test):
+        r = _write_run(tmp_path / f"lr{lr}", strategy, [100] * 6, [0.1, 0.2, 0.3, test], 0.01)
+        (r / "config.yaml").write_text(yaml.safe_dump({"optim": {"lr": lr}, "eval_n": 500}))
+        with open(r / "metrics.jsonl", "a") as f:
+            f.write(json.dumps({"step": 6, "val_accuracy": val, "val_n": 200}) + "\n")
+
+    run("opd", 1e-3, val=0.60, test=0.55)
+    run("opd", 3e-3, val=0.50, test=0.70)  # best on test, not on val: not chosen
+    run("topd10", 1e-3, val=0.20, test=0.20)
+    run("topd10", 3e-4, val=0.40, test=0.35)
+    summary = write_report([tmp_path], tmp_path / "out")
+    assert summary["rows"]["opd"]["final_accuracy"] == pytest.approx(0.55)
+    assert summary["rows"]["topd10"]["final_accuracy"] == pytest.approx(0.35)
+    chosen = {(row[0], row[1]) for row in summary["lr_grid"][1:] if row[5] == "yes"}
+    assert chosen == {("opd", "0.001"), ("topd10", "0.0003")}
+    text = (tmp_path / "out" / "report.md").read_text()
+    assert "## Learning rates" in text and "| opd | 0.003 | 1 | 50.0% | 70.0% |  |" in text

@@ -86,3 +86,20 @@ def test_bad_specs_and_sources_fail_clearly():
         chain.ChainSpec(ops="/")
     with pytest.raises(ValueError, match="unknown testbed preset"):
         load_examples("chain:nope", 1, "train")
+
+
+def test_shortcut_style_goes_to_the_prompts_with_a_low_first_digit():
+    """The fork regime's SFT data: a visible feature decides the style, so a student can learn
+    it per prompt (a coin flip per example would teach a 50/50 first token instead)."""
+    from hopd.sft import with_shortcuts
+    from hopd.tasks import load_examples
+
+    ex = load_examples("chain:default", 200, "train", seed=0)
+    mixed = with_shortcuts(ex, 0.5)
+    short = [m for m in mixed if m.response.startswith("Answer: ")]
+    assert 60 < len(short) < 140  # about half
+    for e, m in zip(ex, mixed):
+        low = int(e.prompt[2]) < 5  # "a=D..." : the program's first digit
+        assert (m.response == f"Answer: {e.answer}") == low
+        assert m.response == e.response or low
+    assert with_shortcuts(ex, 0.0) == ex

@@ -9,6 +9,8 @@ with) in deterministic train batches and a held-out evaluation set that never ov
 from __future__ import annotations
 
 import random
+import sys
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,6 +24,7 @@ class Example:
     prompt: Prompt  # user message content, or chat messages
     answer: str  # reference final answer
     response: str = ""  # a reference worked solution, when the source has one (for SFT)
+    where: str = ""  # FILE:LINE of a row read from a file ("" for generated problems)
 
 
 def chain_spec(source: str) -> chain.ChainSpec:
@@ -49,17 +52,19 @@ class PromptSource:
         self.chain = chain_spec(source) if is_chain(source) else None
         self.train_rows: list[Example] = []
         self.eval_rows: list[Example] = []
+        self._orders: dict[tuple[int, int, int], list[int]] = {}
         if self.chain is None:
             if source.startswith("chain"):
                 chain_spec(source)  # raises with the list of presets
             if not Path(source).exists():
                 raise ValueError(f"data {source!r}: no such file; give chain:default|hard|tiny, "
                                  "a JSONL file or a saved dataset folder")
-            rows = [Example(p, a) for p, a in jsonl.load_rows(source, prompt_field, answer_field)]
+            rows = [Example(p, a, where=w) for p, a, w in
+                    jsonl.load_located_rows(source, prompt_field, answer_field)]
             if eval_source:
                 self.train_rows = rows
-                self.eval_rows = [Example(p, a) for p, a in
-                                  jsonl.load_rows(eval_source, prompt_field, answer_field)]
+                self.eval_rows = [Example(p, a, where=w) for p, a, w in
+                                  jsonl.load_located_rows(eval_source, prompt_field, answer_field)]
             else:  # hold out the prompts whose hash falls in the evaluation bucket
                 for ex in rows:
                     split = chain.split_of(_prompt_text(ex.prompt))
@@ -67,6 +72,31 @@ class PromptSource:
             if not self.train_rows:
                 raise ValueError(f"data {source}: no training rows left after holding out the "
                                  "evaluation split; give more rows or a separate eval_data file")
+            self._warn_unparsable_answers()
+
+    def _warn_unparsable_answers(self) -> None:
+        """A prose reference answer never matches: say so now rather than report 0% later."""
+        answers = [e.answer for e in self.eval_rows]
+        if answers and not any(jsonl.looks_like_final_answer(a) for a in answers):
+            print(f"warning: none of the {len(answers)} evaluation answers in "
+                  f"{self.eval_rows[0].where.rsplit(':', 1)[0]} looks like a final answer (e.g. "
+                  f"{answers[0][:60]!r}); accuracy will be 0. Give answers as a number or short "
+                  "expression, a GSM8K '#### N' line or a \\boxed{N}, or set data_answer_field",
+                  file=sys.stderr)
+
+    def all_rows(self) -> list[Example]:
+        """Every row of a file source, train and eval ([] for the generated testbed)."""
+        return self.train_rows + self.eval_rows
+
+    def drop_rows(self, keep: Callable[[Example], bool]) -> int:
+        """Removes the rows for which `keep` is false; returns how many went."""
+        before = len(self.train_rows) + len(self.eval_rows)
+        self.train_rows = [e for e in self.train_rows if keep(e)]
+        self.eval_rows = [e for e in self.eval_rows if keep(e)]
+        if not self.train_rows:
+            raise ValueError(f"data {self.source}: no training rows are left after dropping "
+                             "the prompts that are too long; lower budget or shorten the prompts")
+        return before - len(self.train_rows) - len(self.eval_rows)
 
     def train_batch(self, step: int, batch_size: int, seed: int, start: int | None = None
                     ) -> list[Example]:
@@ -79,22 +109,39 @@ class PromptSource:
             return [Example(p.prompt, p.answer, p.response) for p in
                     chain.generate(batch_size, self.chain, "train", seed * 1_000_003 + step)]
         n = len(self.train_rows)
-        out = []
         first = step * batch_size if start is None else start
+        out = []
         for j in range(first, first + batch_size):
             epoch, i = divmod(j, n)
-            order = list(range(n))
-            random.Random(f"{seed}-{epoch}").shuffle(order)
-            out.append(self.train_rows[order[i]])
+            out.append(self.train_rows[self._order(seed, epoch)[i]])
         return out
 
-    def eval_set(self, n: int, seed: int = 0) -> list[Example]:
+    def _order(self, seed: int, epoch: int) -> list[int]:
+        """The shuffled row order of one epoch, computed once (O(rows)), not once per prompt."""
+        key = (seed, epoch, len(self.train_rows))
+        if key not in self._orders:
+            order = list(range(len(self.train_rows)))
+            random.Random(f"{seed}-{epoch}").shuffle(order)
+            self._orders = {k: v for k, v in self._orders.items() if k[1] >= epoch - 1}
+            self._orders[key] = order
+        return self._orders[key]
+
+    def eval_set(self, n: int, seed: int = 0, part: str = "eval") -> list[Example]:
+        """`n` held-out problems: part 'eval' (all of them), or its disjoint halves 'val' (to
+        choose settings on) and 'test' (to report on)."""
+        if part not in ("eval", "val", "test"):
+            raise ValueError(f"part={part!r}: use eval, val or test")
         if self.chain is not None:
             return [Example(p.prompt, p.answer, p.response)
-                    for p in chain.generate(n, self.chain, "eval", seed)]
+                    for p in chain.generate(n, self.chain, part, seed)]
         if not self.eval_rows:
             raise ValueError(f"data {self.source}: no evaluation rows; give eval_data")
-        return self.eval_rows[:n]
+        rows = self.eval_rows if part == "eval" else [
+            e for e in self.eval_rows if chain.heldout_part(_prompt_text(e.prompt)) == part]
+        if not rows:
+            raise ValueError(f"data {self.source}: no {part} rows among the {len(self.eval_rows)}"
+                             " evaluation rows; give more evaluation rows")
+        return rows[:n]
 
     def is_correct(self, response: str, answer: str) -> bool:
         if self.chain is not None:

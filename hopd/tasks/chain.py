@@ -15,7 +15,9 @@ response) and gives the result, so the response grows linearly with the number o
 step depends on earlier ones: a long-horizon reasoning task with an exact checker.
 
 Train and evaluation problems never overlap: a problem belongs to the evaluation split exactly when
-a hash of its prompt falls in the evaluation bucket, whatever seed produced it.
+a hash of its prompt falls in the evaluation bucket, whatever seed produced it. The evaluation
+split is itself cut in two halves by the same hash, `val` (for choosing settings such as the
+learning rate) and `test` (for reporting), so a choice made on one never sees the other.
 """
 
 from __future__ import annotations
@@ -92,21 +94,42 @@ def make_problem(rng: random.Random, spec: ChainSpec) -> Problem:
     return Problem("".join(program), "".join(lines) + ANSWER_PREFIX + answer, answer)
 
 
+def _bucket(prompt: str) -> int:
+    return int.from_bytes(hashlib.blake2b(prompt.encode(), digest_size=8).digest(), "big")
+
+
 def split_of(prompt: str) -> str:
     """'eval' or 'train', from a hash of the prompt: the splits can never share a problem."""
-    bucket = int.from_bytes(hashlib.blake2b(prompt.encode(), digest_size=8).digest(), "big")
-    return "eval" if bucket % EVAL_BUCKETS == 0 else "train"
+    return "eval" if _bucket(prompt) % EVAL_BUCKETS == 0 else "train"
+
+
+def heldout_part(prompt: str) -> str:
+    """'val' or 'test' for a held-out prompt: the two halves of the evaluation split."""
+    return "val" if (_bucket(prompt) // EVAL_BUCKETS) % 2 == 0 else "test"
+
+
+def in_split(prompt: str, split: str) -> bool:
+    """Whether `prompt` belongs to `split`: train, eval (= val + test), val or test."""
+    top = split_of(prompt)
+    if split in ("train", "eval"):
+        return top == split
+    return top == "eval" and heldout_part(prompt) == split
+
+
+SPLITS = ("train", "eval", "val", "test")
 
 
 def generate(n: int, spec: ChainSpec, split: str, seed: int) -> list[Problem]:
-    """`n` distinct problems of `split` ('train' or 'eval'), deterministic in `seed`.
+    """`n` distinct problems of `split` (train, eval, val or test), deterministic in `seed`.
 
     Final answers are uniform over 0..9 (each problem is drawn for a target digit, by rejection),
     so that guessing scores 10%: without this, `*` and `x-x` pull a quarter of answers to 0.
+    val and test are drawn from the evaluation split's stream, each keeping its own half.
     """
-    if split not in ("train", "eval"):
-        raise ValueError(f"split={split!r}: use 'train' or 'eval'")
-    rng = random.Random(f"{split}-{seed}-{spec}")
+    if split not in SPLITS:
+        raise ValueError(f"split={split!r}: use one of {', '.join(SPLITS)}")
+    stream = "eval" if split in ("val", "test") else split
+    rng = random.Random(f"{stream}-{seed}-{spec}")
     out: list[Problem] = []
     seen: set[str] = set()
     tries = 0
@@ -118,7 +141,7 @@ def generate(n: int, spec: ChainSpec, split: str, seed: int) -> list[Problem]:
         p = make_problem(rng, spec)
         while p.answer != target:
             p = make_problem(rng, spec)
-        if p.prompt in seen or split_of(p.prompt) != split:
+        if p.prompt in seen or not in_split(p.prompt, split):
             continue
         seen.add(p.prompt)
         out.append(p)

@@ -29,9 +29,12 @@ class DataError(ValueError):
 def _rows(path: Path) -> list[tuple[int, dict[str, Any]]]:
     if not path.exists():
         raise DataError(f"prompt file {path} not found")
+    if not path.is_file():  # a FIFO or a device would block or never end
+        raise DataError(f"prompt file {path} is not a regular file (a pipe, socket or device?): "
+                        "save the prompts to a JSONL file and give its path")
     raw = path.read_bytes()
     try:
-        text = raw.decode("utf-8")
+        text = raw.decode("utf-8-sig")  # a leading byte-order mark is accepted and dropped
     except UnicodeDecodeError as e:
         line = raw[: e.start].count(b"\n") + 1
         raise DataError(f"{path}:{line}: not valid UTF-8 (byte {e.start}); save the file as "
@@ -116,6 +119,8 @@ def _answer_of(row: dict[str, Any], field: str, where: str) -> str:
     text = str(value)
     if "####" in text:  # GSM8K: worked solution, then "#### final"
         text = text.rsplit("####", 1)[1]
+    elif last_boxed(text) is not None:  # MATH-style solution: the last \\boxed{...}
+        text = str(last_boxed(text))
     text = text.strip()
     if not text:
         raise DataError(f"{where}: field '{field}' is empty")
@@ -125,11 +130,28 @@ def _answer_of(row: dict[str, Any], field: str, where: str) -> str:
 def load_rows(path: str | Path, prompt_field: str = "", answer_field: str = ""
               ) -> list[tuple[str | list[dict[str, str]], str]]:
     """(prompt, answer) pairs of a JSONL file or a saved dataset folder, validated."""
+    return [(p, a) for p, a, _ in load_located_rows(path, prompt_field, answer_field)]
+
+
+def load_located_rows(path: str | Path, prompt_field: str = "", answer_field: str = ""
+                      ) -> list[tuple[str | list[dict[str, str]], str, str]]:
+    """(prompt, answer, "FILE:LINE") triples of a JSONL file or a saved dataset folder."""
     path = Path(path)
     rows = _load_disk_dataset(path) if path.is_dir() else _rows(path)
     first_line, first = rows[0]
     pf, af = detect_fields(first, prompt_field, answer_field, f"{path}:{first_line}")
-    return [(_prompt_of(r, pf, f"{path}:{i}"), _answer_of(r, af, f"{path}:{i}")) for i, r in rows]
+    return [(_prompt_of(r, pf, f"{path}:{i}"), _answer_of(r, af, f"{path}:{i}"), f"{path}:{i}")
+            for i, r in rows]
+
+
+def looks_like_final_answer(answer: str) -> bool:
+    """A number, or a short expression without spaces: what a checker can compare exactly."""
+    s = normalize(answer)
+    try:
+        float(s)
+        return True
+    except ValueError:
+        return len(s) <= 40 and len(answer.split()) <= 3
 
 
 # ---------------------------------------------------------------------------------------------
