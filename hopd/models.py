@@ -35,7 +35,11 @@ CHAT_TEMPLATE = (
     "{% else %}{{ message['content'] + '\n' }}{% endif %}{% endfor %}"
 )
 BUNDLED_DIR = Path(__file__).parent / "checkpoints"
-BUNDLED = {"testbed:teacher": "teacher", "testbed:student": "student"}
+# the teacher, and one warm student per regime of the testbed: `student` makes errors spread along
+# its worked solutions; `student-fork` solves with the worked style or guesses with a shortcut,
+# choosing at its first response token (success decided early)
+BUNDLED = {"testbed:teacher": "teacher", "testbed:student": "student",
+           "testbed:student-fork": "student-fork"}
 
 
 def build_testbed_tokenizer() -> PreTrainedTokenizerFast:
