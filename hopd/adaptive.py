@@ -168,8 +168,12 @@ def token_budget_batch(batch_size: int, horizon: int, budget: int, max_batch: in
 def recovery_probe(student: PreTrainedModel, teacher: PreTrainedModel,
                    tok: PreTrainedTokenizerBase, prompts: list[list[int]], answers: list[str],
                    check: Any, budget: int, fractions: tuple[float, ...] = PROBE_FRACTIONS,
-                   ) -> dict[str, Any]:
-    """Teacher accuracy when it finishes the student's greedy rollout from position p * L."""
+                   teacher_prompts: list[list[int]] | None = None) -> dict[str, Any]:
+    """Teacher accuracy when it finishes the student's greedy rollout from position p * L.
+
+    The teacher continues from its own encoding of each prompt (`teacher_prompts`: its system
+    turn or chat template, when they differ from the student's) followed by the student's
+    response prefix."""
     eos, pad = tok.eos_token_id, tok.pad_token_id
     student_was = student.training
     student.eval()
@@ -179,7 +183,7 @@ def recovery_probe(student: PreTrainedModel, teacher: PreTrainedModel,
     for p in fractions:
         cut = int(p * budget)
         prefixes, kept = [], []
-        for b, prompt in enumerate(prompts):
+        for b, prompt in enumerate(teacher_prompts or prompts):
             n = int(r.response_mask_B_R[b].sum())
             ids = r.response_ids_B_R[b, : min(cut, n)].tolist()
             if eos in ids:  # the student finished before p * L: nothing left for the teacher

@@ -7,7 +7,9 @@
     hopd report DIR...                              plots and report.md from run folders
     hopd demo [--quick] [--out DIR] [--device D]    the built-in comparison on the testbed
 
-Bad input exits with code 2 and one line that names the problem and the fix.
+Bad input (a `ConfigError`: config, data, models, run folder, teacher server) exits with code 2
+and one line that names the problem and the fix; any other exception is a bug and shows its
+traceback.
 """
 
 from __future__ import annotations
@@ -158,15 +160,22 @@ def _print_summary(summary: dict, report: Path) -> None:
 
 
 def _cmd_serve_teacher(args: argparse.Namespace) -> int:
-    from hopd.models import load_model, load_tokenizer
-    from hopd.serve import make_server
+    import os
 
-    model = load_model(args.model, device=args.device, dtype=args.dtype).eval()
-    tok = load_tokenizer(args.model)
-    server = make_server(model, tok, args.model, args.host, args.port)
+    from hopd.models import load_model, load_tokenizer
+    from hopd.serve import TOKEN_ENV, make_server
+
+    _check_device(args.device)
+    token = args.token or os.environ.get(TOKEN_ENV, "")
+    model = load_model(args.model, device=args.device, dtype=args.dtype,
+                       trust_remote_code=args.trust_remote_code).eval()
+    tok = load_tokenizer(args.model, trust_remote_code=args.trust_remote_code)
+    server = make_server(model, tok, args.model, args.host, args.port, token=token)
     host, port = server.server_address[:2]
+    auth = "bearer token required" if token else \
+        f"UNAUTHENTICATED: anyone who reaches {host}:{port} can use it; set --token"
     print(f"hopd serve-teacher: {args.model} on http://{host}:{port} (POST /v1/completions "
-          "with prompt_logprobs, POST /tokenize); Ctrl-C stops", flush=True)
+          f"with prompt_logprobs, POST /tokenize; {auth}); Ctrl-C stops", flush=True)
     try:
         server.serve_forever()
     except KeyboardInterrupt:
@@ -268,10 +277,17 @@ def build_parser() -> argparse.ArgumentParser:
 
     t = sub.add_parser("serve-teacher", help="serve a teacher's log-probs over HTTP")
     t.add_argument("model", help="checkpoint path or testbed:teacher")
-    t.add_argument("--host", default="127.0.0.1")
+    t.add_argument("--host", default="127.0.0.1",
+                   help="address to listen on (default loopback only; 0.0.0.0 for other "
+                   "machines, then set --token)")
     t.add_argument("--port", type=int, default=8000, help="0 picks a free port")
-    t.add_argument("--device", default="cpu")
-    t.add_argument("--dtype", default="float32")
+    t.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
+    t.add_argument("--dtype", default="float32", help="float32, bfloat16 or float16")
+    t.add_argument("--token", default="",
+                   help="require 'Authorization: Bearer TOKEN' (or set HOPD_TEACHER_TOKEN; "
+                   "the client reads the same variable)")
+    t.add_argument("--trust-remote-code", action="store_true",
+                   help="run Python code shipped in the model folder")
     t.set_defaults(func=_cmd_serve_teacher)
 
     e = sub.add_parser("eval", help="evaluate a model at the full response budget")
@@ -314,7 +330,7 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         return args.func(args)
-    except (ConfigError, FileNotFoundError, ValueError) as e:
+    except (ConfigError, FileNotFoundError) as e:  # the user's input: one line, no traceback
         print(f"hopd {args.command}: error: {e}", file=sys.stderr)
         return 2
     except DiskFull as e:

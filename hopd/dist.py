@@ -23,6 +23,8 @@ from collections.abc import Iterator
 
 import torch
 
+from hopd.config import ConfigError
+
 
 class Dist:
     """This process's place among the ranks; a no-op when there is only one."""
@@ -36,7 +38,7 @@ class Dist:
             try:
                 from accelerate import Accelerator
             except ImportError:
-                raise ValueError("several processes need accelerate: pip install "
+                raise ConfigError("several processes need accelerate: pip install "
                                  "'hopd[dist]'") from None
             self.accel = Accelerator(cpu=device == "cpu")
             self.rank, self.world = self.accel.process_index, self.accel.num_processes
@@ -174,5 +176,5 @@ def _decoder_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
             mod = getattr(mod, name, None)
         if isinstance(mod, torch.nn.ModuleList):
             return list(mod)
-    raise ValueError(f"parallel=fsdp: no decoder layers found in {type(model).__name__}; "
+    raise ConfigError(f"parallel=fsdp: no decoder layers found in {type(model).__name__}; "
                      "use parallel=ddp")

@@ -64,7 +64,7 @@ from hopd.models import (
     resolve_model_path,
 )
 from hopd.progress import Bar, MetricsLog
-from hopd.rollout import Rollout, sample
+from hopd.rollout import Rollout, filter_logits, sample
 from hopd.runstate import (
     DiskFull,
     StopFlag,
@@ -195,7 +195,8 @@ def learn(student: PreTrainedModel, rollout: Rollout, teacher: TeacherScores, cf
             logits = response_logits(student, rollout.ids_B_T[rows], rollout.attn_B_T[rows],
                                      rollout.prompt_len, vocab)
             if kind == "sampled_rkl":
-                learner_logp = token_logprobs(logits, rollout.response_ids_B_R[rows])
+                learner_logp = token_logprobs(as_sampled(logits, cfg.sampling),
+                                              rollout.response_ids_B_R[rows])
                 loss, s = sampled_rkl(learner_logp, rollout.sampler_logp_B_R[rows],
                                       teacher.logp_B_R[rows], mask, n_tokens,
                                       gamma=cfg.loss.gamma, clip_eps=cfg.loss.clip_eps,
@@ -213,6 +214,20 @@ def learn(student: PreTrainedModel, rollout: Rollout, teacher: TeacherScores, cf
         total += loss.item()
     total, stats["rho_mean"] = dist.sum([total, stats["rho_mean"]])
     return {"loss": total, "act_mem_mb": act_bytes / 2**20, **stats}
+
+
+def as_sampled(logits_B_R_V: torch.Tensor, sampling: SamplingConfig) -> torch.Tensor:
+    """The learner's logits turned into the distribution the sampler drew from: divided by the
+    temperature and with the same top-k / top-p filter (verl's convention).
+
+    The importance ratio rho = s(y) / q(y) is then 1 when learner and sampler share weights, and
+    the sampled-token reward -(log q - log t) is minus the reverse KL of that tempered, filtered
+    student from the teacher. At temperature 1 without filters it is the logits unchanged."""
+    T, k, p = sampling.temperature, sampling.top_k, sampling.top_p
+    if T == 1.0 and k == 0 and p == 1.0:
+        return logits_B_R_V
+    flat = logits_B_R_V.float().reshape(-1, logits_B_R_V.size(-1)) / T
+    return filter_logits(flat, k, p).reshape(logits_B_R_V.shape)
 
 
 class _count_saved_bytes:
@@ -332,6 +347,9 @@ def check_inputs(cfg: DistillConfig) -> Inputs:
         remote = RemoteTeacher(cfg.teacher_url, cfg.teacher_timeout_s, cfg.teacher_retries)
         remote.check_tokenizer(tok)
         t_tok, vocab = tok, s_vocab
+        if cfg.teacher_tokenizer:  # the server's own chat template, from a local copy
+            t_tok = load_tokenizer(cfg.teacher_tokenizer, cfg.trust_remote_code)
+            check_compatible(t_tok, tok, s_vocab, s_vocab)
     else:
         t_path = resolve_model_path(cfg.teacher)
         t_tok = load_tokenizer(str(t_path), cfg.trust_remote_code)
@@ -534,6 +552,10 @@ def _distill(cfg: DistillConfig, run: Path, inp: Inputs, dist: Dist, *, resume: 
     diag_teacher = (encode_prompts(t_tok, [e.prompt for e in diag_examples], teacher_system)
                     if separate_teacher_prompt else None)
     need = "sampled" if cfg.loss.kind == "sampled_rkl" else ("topk" if cfg.loss.top_k else "full")
+    if dist.main and cfg.probe_every and teacher_model is None:
+        print("distill: probe_every is set, but the teacher-recovery probe needs the teacher "
+              "model in this process and the teacher is a server: the probe is skipped",
+              file=sys.stderr, flush=True)
     if dist.main:
         print(describe(cfg.max_steps, budget, cfg.horizon), flush=True)
         print(f"distill: student {cfg.student} -> teacher {cfg.teacher or cfg.teacher_url}, loss "
@@ -663,7 +685,9 @@ def _distill(cfg: DistillConfig, run: Path, inp: Inputs, dist: Dist, *, resume: 
                 float(rollout.num_tokens), float(rollout.cut_B.sum()),
                 float(((rollout.sampler_logp_B_R - scores.logp_B_R) * mask).sum())])
             n_tok = int(n_tok)
-            totals["train_time_s"] += t_end - t_step
+            # every rank counts the slowest rank's time: a time budget, the schedules it drives
+            # and the last step are then the same on all ranks (their own clocks differ)
+            totals["train_time_s"] += dist.max([t_end - t_step])[0]
             totals["sampled_tokens"] += n_tok
             totals["prompts"] += n_prompts
             rkl = rkl_sum / max(n_tok, 1)
@@ -691,11 +715,13 @@ def _distill(cfg: DistillConfig, run: Path, inp: Inputs, dist: Dist, *, resume: 
                     rec["diag_time_s"] = time.perf_counter() - t0
                 if probe_now and dist.main:
                     t0 = time.perf_counter()
-                    probe = eval_examples[: cfg.probe_n]
+                    probe = [e.prompt for e in eval_examples[: cfg.probe_n]]
                     rec["probe_teacher_acc_by_cut"] = recovery_probe(
                         student, teacher_model, tok,
-                        encode_prompts(tok, [e.prompt for e in probe], cfg.system_prompt),
-                        [e.answer for e in probe], source.is_correct, budget)
+                        encode_prompts(tok, probe, cfg.system_prompt),
+                        [e.answer for e in eval_examples[: cfg.probe_n]], source.is_correct,
+                        budget, teacher_prompts=encode_prompts(t_tok, probe, teacher_system)
+                        if separate_teacher_prompt else None)
                     rec["probe_time_s"] = time.perf_counter() - t0
             if cfg.horizon.kind == "adaptive" and diag_now:
                 if dist.main:

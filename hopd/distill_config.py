@@ -102,6 +102,8 @@ class DistillConfig:
     dtype: str = "float32"  # student weights dtype
     teacher_dtype: str = ""  # teacher weights dtype ("": same as the student)
     teacher_url: str = ""  # a teacher server (hopd serve-teacher, vLLM) instead of `teacher`
+    teacher_tokenizer: str = ""  # with teacher_url: a local folder with the teacher's tokenizer
+    # and chat template, so the server sees its own prompt format ("": the student's)
     teacher_timeout_s: float = 60.0  # per request to the teacher server
     teacher_retries: int = 3  # retries of a failed request (connection errors, timeouts)
     threads: int = 0  # torch CPU threads (0: torch's default)
@@ -200,4 +202,9 @@ ALIASES = {"steps": "max_steps", "lr": "optim.lr", "H": "horizon.tokens",
 
 
 def load_config(path: str | Path | None, overrides: list[str]) -> DistillConfig:
+    """YAML + overrides -> validated config. `H=N` means a truncated horizon of N tokens: it sets
+    horizon.kind=truncated too, unless the overrides name another kind."""
+    if any(o.split("=", 1)[0].strip() == "H" for o in overrides) and not any(
+            o.split("=", 1)[0].strip() == "horizon.kind" for o in overrides):
+        overrides = [*overrides, "horizon.kind=truncated"]
     return C.load(DistillConfig, path, overrides, aliases=ALIASES)

@@ -13,6 +13,7 @@ from typing import Any
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from hopd.config import ConfigError
 from hopd.rollout import sample
 from hopd.tasks import Example, Prompt
 
@@ -27,7 +28,7 @@ def encode_prompts(tokenizer: PreTrainedTokenizerBase, prompts: list[Prompt],
         if system_prompt and messages[0]["role"] != "system":
             messages = [{"role": "system", "content": system_prompt}, *messages]
         if tokenizer.chat_template is None:
-            raise ValueError("the tokenizer has no chat template; use a chat/instruct "
+            raise ConfigError("the tokenizer has no chat template; use a chat/instruct "
                              "checkpoint or set tokenizer.chat_template")
         ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
         if isinstance(ids, dict) or hasattr(ids, "keys"):

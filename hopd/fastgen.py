@@ -78,10 +78,15 @@ class StaticDecoder:
         # the attention scale, folded into q's projection, or into q's norm where there is one
         # (Qwen3: a norm after the projection would undo it)
         self.scale = self.head_dim ** -0.5
-        self.q_scale = [1.0 if hasattr(layer.self_attn, "q_norm") else self.scale
+        p = next(model.parameters())
+        # In 16-bit, scores and softmax run in float32 with the exact scale, as HF's attention
+        # does: folding the scale into 16-bit weights and a 16-bit softmax made the sampler's
+        # log-probs drift from the learner's by 3x HF's own decode (bf16, the testbed student).
+        self.fp32_scores = p.dtype in (torch.bfloat16, torch.float16)
+        fold = 1.0 if self.fp32_scores else self.scale
+        self.q_scale = [1.0 if hasattr(layer.self_attn, "q_norm") else fold
                         for layer in m.layers]
         self.static = static
-        p = next(model.parameters())
         kw = dict(dtype=p.dtype, device=p.device)
         # K is kept transposed, (B, n_kv, d, T): q @ K^T is then a plain batched matmul over
         # contiguous rows, faster on CPU than the fused attention kernel at q_len = 1
@@ -122,7 +127,8 @@ class StaticDecoder:
         att = layer.self_attn
         if not hasattr(att, "q_norm"):
             return None
-        return torch.cat([att.q_norm.weight.expand(self.n_heads, -1) * self.scale,
+        fold = 1.0 if self.fp32_scores else self.scale
+        return torch.cat([att.q_norm.weight.expand(self.n_heads, -1) * fold,
                           att.k_norm.weight.expand(self.n_kv, -1)])
 
     def load_prefill(self, cache: object, attn_B_P: torch.Tensor) -> None:
@@ -182,13 +188,23 @@ class StaticDecoder:
                 self.k[i][:, :, :, t] = k
                 self.v[i][:, :, t] = v
             # query heads grouped by their kv head (HF's repeat_kv order): (B, n_kv, group, d)
-            scores = torch.matmul(q.view(B, nkv, nh // nkv, d), self.k[i][..., :k_len]) + bias
-            o = torch.matmul(scores.softmax(-1), self.v[i][:, :, :k_len]).view(B, nh * d)
-            if self.fused is not None:
-                x = torch.addmm(x, o, att.o_proj.weight.t())
+            q = q.view(B, nkv, nh // nkv, d)
+            if self.fp32_scores:
+                scores = torch.matmul(q.float(), self.k[i][..., :k_len].float()) * self.scale
+                probs = (scores + bias.float()).softmax(-1).to(v.dtype)
+            else:
+                probs = (torch.matmul(q, self.k[i][..., :k_len]) + bias).softmax(-1)
+            o = torch.matmul(probs, self.v[i][:, :, :k_len]).view(B, nh * d)
+            if self.fused is not None and not self.fp32_scores:
+                x = torch.addmm(x, o, att.o_proj.weight.t())  # float32: one op, same rounding
                 gate, up = F.linear(_rms(x, layer.post_attention_layernorm.weight, self.eps),
                                     w_gu).chunk(2, dim=-1)
                 x = torch.addmm(x, F.silu(gate) * up, mlp.down_proj.weight.t())
+            elif self.fused is not None:  # 16-bit: round the residual adds where HF does
+                x = x + F.linear(o, att.o_proj.weight)
+                gate, up = F.linear(_rms(x, layer.post_attention_layernorm.weight, self.eps),
+                                    w_gu).chunk(2, dim=-1)
+                x = x + F.linear(F.silu(gate) * up, mlp.down_proj.weight)
             else:
                 x = x + att.o_proj(o)
                 h = _rms(x, layer.post_attention_layernorm.weight, self.eps)

@@ -94,11 +94,13 @@ def horizon_at(step: int, total_steps: int, budget: int, cfg: HorizonConfig) -> 
     h0 = initial_horizon(cfg, L)
     if cfg.kind == "adaptive":
         return h0
-    reach = max(1, math.ceil(cfg.reach_at * total_steps))
-    u = min(1.0, step / reach)
-    if cfg.shape == "step":
-        dk = max(1, reach // cfg.increments)
-        dh = math.ceil((L - h0) / cfg.increments)
+    reach = reach_step(total_steps, cfg.reach_at)
+    if step >= reach:
+        return L
+    u = step / reach
+    if cfg.shape == "step":  # the paper's H_k = min(L, H0 + dH floor(k / dk)), L exactly at reach
+        n = min(cfg.increments, reach)  # fewer steps than increments: one increment per step
+        dk, dh = reach // n, math.ceil((L - h0) / n)
         h = h0 + dh * (step // dk)
     elif cfg.shape == "linear":
         h = h0 + (L - h0) * u
@@ -107,6 +109,12 @@ def horizon_at(step: int, total_steps: int, budget: int, cfg: HorizonConfig) -> 
     else:  # exp
         h = h0 * (L / h0) ** u
     return max(1, min(L, int(round(h))))
+
+
+def reach_step(total_steps: int, reach_at: float) -> int:
+    """The 0-based step from which a progressive schedule is at L: the step where a fraction
+    `reach_at` of the run's steps has been taken (reach_at = 1: the last step)."""
+    return max(0, min(total_steps - 1, math.ceil(reach_at * total_steps) - 1))
 
 
 def describe(total_steps: int, budget: int, cfg: HorizonConfig, rows: int = 6) -> str:

@@ -23,6 +23,7 @@ from transformers import (
     PreTrainedTokenizerFast,
 )
 
+from hopd.config import ConfigError
 from hopd.tasks.chain import VARIABLES
 
 SPECIALS = ["<pad>", "<bos>", "<eos>", "<unk>"]
@@ -110,7 +111,7 @@ def resolve_model_path(name: str) -> Path:
             )
         return path
     if name.startswith("testbed:"):
-        raise ValueError(f"unknown bundled model {name!r}: choose one of {sorted(BUNDLED)}")
+        raise ConfigError(f"unknown bundled model {name!r}: choose one of {sorted(BUNDLED)}")
     path = Path(name)
     if not path.is_dir():
         raise FileNotFoundError(
@@ -139,7 +140,7 @@ def check_custom_code(path: Path, trust_remote_code: bool) -> None:
         except (OSError, ValueError):
             continue
         if isinstance(meta, dict) and meta.get("auto_map"):
-            raise ValueError(
+            raise ConfigError(
                 f"model folder {path} ships its own code ({name} names auto_map "
                 f"{sorted(meta['auto_map'])}); hopd never runs a model folder's code unless you "
                 "ask: read the .py files there, then set trust_remote_code=true")
@@ -163,7 +164,7 @@ def load_model(name: str, device: str = "cpu", dtype: str = "float32",
                                                      trust_remote_code=trust_remote_code)
     except Exception as e:  # safetensors, torch and transformers raise many types here
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise ValueError(f"cannot load the model in {path}: {first}. The checkpoint may be "
+        raise ConfigError(f"cannot load the model in {path}: {first}. The checkpoint may be "
                          "truncated or corrupt; re-save it or point to another one") from None
     return model.to(device)
 
@@ -175,7 +176,7 @@ def load_tokenizer(name: str, trust_remote_code: bool = False) -> PreTrainedToke
         tok = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
     except (OSError, ValueError, KeyError) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise ValueError(f"cannot load the tokenizer in {path}: {first}") from None
+        raise ConfigError(f"cannot load the tokenizer in {path}: {first}") from None
     if tok.pad_token is None:  # many real checkpoints ship without one
         tok.pad_token = tok.eos_token
     tok.padding_side = "left"
@@ -200,7 +201,7 @@ def attach_lora(model: PreTrainedModel, rank: int, alpha: float, dropout: float,
     try:
         from peft import LoraConfig, PeftModel, get_peft_model
     except ImportError:
-        raise ValueError("lora.rank > 0 needs PEFT: pip install 'hopd[lora]' (or pip install "
+        raise ConfigError("lora.rank > 0 needs PEFT: pip install 'hopd[lora]' (or pip install "
                          "peft)") from None
     if adapter is not None:
         return PeftModel.from_pretrained(model, adapter, is_trainable=True)
@@ -237,7 +238,7 @@ def check_compatible(teacher_tok: PreTrainedTokenizerBase, student_tok: PreTrain
             problems.append(f"{attr} differs (teacher {getattr(teacher_tok, attr)}, "
                             f"student {getattr(student_tok, attr)})")
     if problems:
-        raise ValueError(
+        raise ConfigError(
             "teacher and student do not share a tokenizer: " + "; ".join(problems)
             + ". On-policy distillation compares per-token distributions, so both models must use "
             "the same tokenizer; pick a teacher of the student's model family."

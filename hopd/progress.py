@@ -25,6 +25,8 @@ from rich.progress import (
     TimeRemainingColumn,
 )
 
+from hopd.config import ConfigError
+
 
 class Bar:
     """A progress bar over `total` steps; `update(n, **fields)` shows fields beside it."""
@@ -125,6 +127,6 @@ def read_metrics(path: Path) -> list[dict[str, Any]]:
         except json.JSONDecodeError:
             if i == len(lines) - 1:  # torn final line from a kill: ignore it
                 break
-            raise ValueError(f"{path}:{i + 1}: not valid JSON; the metrics file is "
+            raise ConfigError(f"{path}:{i + 1}: not valid JSON; the metrics file is "
                              "corrupt") from None
     return records

@@ -266,7 +266,7 @@ def load_trainer_state(ckpt: Path) -> dict[str, Any]:
         for key in ("optimizer", "step", "torch_rng", "totals"):
             state[key]
     except Exception as e:  # torch raises several types for a truncated or foreign file
-        raise ValueError(f"checkpoint {ckpt} is corrupt or incomplete ({type(e).__name__}); "
+        raise ConfigError(f"checkpoint {ckpt} is corrupt or incomplete ({type(e).__name__}); "
                          f"delete that folder to resume from an earlier checkpoint, or start "
                          f"again with --overwrite") from None
     return state

@@ -27,6 +27,7 @@ from typing import Any
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from hopd.config import ConfigError
 from hopd.rollout import Rollout
 from hopd.teacher import TeacherScores
 
@@ -34,7 +35,7 @@ TOKEN_ENV = "HOPD_TEACHER_TOKEN"  # a bearer token the client sends (and the ser
 PROBE = "The teacher and the student must share a tokenizer: 0123456789 =+-*;"
 
 
-class TeacherUnavailable(ValueError):
+class TeacherUnavailable(ConfigError):
     """The teacher server cannot be reached or answers badly; the message says what to check."""
 
 
@@ -66,11 +67,87 @@ def prompt_logprobs(model: PreTrainedModel, tok: PreTrainedTokenizerBase, ids: l
     return out
 
 
+MAX_BODY_BYTES = 64 * 2**20  # a request larger than this is refused (413)
+MAX_PROMPTS = 1024  # prompts per request
+MAX_LOGPROBS = 128  # largest prompt_logprobs k (vLLM's own default limit is 20)
+REQUEST_TIMEOUT_S = 60.0  # a client that stops sending is dropped after this long
+WORKERS = 8  # requests handled at once; more wait, and past that get 503
+
+
+class _BoundedServer(ThreadingHTTPServer):
+    """A threading server with at most `WORKERS` requests in flight (a burst cannot start
+    unbounded threads); a request that finds no free worker within the timeout gets 503."""
+
+    daemon_threads = True
+
+    def __init__(self, *args: Any, workers: int = WORKERS, **kw: Any):
+        super().__init__(*args, **kw)
+        self.slots = threading.BoundedSemaphore(workers)
+
+    def process_request(self, request: Any, client_address: Any) -> None:
+        if not self.slots.acquire(timeout=REQUEST_TIMEOUT_S):
+            try:
+                request.sendall(b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: "
+                                b"application/json\r\nContent-Length: 27\r\nConnection: close"
+                                b"\r\n\r\n{\"error\": \"server is busy\"}")
+            finally:
+                self.shutdown_request(request)
+            return
+        super().process_request(request, client_address)
+
+    def process_request_thread(self, request: Any, client_address: Any) -> None:
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            self.slots.release()
+
+
+class BadRequest(ValueError):
+    """A request the server refuses; `code` is the HTTP status."""
+
+    def __init__(self, code: int, message: str):
+        super().__init__(message)
+        self.code = code
+
+
+def _check_completion(body: Any, vocab: int, context: int) -> tuple[list[list[int]], int]:
+    """The prompts (token-id lists) and k of a completions request, or BadRequest."""
+    if not isinstance(body, dict):
+        raise BadRequest(400, "the request body must be a JSON object")
+    prompts = body.get("prompt")
+    if isinstance(prompts, list) and prompts and isinstance(prompts[0], int):
+        prompts = [prompts]
+    if not isinstance(prompts, list) or not prompts or not all(
+            isinstance(p, list) and p and all(isinstance(t, int) and not isinstance(t, bool)
+                                              for t in p) for p in prompts):
+        raise BadRequest(400, "prompt must be a list of token ids, or a list of such lists")
+    if len(prompts) > MAX_PROMPTS:
+        raise BadRequest(413, f"{len(prompts)} prompts in one request: at most {MAX_PROMPTS}")
+    longest = max(len(p) for p in prompts)
+    if context and longest > context:
+        raise BadRequest(413, f"a prompt of {longest} tokens exceeds the model's context of "
+                         f"{context}")
+    if any(t < 0 or t >= vocab for p in prompts for t in p):
+        raise BadRequest(400, "token id out of the model's vocabulary")
+    k = body.get("prompt_logprobs") or 0
+    if isinstance(k, bool) or not isinstance(k, int) or not 0 <= k <= MAX_LOGPROBS:
+        raise BadRequest(400, f"prompt_logprobs must be an integer in 0..{MAX_LOGPROBS}, got "
+                         f"{k!r}")
+    return prompts, k
+
+
 def make_server(model: PreTrainedModel, tok: PreTrainedTokenizerBase, name: str, host: str,
-                port: int) -> ThreadingHTTPServer:
+                port: int, token: str = "", workers: int = WORKERS) -> ThreadingHTTPServer:
+    """The teacher server. Unauthenticated unless `token` is set: then every request must carry
+    `Authorization: Bearer TOKEN`. Malformed requests get a 4xx JSON error, never a dropped
+    connection; bodies, prompts per request, tokens per prompt and k are capped."""
     lock = threading.Lock()  # one forward pass at a time
+    vocab = model.config.vocab_size
+    context = getattr(model.config, "max_position_embeddings", 0) or 0
 
     class Handler(BaseHTTPRequestHandler):
+        timeout = REQUEST_TIMEOUT_S  # socket timeout: a stalled client frees its worker
+
         def log_message(self, *args: Any) -> None:  # keep stderr quiet
             pass
 
@@ -82,43 +159,60 @@ def make_server(model: PreTrainedModel, tok: PreTrainedTokenizerBase, name: str,
             self.end_headers()
             self.wfile.write(data)
 
+        def _authorized(self) -> bool:
+            if token and self.headers.get("Authorization", "") != f"Bearer {token}":
+                self._send(401, {"error": "missing or wrong bearer token (set "
+                                 f"{TOKEN_ENV} on the client)"})
+                return False
+            return True
+
         def do_GET(self) -> None:  # noqa: N802
+            if not self._authorized():
+                return
             if self.path in ("/health", "/v1/models"):
                 self._send(200, {"object": "list", "data": [{"id": name, "object": "model"}]})
             else:
                 self._send(404, {"error": f"no route {self.path}"})
 
-        def do_POST(self) -> None:  # noqa: N802
+        def _body(self) -> Any:
             try:
-                body = json.loads(self.rfile.read(int(self.headers.get("Content-Length", 0))))
-            except (ValueError, json.JSONDecodeError):
-                self._send(400, {"error": "request body is not JSON"})
-                return
-            if self.path == "/tokenize":
-                ids = tok(body.get("prompt", ""), add_special_tokens=False)["input_ids"]
-                self._send(200, {"tokens": ids, "count": len(ids)})
-                return
-            if self.path != "/v1/completions":
-                self._send(404, {"error": f"no route {self.path}"})
-                return
-            prompts = body.get("prompt")
-            if prompts and isinstance(prompts[0], int):
-                prompts = [prompts]
-            if not prompts or not all(isinstance(p, list) and p and
-                                       all(isinstance(t, int) for t in p) for p in prompts):
-                self._send(400, {"error": "prompt must be a list of token ids (or of lists)"})
-                return
-            if any(t < 0 or t >= model.config.vocab_size for p in prompts for t in p):
-                self._send(400, {"error": "token id out of the model's vocabulary"})
-                return
-            k = int(body.get("prompt_logprobs") or 0)
-            with lock:
-                choices = [{"index": i, "text": "", "finish_reason": "length",
-                            "prompt_logprobs": prompt_logprobs(model, tok, p, k)}
-                           for i, p in enumerate(prompts)]
-            self._send(200, {"object": "text_completion", "model": name, "choices": choices})
+                n = int(self.headers.get("Content-Length", ""))
+            except ValueError:
+                raise BadRequest(411, "a Content-Length header is required") from None
+            if n < 0 or n > MAX_BODY_BYTES:
+                raise BadRequest(413, f"request body of {n} bytes: at most {MAX_BODY_BYTES}")
+            try:
+                return json.loads(self.rfile.read(n))
+            except (ValueError, UnicodeDecodeError):
+                raise BadRequest(400, "request body is not JSON") from None
 
-    return ThreadingHTTPServer((host, port), Handler)
+        def do_POST(self) -> None:  # noqa: N802
+            if not self._authorized():
+                return
+            try:
+                body = self._body()
+                if self.path == "/tokenize":
+                    text = body.get("prompt", "") if isinstance(body, dict) else None
+                    if not isinstance(text, str):
+                        raise BadRequest(400, "prompt must be a string")
+                    ids = tok(text, add_special_tokens=False)["input_ids"]
+                    self._send(200, {"tokens": ids, "count": len(ids)})
+                    return
+                if self.path != "/v1/completions":
+                    raise BadRequest(404, f"no route {self.path}")
+                prompts, k = _check_completion(body, vocab, context)
+                with lock:
+                    choices = [{"index": i, "text": "", "finish_reason": "length",
+                                "prompt_logprobs": prompt_logprobs(model, tok, p, k)}
+                               for i, p in enumerate(prompts)]
+                self._send(200, {"object": "text_completion", "model": name,
+                                 "choices": choices})
+            except BadRequest as e:
+                self._send(e.code, {"error": str(e)})
+            except Exception as e:  # a server bug: answer, and keep serving
+                self._send(500, {"error": f"{type(e).__name__}: {e}"})
+
+    return _BoundedServer((host, port), Handler, workers=workers)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -166,3 +166,26 @@ def test_adaptive_and_token_budget_runs(tmp_path, micro_pair):
     assert all("horizon_move" in r for r in train[:-1] if r["horizon"] < 50)
     assert train[0]["batch_prompts"] > 4  # short horizon: more prompts
     assert "probe_teacher_acc_by_cut" in train[1]
+
+
+def test_the_probe_gives_the_teacher_its_own_prompts(tokenizer, monkeypatch):
+    """With a teacher system prompt or template, the teacher continues from *its* prompt plus
+    the student's prefix, not from the student's prompt."""
+    import hopd.adaptive as A
+
+    model = tiny_llama("micro", tokenizer, seed=1)
+    prompts = encode_prompts(tokenizer, ["a=1+2;", "a=3*4;"])
+    mine = encode_prompts(tokenizer, ["a=1+2;", "a=3*4;"], system_prompt="b=0;")
+    seen, real = [], A.sample
+
+    def spy(m, ps, *a, **k):
+        seen.append([list(p) for p in ps])
+        return real(m, ps, *a, **k)
+
+    monkeypatch.setattr(A, "sample", spy)
+    recovery_probe(model, model, tokenizer, prompts, ["x", "y"], lambda t, a: False, budget=8,
+                   fractions=(0.0, 0.5), teacher_prompts=mine)
+    student_call, *teacher_calls = seen
+    assert student_call == prompts
+    for call in teacher_calls:
+        assert all(c[: len(p)] == p for c, p in zip(call, mine))

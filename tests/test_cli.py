@@ -86,3 +86,28 @@ def test_overrides_may_follow_options(tmp_path, micro_pair):
                "steps=1", "batch_size=2", "eval_n=2", "diag_every=0"])
     assert rc == 0
     assert [r["step"] for r in read_metrics(run / "metrics.jsonl") if "loss" in r] == [1]
+
+
+def test_h_alias_means_a_truncated_horizon():
+    from hopd.distill_config import load_config
+
+    cfg = load_config(None, ["H=16"])
+    assert cfg.horizon.kind == "truncated" and cfg.horizon.tokens == 16
+    cfg = load_config(None, ["H=16", "horizon.kind=adaptive"])  # an explicit kind stays
+    assert cfg.horizon.kind == "adaptive"
+
+
+def test_a_bug_mid_training_shows_its_traceback(tmp_path, micro_pair, monkeypatch, capsys):
+    """A ValueError raised by a bug is not dressed up as the user's bad input (exit 2)."""
+    import pytest
+
+    import hopd.distill as D
+
+    def broken(*a, **k):
+        raise ValueError("an internal bug")
+
+    monkeypatch.setattr(D, "learn", broken)
+    s, t = micro_pair
+    with pytest.raises(ValueError, match="an internal bug"):
+        main(["distill", "--out", str(tmp_path / "run"), "--quiet", f"student={s}",
+              f"teacher={t}", "data=chain:tiny", "batch_size=4", "eval_n=2", "max_steps=1"])

@@ -137,3 +137,25 @@ def test_sft_strategy_trains_on_the_teachers_answers(tmp_path, micro_pair):
     # greedy teacher answers carry log-prob <= 0 and the CE of a random student is about log V
     assert len(train) == 2 and all(2.0 < x["loss"] < 6.0 for x in train)
     assert all(x["sampled_rkl"] == 0.0 for x in train)
+
+
+@pytest.mark.parametrize("temperature,top_k,top_p", [(0.7, 0, 1.0), (1.3, 5, 1.0),
+                                                     (1.0, 0, 0.8), (0.7, 8, 0.9)])
+def test_importance_ratio_is_one_for_identical_weights_at_any_temperature(
+        tokenizer, temperature, top_k, top_p):
+    """The learner's log-probs are taken under the sampler's temperature and filters, so rho = 1
+    when learner and sampler are the same weights (at T = 0.7 without this rho reached 3.3)."""
+    from hopd.distill_config import SamplingConfig
+
+    student = tiny_llama("micro", tokenizer, seed=1).double()
+    teacher = tiny_llama("micro", tokenizer, seed=2).double().eval()
+    prompts = [[1] + tokenizer(f"a={i}+{i};", add_special_tokens=False)["input_ids"]
+               for i in range(8)]
+    r = sample(student, prompts, 12, eos_id=14, pad_id=0, temperature=temperature,
+               top_k=top_k, top_p=top_p, generator=torch.Generator().manual_seed(0))
+    cfg = DistillConfig(batch_size=8, sampling=SamplingConfig(temperature=temperature,
+                                                              top_k=top_k, top_p=top_p))
+    student.zero_grad(set_to_none=True)
+    stats = learn(student, r, score(teacher, r, "sampled"), cfg, vocab=len(tokenizer))
+    assert stats["rho_mean"] == pytest.approx(1.0, abs=1e-5)
+    assert stats["rho_max"] == pytest.approx(1.0, abs=1e-4)

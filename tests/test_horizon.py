@@ -35,10 +35,11 @@ def test_progressive_shapes_grow_monotonically_from_h0_to_l(shape):
 
 
 def test_linear_midpoint_and_exp_is_geometric():
+    # 101 steps with reach_at = 1: L at step 100, so step 50 is half-way
     lin = HorizonConfig("progressive", shape="linear", start_tokens=10, reach_at=1.0)
-    assert horizon_at(50, K, L, lin) == round(10 + 150 * 0.5)
+    assert horizon_at(50, K + 1, L, lin) == round(10 + 150 * 0.5)
     ex = HorizonConfig("progressive", shape="exp", start_tokens=10, reach_at=1.0)
-    assert horizon_at(50, K, L, ex) == round(10 * (16 ** 0.5))
+    assert horizon_at(50, K + 1, L, ex) == round(10 * (16 ** 0.5))
 
 
 def test_validation_names_the_field():
@@ -56,3 +57,24 @@ def test_describe_lists_rows():
     text = describe(K, L, HorizonConfig("progressive", shape="linear"))
     assert text.split("step->H ")[1].count("->") == 6
     assert "0->16" in text and f"{K - 1}->{L}" in text
+
+
+@pytest.mark.parametrize("shape", ["step", "linear", "cosine", "exp"])
+@pytest.mark.parametrize("K", [1, 2, 5, 20, 60, 97])
+@pytest.mark.parametrize("reach_at", [0.1, 0.5, 0.9, 1.0])
+def test_every_progressive_shape_is_at_l_from_its_reach_step(shape, K, reach_at):
+    """H equals L at the reach step and after, whatever K, reach_at and the increments; before
+    it, H grows without passing L (reach_at = 1: L at the last step)."""
+    from hopd.horizon import reach_step
+
+    L = 256
+    cfg = HorizonConfig("progressive", shape=shape, start=0.1, reach_at=reach_at, increments=4)
+    hs = [horizon_at(k, K, L, cfg) for k in range(K)]
+    r = reach_step(K, reach_at)
+    assert r == max(0, min(K - 1, math.ceil(reach_at * K) - 1))
+    assert all(h == L for h in hs[r:]), hs
+    assert all(a <= b for a, b in zip(hs, hs[1:]))
+    if reach_at == 1.0:
+        assert r == K - 1 and hs[-1] == L
+    if r >= 2:
+        assert hs[0] < L  # it really starts short

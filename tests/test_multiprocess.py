@@ -99,3 +99,15 @@ def test_fsdp_two_ranks_match_one_process_and_resume(tmp_path, micro_pair, capsy
     # a sharded run's optimizer state does not load into one process: a clear error instead
     assert main(_args(two, micro_pair, ["loss.kind=fkl"]) + ["--resume"]) == 2
     assert "parallel=fsdp" in capsys.readouterr().err
+
+
+def test_two_ranks_agree_on_a_time_budget(tmp_path, micro_pair):
+    """With max_time_s each rank used to read its own clock: ranks could pick different H and
+    LR and disagree on the last step, and the barriers then hung. Both now count the slowest
+    rank's time, so the run ends on the same step everywhere."""
+    run = tmp_path / "timed"
+    _torchrun(run, micro_pair, ["max_time_s=3", "steps=100000", "eval_every=0",
+                                "save_every=0", "horizon.kind=progressive"])
+    train = [r for r in read_metrics(run / "metrics.jsonl") if "loss" in r]
+    assert train and train[-1]["train_time_s"] >= 3
+    assert (run / "result.json").exists()

@@ -87,3 +87,70 @@ def test_tokenizer_mismatch_is_detected(server):
     other = PreTrainedTokenizerFast(tokenizer_object=core, unk_token="<unk>")
     with pytest.raises(TeacherUnavailable, match="tokenizes differently"):
         RemoteTeacher(server).check_tokenizer(other)
+
+
+@pytest.fixture(scope="module")
+def guarded(micro_pair, tokenizer):
+    """An in-process server with a bearer token, on a free loopback port."""
+    import threading
+
+    from hopd.serve import make_server
+
+    _, teacher = micro_pair
+    server = make_server(load_model(str(teacher)).eval(), tokenizer, "t", "127.0.0.1", 0,
+                         token="s3cret")
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield f"http://127.0.0.1:{server.server_address[1]}"
+    server.shutdown()
+    server.server_close()
+
+
+def _post(url, path, body: bytes, headers=None):
+    """(status, parsed JSON answer) of a raw POST."""
+    import json
+    import urllib.error
+    import urllib.request
+
+    req = urllib.request.Request(url + path, data=body, headers={
+        "Content-Type": "application/json", "Authorization": "Bearer s3cret", **(headers or {})})
+    try:
+        with urllib.request.urlopen(req, timeout=30) as r:
+            return r.status, json.loads(r.read())
+    except urllib.error.HTTPError as e:
+        return e.code, json.loads(e.read())
+
+
+@pytest.mark.parametrize("body,headers,code,needle", [
+    (b"<html>", {}, 400, "not JSON"),
+    (b'{"prompt": [[1, 2]], "prompt_logprobs": -1}', {}, 400, "integer in 0..128"),
+    (b'{"prompt": [[1, 2]], "prompt_logprobs": 1000}', {}, 400, "integer in 0..128"),
+    (b'{"prompt": [[1, 2]], "prompt_logprobs": "5"}', {}, 400, "integer in 0..128"),
+    (b'{"prompt": "text"}', {}, 400, "list of token ids"),
+    (b'{"prompt": [[1, 99999]]}', {}, 400, "out of the model's vocabulary"),
+    (('{"prompt": [' + ",".join(["[1]"] * 1025) + "]}").encode(), {}, 413, "at most 1024"),
+    (('{"prompt": [[' + ",".join(["1"] * 1100) + "]]}").encode(), {}, 413, "context"),
+    (b'{"prompt": [[1, 2]]}', {"Authorization": "Bearer wrong"}, 401, "bearer token"),
+    (b"{}", {"Content-Length": "999999999999"}, 413, "at most"),
+])
+def test_the_server_refuses_bad_requests_with_a_json_error(guarded, body, headers, code, needle):
+    status, answer = _post(guarded, "/v1/completions", body, headers)
+    assert status == code and needle in answer["error"]
+
+
+def test_the_server_answers_with_the_token_and_the_client_sends_it(guarded, monkeypatch,
+                                                                   tokenizer):
+    status, answer = _post(guarded, "/v1/completions",
+                           b'{"prompt": [[1, 5, 6]], "prompt_logprobs": 2}')
+    assert status == 200 and len(answer["choices"][0]["prompt_logprobs"]) == 3
+    with pytest.raises(TeacherUnavailable, match="HTTP 401"):
+        RemoteTeacher(guarded, retries=0).check_tokenizer(tokenizer)
+    monkeypatch.setenv("HOPD_TEACHER_TOKEN", "s3cret")
+    RemoteTeacher(guarded, retries=0).check_tokenizer(tokenizer)  # the same tokenizer: passes
+
+
+def test_a_skipped_probe_is_announced(server, micro_pair, tmp_path, capsys):
+    student, _ = micro_pair
+    rc = main(["distill", "--out", str(tmp_path / "run"), "--quiet", f"student={student}",
+               f"teacher_url={server}", "data=chain:tiny", "steps=1", "batch_size=2",
+               "eval_n=2", "diag_every=0", "probe_every=1", "eval_every=0"])
+    assert rc == 0 and "the probe is skipped" in capsys.readouterr().err

@@ -103,3 +103,28 @@ def test_shortcut_style_goes_to_the_prompts_with_a_low_first_digit():
         assert (m.response == f"Answer: {e.answer}") == low
         assert m.response == e.response or low
     assert with_shortcuts(ex, 0.0) == ex
+
+
+def test_a_file_is_shuffled_once_per_epoch_not_once_per_prompt(tmp_path, monkeypatch):
+    """A step's cost must not grow with the file: the order of an epoch is computed once."""
+    import json
+    import random
+
+    from hopd.tasks import PromptSource
+
+    path = tmp_path / "big.jsonl"
+    path.write_text("".join(json.dumps({"prompt": f"p{i}", "answer": "1"}) + "\n"
+                            for i in range(5000)))
+    src = PromptSource(str(path))
+    calls = []
+    real = random.Random.shuffle
+    monkeypatch.setattr(random.Random, "shuffle", lambda self, x: (calls.append(len(x)),
+                                                                   real(self, x))[1])
+    first = src.train_batch(0, 32, seed=0)
+    for step in range(1, 20):
+        src.train_batch(step, 32, seed=0)
+    assert len(calls) == 1  # 20 batches of 32, one epoch: one shuffle (was 640)
+    assert src.train_batch(0, 32, seed=0) == first  # still a pure function of (seed, step)
+    n = len(src.train_rows)
+    src.train_batch(n // 32 + 1, 32, seed=0)  # the next epoch: one more shuffle
+    assert len(calls) == 2

@@ -14,6 +14,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from hopd.config import ConfigError
 from hopd.tasks import chain, jsonl
 
 Prompt = str | list[dict[str, str]]
@@ -30,7 +31,7 @@ class Example:
 def chain_spec(source: str) -> chain.ChainSpec:
     preset = source.split(":", 1)[1] if ":" in source else "default"
     if preset not in chain.PRESETS:
-        raise ValueError(f"unknown testbed preset {preset!r} in {source!r}: choose one of "
+        raise ConfigError(f"unknown testbed preset {preset!r} in {source!r}: choose one of "
                          f"{', '.join('chain:' + p for p in chain.PRESETS)}")
     return chain.PRESETS[preset]
 
@@ -57,7 +58,7 @@ class PromptSource:
             if source.startswith("chain"):
                 chain_spec(source)  # raises with the list of presets
             if not Path(source).exists():
-                raise ValueError(f"data {source!r}: no such file; give chain:default|hard|tiny, "
+                raise ConfigError(f"data {source!r}: no such file; give chain:default|hard|tiny, "
                                  "a JSONL file or a saved dataset folder")
             rows = [Example(p, a, where=w) for p, a, w in
                     jsonl.load_located_rows(source, prompt_field, answer_field)]
@@ -70,7 +71,7 @@ class PromptSource:
                     split = chain.split_of(_prompt_text(ex.prompt))
                     (self.eval_rows if split == "eval" else self.train_rows).append(ex)
             if not self.train_rows:
-                raise ValueError(f"data {source}: no training rows left after holding out the "
+                raise ConfigError(f"data {source}: no training rows left after holding out the "
                                  "evaluation split; give more rows or a separate eval_data file")
             self._warn_unparsable_answers()
 
@@ -94,7 +95,7 @@ class PromptSource:
         self.train_rows = [e for e in self.train_rows if keep(e)]
         self.eval_rows = [e for e in self.eval_rows if keep(e)]
         if not self.train_rows:
-            raise ValueError(f"data {self.source}: no training rows are left after dropping "
+            raise ConfigError(f"data {self.source}: no training rows are left after dropping "
                              "the prompts that are too long; lower budget or shorten the prompts")
         return before - len(self.train_rows) - len(self.eval_rows)
 
@@ -135,11 +136,11 @@ class PromptSource:
             return [Example(p.prompt, p.answer, p.response)
                     for p in chain.generate(n, self.chain, part, seed)]
         if not self.eval_rows:
-            raise ValueError(f"data {self.source}: no evaluation rows; give eval_data")
+            raise ConfigError(f"data {self.source}: no evaluation rows; give eval_data")
         rows = self.eval_rows if part == "eval" else [
             e for e in self.eval_rows if chain.heldout_part(_prompt_text(e.prompt)) == part]
         if not rows:
-            raise ValueError(f"data {self.source}: no {part} rows among the {len(self.eval_rows)}"
+            raise ConfigError(f"data {self.source}: no {part} rows among the {len(self.eval_rows)}"
                              " evaluation rows; give more evaluation rows")
         return rows[:n]
 

@@ -18,11 +18,13 @@ import re
 from pathlib import Path
 from typing import Any
 
+from hopd.config import ConfigError
+
 PROMPT_FIELDS = ("prompt", "question", "messages", "problem")
 ANSWER_FIELDS = ("answer", "solution", "target")
 
 
-class DataError(ValueError):
+class DataError(ConfigError):
     """A bad prompt file: the message names the file, the line and the fix."""
 
 
