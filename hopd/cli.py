@@ -6,6 +6,7 @@
     hopd compare [CONFIG] --out DIR                 OPD vs POPD vs TOPD from the same student
     hopd report DIR...                              plots and report.md from run folders
     hopd demo [--quick] [--out DIR] [--device D]    the built-in comparison on the testbed
+    hopd config show [CONFIG] [key=value ...]       every setting, its value and its meaning
 
 Bad input (a `ConfigError`: config, data, models, run folder, teacher server) exits with code 2
 and one line that names the problem and the fix; any other exception is a bug and shows its
@@ -58,8 +59,9 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     examples = source.eval_set(args.n, seed=args.seed, part=args.split)
     if args.threads:
         torch.set_num_threads(args.threads)
-    model = load_model(args.model, device=args.device, trust_remote_code=args.trust_remote_code)
-    tok = load_tokenizer(args.model, trust_remote_code=args.trust_remote_code)
+    name = _model_dir(args.model)
+    model = load_model(name, device=args.device, trust_remote_code=args.trust_remote_code)
+    tok = load_tokenizer(name, trust_remote_code=args.trust_remote_code)
     res = evaluate(model, tok, examples, source.is_correct, budget, batch_size=args.batch_size,
                    samples=args.samples, temperature=args.temperature, seed=args.seed,
                    keep_responses=args.show)
@@ -114,7 +116,7 @@ def _cmd_report(args: argparse.Namespace) -> int:
 def _cmd_demo(args: argparse.Namespace) -> int:
     from hopd.demo import run_demo
 
-    out = Path(args.out)
+    out = Path(args.out or ("runs/demo-quick" if args.quick else "runs/demo"))
     device = args.device
     if device == "auto":
         import torch
@@ -192,6 +194,28 @@ def _split_config(args: argparse.Namespace) -> None:
         args.config = None
 
 
+def _cmd_config_show(args: argparse.Namespace) -> int:
+    """Every key of a distill config (nested as section.key), its value and its meaning."""
+    from hopd.config import describe_fields
+    from hopd.distill_config import DistillConfig, load_config
+
+    cfg = load_config(args.config, args.overrides) if args.config or args.overrides \
+        else DistillConfig()
+    rows = describe_fields(cfg)
+    width = max(len(k) + len(v) for k, v, _ in rows) + 3
+    for key, value, meaning in rows:
+        print(f"{key} = {value}".ljust(width) + f"# {meaning}")
+    return 0
+
+
+def _model_dir(path: str) -> str:
+    """A run folder stands for its final model (RUN/model)."""
+    p = Path(path)
+    if p.is_dir() and not (p / "config.json").exists() and (p / "model" / "config.json").exists():
+        return str(p / "model")
+    return path
+
+
 def _signal_status(signum: int) -> int:
     """The conventional exit status of a run stopped by a signal (SIGTERM: 143, SIGINT: 130)."""
     if signum:
@@ -219,9 +243,19 @@ def _run_flags(p: argparse.ArgumentParser, resume_help: str) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from hopd import __version__
+
     p = argparse.ArgumentParser(prog="hopd", description="On-policy distillation with rollout-"
                                 "horizon control (full OPD, progressive POPD, truncated TOPD).")
+    p.add_argument("--version", action="version", version=f"hopd {__version__}")
     sub = p.add_subparsers(dest="command", required=True)
+
+    cs = sub.add_parser("config", help="show every distill setting with its meaning")
+    cs_sub = cs.add_subparsers(dest="action", required=True)
+    show = cs_sub.add_parser("show", help="every key (section.key), its value and its meaning")
+    show.add_argument("config", nargs="?", help="a YAML config (default: the built-in defaults)")
+    show.add_argument("overrides", nargs="*", help="key=value overrides")
+    show.set_defaults(func=_cmd_config_show)
 
     s = sub.add_parser("sft", help="supervised training on worked solutions")
     s.add_argument("config", nargs="?", help="YAML config (optional)")
@@ -269,7 +303,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     m = sub.add_parser("demo", help="the built-in OPD vs POPD vs TOPD comparison on the testbed")
     m.add_argument("--quick", action="store_true", help="a smaller run (about 2 minutes)")
-    m.add_argument("--out", default="runs/demo", help="output folder (default runs/demo)")
+    m.add_argument("--out", default="",
+                   help="output folder (default runs/demo, or runs/demo-quick with --quick)")
     m.add_argument("--device", default="auto",
                    help="cpu, cuda, cuda:N (default auto: a GPU when there is one)")
     _run_flags(m, "skip finished runs")
@@ -291,7 +326,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.set_defaults(func=_cmd_serve_teacher)
 
     e = sub.add_parser("eval", help="evaluate a model at the full response budget")
-    e.add_argument("--model", required=True, help="checkpoint path or testbed:teacher|student")
+    e.add_argument("--model", required=True,
+                   help="checkpoint folder, a run folder (its final model), or testbed:teacher|"
+                   "student|student-fork")
     e.add_argument("--task", default="chain:default",
                    help="chain:default|hard|tiny, or a JSONL file (its held-out split is used)")
     e.add_argument("--eval-data", default="", help="a JSONL file used whole as the eval set")

@@ -186,3 +186,34 @@ def load(cls: type[T], path: str | Path | None, overrides: list[str],
 def check(cond: bool, message: str) -> None:
     if not cond:
         raise ConfigError(message)
+
+
+def field_comments(cls: type) -> dict[str, str]:
+    """The one-line comment after each field of a dataclass, read from its source."""
+    import inspect
+    import re
+
+    out: dict[str, str] = {}
+    try:
+        lines = inspect.getsource(cls).splitlines()
+    except (OSError, TypeError):
+        return out
+    for line in lines:
+        m = re.match(r"\s+(\w+): [^=]+=.*?#\s*(.+)$", line)
+        if m:
+            out[m.group(1)] = m.group(2).strip()
+    return out
+
+
+def describe_fields(cfg: Any, prefix: str = "") -> list[tuple[str, str, str]]:
+    """(dotted key, value, meaning) for every leaf field of a (nested) dataclass instance."""
+    rows: list[tuple[str, str, str]] = []
+    notes = field_comments(type(cfg))
+    for f in dataclasses.fields(cfg):
+        value = getattr(cfg, f.name)
+        if dataclasses.is_dataclass(value):
+            rows += describe_fields(value, f"{prefix}{f.name}.")
+        else:
+            rows.append((f"{prefix}{f.name}", yaml.safe_dump(value, default_flow_style=True)
+                         .strip().removesuffix("...").strip(), notes.get(f.name, "")))
+    return rows

@@ -72,6 +72,7 @@ from hopd.runstate import (
     is_disk_full,
     latest_checkpoint,
     load_trainer_state,
+    make_readable,
     prepare_out,
     save_checkpoint,
     truncate_metrics,
@@ -800,6 +801,7 @@ def save_final_model(run: Path, model: PreTrainedModel, tok: Any,
                            "the last checkpoint is intact: free space, then run again with "
                            "--resume to write it") from None
         raise
+    make_readable(tmp)
     shutil.rmtree(final, ignore_errors=True)
     os.replace(tmp, final)
 

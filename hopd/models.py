@@ -193,6 +193,9 @@ def save_checkpoint(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, 
     else:
         model.save_pretrained(path)
     tokenizer.save_pretrained(path)
+    from hopd.runstate import make_readable  # (runstate imports torch and this module's deps)
+
+    make_readable(path)
 
 
 def attach_lora(model: PreTrainedModel, rank: int, alpha: float, dropout: float,

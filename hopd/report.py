@@ -152,6 +152,12 @@ def _mean(xs: list[float | None]) -> float | None:
     return statistics.fmean(vals) if vals else None
 
 
+def _sd(xs: list[float | None]) -> float | None:
+    """Sample standard deviation over seeds (None with fewer than two)."""
+    vals = [x for x in xs if x is not None and not math.isnan(x)]
+    return statistics.stdev(vals) if len(vals) >= 2 else None
+
+
 def summarize(groups: dict[str, list[Run]], baseline: str = "opd") -> dict[str, Any]:
     """Per-strategy numbers and the target; all verdicts are computed from these."""
     base = groups.get(baseline)
@@ -166,7 +172,11 @@ def summarize(groups: dict[str, list[Run]], baseline: str = "opd") -> dict[str, 
             "final_accuracy": _mean([r.final_accuracy for r in runs]),
             "final_accuracy_min": min(r.final_accuracy for r in runs),
             "final_accuracy_max": max(r.final_accuracy for r in runs),
+            "final_accuracy_sd": _sd([r.final_accuracy for r in runs]),
             "best_accuracy": _mean([r.best_accuracy for r in runs]),
+            "best_accuracy_sd": _sd([r.best_accuracy for r in runs]),
+            "median_step_time_s": _mean([statistics.median(x["step_time_s"] for x in r.train)
+                                         if r.train else None for r in runs]),
             "initial_accuracy": _mean([r.evals[0]["eval_accuracy"] if r.evals else None
                                        for r in runs]),
             "steps": _mean([r.train[-1]["step"] if r.train else 0 for r in runs]),
@@ -440,15 +450,27 @@ def plot_horizon(groups: dict[str, list[Run]], path: Path) -> None:
 def table_rows(summary: dict[str, Any]) -> list[list[str]]:
     header = ["strategy", "seeds", "start acc", "final acc", "best acc", "steps", "train time (s)",
               "sampled tokens", "time to target (s)", "tokens to target", "speed-up vs OPD",
-              "act. mem (MiB)", "peak RSS/alloc (MiB)"]
+              "act. mem (MiB)", "peak RSS/alloc (MiB)", "median step (s)"]
     out = [header]
     for name, r in summary["rows"].items():
-        out.append([name, str(r["seeds"]), _pct(r["initial_accuracy"]), _pct(r["final_accuracy"]),
-                    _pct(r["best_accuracy"]), _num(r["steps"], "{:.0f}"), _num(r["train_time_s"]),
-                    _num(r["total_tokens"], "{:.0f}"), _num(r["time_to_target_s"]),
+        n = r["seeds"]
+        reached = "" if r["reached_target"] == n or n == 1 else f" ({r['reached_target']}/{n})"
+        out.append([name, str(n), _pct(r["initial_accuracy"]),
+                    _pct_sd(r["final_accuracy"], r.get("final_accuracy_sd")),
+                    _pct_sd(r["best_accuracy"], r.get("best_accuracy_sd")),
+                    _num(r["steps"], "{:.0f}"), _num(r["train_time_s"]),
+                    _num(r["total_tokens"], "{:.0f}"),
+                    (_num(r["time_to_target_s"]) if r["time_to_target_s"] is not None else
+                     "never" if not r["reached_target"] else "n/a") + reached,
                     _num(r["tokens_to_target"], "{:.0f}"), _num(r.get("speedup_time"), "{:.2f}x"),
-                    _num(r["peak_act_mem_mb"], "{:.1f}"), _num(r["peak_mem_mb"], "{:.0f}")])
+                    _num(r["peak_act_mem_mb"], "{:.1f}"), _num(r["peak_mem_mb"], "{:.0f}"),
+                    _num(r.get("median_step_time_s"), "{:.3f}")])
     return out
+
+
+def _pct_sd(mean: float | None, sd: float | None) -> str:
+    """A percentage, with +- the standard deviation over seeds when there are several."""
+    return _pct(mean) + (f" +- {100 * sd:.1f}" if sd is not None else "")
 
 
 def markdown_table(rows: list[list[str]]) -> str:

@@ -49,6 +49,16 @@ def write_json(path: Path, obj: Any) -> None:
     os.replace(tmp, path)
 
 
+def make_readable(folder: Path) -> None:
+    """Gives the files a save wrote the usual mode (0644 under umask 022): safetensors writes
+    model.safetensors as 0600 through a temporary file, which surprises whoever shares the run."""
+    mask = os.umask(0)
+    os.umask(mask)
+    for f in folder.iterdir():
+        if f.is_file():
+            f.chmod(0o666 & ~mask)
+
+
 def folder_kind(out: Path) -> str | None:
     """What hopd command made `out` ("distill", "sft", "compare"), or None if not hopd."""
     marker = out / MARKER
@@ -181,6 +191,7 @@ def save_checkpoint(run: Path, step: int, student: PreTrainedModel, tokenizer: A
             + (f"the previous checkpoint {previous.name} is intact: free space, then resume "
                "with --resume" if previous is not None else "no checkpoint was written yet")
         ) from None
+    make_readable(tmp)
     shutil.rmtree(final, ignore_errors=True)
     os.replace(tmp, final)
     for old in sorted(ckpts.glob("step_*"))[:-keep_last]:

@@ -111,3 +111,44 @@ def test_a_bug_mid_training_shows_its_traceback(tmp_path, micro_pair, monkeypatc
     with pytest.raises(ValueError, match="an internal bug"):
         main(["distill", "--out", str(tmp_path / "run"), "--quiet", f"student={s}",
               f"teacher={t}", "data=chain:tiny", "batch_size=4", "eval_n=2", "max_steps=1"])
+
+
+def test_version_and_config_show(capsys):
+    import dataclasses
+
+    from hopd import __version__
+    from hopd.distill_config import DistillConfig
+
+    import pytest
+    with pytest.raises(SystemExit) as e:
+        main(["--version"])
+    assert e.value.code == 0 and f"hopd {__version__}" in capsys.readouterr().out
+    assert main(["config", "show"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    keys = {line.split(" = ")[0] for line in lines}
+
+    def leaves(cls, prefix=""):
+        for f in dataclasses.fields(cls):
+            t = f.type if not isinstance(f.type, str) else eval(f.type, vars(
+                __import__("hopd.distill_config", fromlist=["x"])))
+            if dataclasses.is_dataclass(t):
+                yield from leaves(t, f"{prefix}{f.name}.")
+            else:
+                yield prefix + f.name
+
+    assert set(leaves(DistillConfig)) == keys  # every key, nested as section.key
+    assert all("# " in line and line.split("# ", 1)[1].strip() for line in lines)  # a meaning
+    assert main(["config", "show", "configs/opd.yaml", "optim.lr=3e-3"]) == 0
+    out = capsys.readouterr().out
+    assert "optim.lr = 0.003" in out and "loss.kind = rkl" in out
+
+
+def test_eval_accepts_a_run_folder(tmp_path, micro_pair, capsys):
+    s, t = micro_pair
+    run = tmp_path / "run"
+    assert main(["distill", "--out", str(run), "--quiet", f"student={s}", f"teacher={t}",
+                 "data=chain:tiny", "batch_size=2", "eval_n=2", "max_steps=1", "eval_every=0",
+                 "diag_every=0"]) == 0
+    capsys.readouterr()
+    assert main(["eval", "--model", str(run), "--task", "chain:tiny", "--n", "3"]) == 0
+    assert '"accuracy"' in capsys.readouterr().out

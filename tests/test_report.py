@@ -137,3 +137,15 @@ def test_learning_rate_is_chosen_on_val_and_reported_on_test(tmp_path):
     assert chosen == {("opd", "0.001"), ("topd10", "0.0003")}
     text = (tmp_path / "out" / "report.md").read_text()
     assert "## Learning rates" in text and "| opd | 0.003 | 1 | 50.0% | 70.0% |  |" in text
+
+
+def test_several_seeds_show_mean_sd_and_how_many_reached(tmp_path):
+    from hopd.report import table_rows
+
+    for seed, final in enumerate((0.8, 0.6, 0.7)):
+        _write_run(tmp_path, "opd", [100] * 6, [0.1, 0.3, 0.5, final], 0.01, seed=seed)
+    for seed, final in enumerate((0.78, 0.2, 0.75)):  # one seed never reaches the target
+        _write_run(tmp_path, "topd10", [10] * 6, [0.1, 0.2, 0.4, final], 0.01, seed=seed)
+    rows = {r[0]: r for r in table_rows(summarize(group(find_runs([tmp_path]))))}
+    assert rows["opd"][3] == "70.0% +- 10.0"
+    assert rows["topd10"][8] == "n/a (2/3)"  # target 66.5%: two of three seeds got there
