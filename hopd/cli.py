@@ -53,7 +53,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     if args.out and Path(args.out).is_dir():
         raise ConfigError(f"--out {args.out} is a folder: give a file name, e.g. "
                           f"{Path(args.out) / 'eval.json'}")
-    _check_device(args.device)
+    args.device = _check_device(args.device)
     source = PromptSource(args.task, args.eval_data)
     budget = args.budget or source.default_budget()
     examples = source.eval_set(args.n, seed=args.seed, part=args.split)
@@ -64,7 +64,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     tok = load_tokenizer(name, trust_remote_code=args.trust_remote_code)
     res = evaluate(model, tok, examples, source.is_correct, budget, batch_size=args.batch_size,
                    samples=args.samples, temperature=args.temperature, seed=args.seed,
-                   keep_responses=args.show)
+                   keep_responses=args.show, progress=not args.quiet)
     res.update({"model": args.model, "task": args.task})
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
@@ -157,7 +157,7 @@ def _print_summary(summary: dict, report: Path) -> None:
     console = Console()
     console.print(table)
     for v in verdicts(summary):
-        console.print("- " + v.replace("**", ""))
+        console.print("- " + v.replace("**", "").replace("`", ""))
     console.print(f"report: {report}")
 
 
@@ -167,7 +167,7 @@ def _cmd_serve_teacher(args: argparse.Namespace) -> int:
     from hopd.models import load_model, load_tokenizer
     from hopd.serve import TOKEN_ENV, make_server
 
-    _check_device(args.device)
+    args.device = _check_device(args.device)
     token = args.token or os.environ.get(TOKEN_ENV, "")
     model = load_model(args.model, device=args.device, dtype=args.dtype,
                        trust_remote_code=args.trust_remote_code).eval()
@@ -225,13 +225,18 @@ def _signal_status(signum: int) -> int:
     return 0
 
 
-def _check_device(device: str) -> None:
+def _check_device(device: str) -> str:
+    """The device to use: `auto` is a GPU when there is one (every command's default)."""
     import torch
 
+    from hopd.distill_config import resolve_device
+
+    device = resolve_device(device)
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise ConfigError(f"--device {device}: CUDA is not available here; use --device cpu")
     if not (device.startswith("cuda") or device in ("cpu", "mps")):
-        raise ConfigError(f"--device {device}: use cpu, cuda or cuda:N")
+        raise ConfigError(f"--device {device}: use auto, cpu, cuda or cuda:N")
+    return device
 
 
 def _run_flags(p: argparse.ArgumentParser, resume_help: str) -> None:
@@ -316,7 +321,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="address to listen on (default loopback only; 0.0.0.0 for other "
                    "machines, then set --token)")
     t.add_argument("--port", type=int, default=8000, help="0 picks a free port")
-    t.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
+    t.add_argument("--device", default="auto",
+                   help="auto (a GPU when there is one), cpu, cuda or cuda:N")
     t.add_argument("--dtype", default="float32", help="float32, bfloat16 or float16")
     t.add_argument("--token", default="",
                    help="require 'Authorization: Bearer TOKEN' (or set HOPD_TEACHER_TOKEN; "
@@ -340,12 +346,14 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--budget", type=int, default=0, help="response budget L (0: task default)")
     e.add_argument("--batch-size", type=int, default=100)
     e.add_argument("--seed", type=int, default=0)
-    e.add_argument("--device", default="cpu")
+    e.add_argument("--device", default="auto",
+                   help="auto (a GPU when there is one), cpu, cuda or cuda:N")
     e.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: default)")
     e.add_argument("--show", type=int, default=0, help="keep N example responses in the output")
     e.add_argument("--trust-remote-code", action="store_true",
                    help="run Python code shipped in the model folder (off: such a folder fails)")
     e.add_argument("--out", help="write the JSON result here")
+    e.add_argument("--quiet", action="store_true", help="no progress output")
     e.set_defaults(func=_cmd_eval)
     return p
 

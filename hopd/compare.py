@@ -106,7 +106,7 @@ def compare(config: str | Path | None, out: Path, strategies: list[str], seeds: 
                 plan.append((name, seed, lr, cfg))
     check_out(out, kind="compare", overwrite=overwrite, resume=resume)
     check_inputs(plan[0][3])  # data, models, context: shared by every run
-    runs = []
+    runs, done = [], 0  # runs finished in this call (a resumed one skips the others)
     t0 = time.perf_counter()
     with prepare_out(out, kind="compare", overwrite=overwrite, resume=resume):
         for i, (name, seed, lr, cfg) in enumerate(plan):
@@ -115,9 +115,12 @@ def compare(config: str | Path | None, out: Path, strategies: list[str], seeds: 
                 runs.append(run)
                 continue
             at = f", lr {lr:g}" if lr is not None else ""
-            print(f"\n== compare: run {i + 1}/{len(plan)}: {name}{at}, seed {seed} ==",
-                  flush=True)
+            spent = time.perf_counter() - t0
+            eta = f", about {spent / done * (len(plan) - i) / 60:.0f} min left" if done else ""
+            print(f"\n== compare: run {i + 1}/{len(plan)}: {name}{at}, seed {seed} "
+                  f"({spent / 60:.0f} min so far{eta}) ==", flush=True)
             result = distill(cfg, run, resume=resume, progress=progress)
+            done += 1
             write_json(run / "strategy.json", {"strategy": name, "seed": seed, "lr": lr,
                                                "overrides": known[name]})
             runs.append(run)

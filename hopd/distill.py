@@ -45,6 +45,7 @@ from hopd.distill_config import (  # noqa: F401  (re-exported: the loop's public
     SamplingConfig,
     TrainingStopped,
     load_config,
+    resolve_device,
 )
 from hopd.evaluate import encode_prompts, evaluate
 from hopd.horizon import describe, horizon_at, initial_horizon
@@ -464,6 +465,7 @@ def distill(cfg: DistillConfig, run: Path, resume: bool = False, progress: bool 
     experiment unless `force_config`)."""
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
+    cfg = replace(cfg, device=resolve_device(cfg.device))
     dist = Dist(cfg.device, parallel=cfg.parallel)  # one process, or a rank of several
     cfg = replace(cfg, parallel=dist.parallel)  # as run (accelerate's environment may pick FSDP)
     if cfg.batch_size % dist.world:

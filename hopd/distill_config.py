@@ -97,7 +97,7 @@ class DistillConfig:
     keep_last: int = 2  # checkpoints kept
     max_bad_steps: int = 5  # stop after this many non-finite steps in a row
     seed: int = 0  # data order, sampling and evaluation seed
-    device: str = "cpu"  # student device
+    device: str = "auto"  # student device: auto (a GPU when there is one), cpu, cuda, cuda:N
     teacher_device: str = ""  # teacher device ("": same as the student)
     dtype: str = "float32"  # student weights dtype
     teacher_dtype: str = ""  # teacher weights dtype ("": same as the student)
@@ -192,9 +192,16 @@ class DistillConfig:
                 C.check(torch.cuda.is_available(), f"{name}={v!r}: CUDA is not available here; "
                         "use device=cpu")
             else:
-                C.check(v in ("cpu", "mps") or (name == "teacher_device" and v == ""),
-                        f"{name}={v!r}: use cpu, cuda or cuda:N")
+                C.check(v in ("cpu", "mps", "auto") or (name == "teacher_device" and v == ""),
+                        f"{name}={v!r}: use auto, cpu, cuda or cuda:N")
         self.horizon.validate(self.budget or None)
+
+
+def resolve_device(device: str) -> str:
+    """`auto`: the GPU when there is one, else the CPU (the rule of every hopd command)."""
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return device
 
 
 ALIASES = {"steps": "max_steps", "lr": "optim.lr", "H": "horizon.tokens",

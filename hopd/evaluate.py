@@ -14,6 +14,7 @@ import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from hopd.config import ConfigError
+from hopd.progress import Bar
 from hopd.rollout import sample
 from hopd.tasks import Example, Prompt
 
@@ -60,6 +61,7 @@ def evaluate(
     seed: int = 0,
     keep_responses: int = 0,
     system_prompt: str = "",
+    progress: bool = False,
 ) -> dict[str, Any]:
     """Accuracy of `model` on `examples`: greedy when `samples == 1`, else `samples` draws each.
 
@@ -74,6 +76,7 @@ def evaluate(
     correct, tokens, cut, responses = [], 0, 0, []
     t0 = time.perf_counter()
     prompts = encode_prompts(tokenizer, [e.prompt for e in examples], system_prompt)
+    bar = Bar(samples * len(examples), "eval", enabled=progress)
     for _ in range(samples):
         row = []
         for i in range(0, len(examples), batch_size):
@@ -85,10 +88,12 @@ def evaluate(
             row += [check(t, e.answer) for t, e in zip(texts, batch)]
             tokens += r.num_tokens
             cut += int(r.cut_B.sum())
+            bar.update(len(batch), acc=sum(row) / len(row))
             if len(responses) < keep_responses:
                 responses += [{"prompt": e.prompt, "response": t, "answer": e.answer}
                               for t, e in zip(texts, batch)][: keep_responses - len(responses)]
         correct.append(row)
+    bar.close()
     elapsed = time.perf_counter() - t0
     model.train(was_training)
     n_gen = samples * len(examples)

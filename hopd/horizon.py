@@ -118,8 +118,22 @@ def reach_step(total_steps: int, reach_at: float) -> int:
 
 
 def describe(total_steps: int, budget: int, cfg: HorizonConfig, rows: int = 6) -> str:
-    """A few rows of `step -> H` for printing at start."""
-    steps = sorted({round(i * (total_steps - 1) / max(1, rows - 1)) for i in range(rows)})
-    pairs = ", ".join(f"{s}->{horizon_at(s, total_steps, budget, cfg)}" for s in steps)
+    """The schedule for printing at start, with steps counted from 1 as the progress bar does:
+    every stage of a step-shaped schedule (`steps 1-15: H=16, ...`), else a few `step->H` rows."""
+    hs = [horizon_at(k, total_steps, budget, cfg) for k in range(total_steps)]
+    stages: list[tuple[int, int, int]] = []  # (first step, last step, H), 1-based
+    for k, h in enumerate(hs, start=1):
+        if stages and stages[-1][2] == h:
+            stages[-1] = (stages[-1][0], k, h)
+        else:
+            stages.append((k, k, h))
     extra = f", shape {cfg.shape}" if cfg.kind == "progressive" else ""
-    return f"horizon {cfg.kind}{extra} (L={budget}): step->H {pairs}"
+    head = f"horizon {cfg.kind}{extra} (L={budget})"
+    if cfg.kind == "adaptive":
+        return f"{head}: starts at H={hs[0]}, widened by measurements"
+    if len(stages) <= 8:
+        parts = ", ".join(f"steps {a}-{b}: H={h}" if a != b else f"step {a}: H={h}"
+                          for a, b, h in stages)
+        return f"{head}: {parts}"
+    picks = sorted({round(i * (total_steps - 1) / max(1, rows - 1)) for i in range(rows)})
+    return f"{head}: step->H " + ", ".join(f"{k + 1}->{hs[k]}" for k in picks)

@@ -24,6 +24,7 @@ from rich.progress import (
     TimeElapsedColumn,
     TimeRemainingColumn,
 )
+from rich.table import Column
 
 from hopd.config import ConfigError
 
@@ -39,10 +40,17 @@ class Bar:
         self.tty = sys.stderr.isatty() and not os.environ.get("CI")
         self.progress: Progress | None = None
         if enabled and self.tty:
+            # time first and the live fields last (cut at the edge): at 80 columns the elapsed
+            # time and the ETA stay visible; a long rate window keeps the ETA steady across the
+            # pauses of an evaluation
             self.progress = Progress(
-                TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
-                TextColumn("{task.fields[info]}"), TimeElapsedColumn(), TextColumn("ETA"),
-                TimeRemainingColumn(), console=Console(stderr=True), transient=False)
+                TextColumn("[bold]{task.description}"), BarColumn(bar_width=12),
+                MofNCompleteColumn(), TimeElapsedColumn(table_column=Column(min_width=7)),
+                TextColumn("ETA"), TimeRemainingColumn(table_column=Column(min_width=7)),
+                TextColumn("{task.fields[info]}",
+                           table_column=Column(no_wrap=True, overflow="ellipsis", ratio=1)),
+                console=Console(stderr=True), transient=False, speed_estimate_period=3600,
+                expand=True)
             self.task = self.progress.add_task(escape(desc), total=total, info="")
             self.progress.start()
 

@@ -152,3 +152,14 @@ def test_eval_accepts_a_run_folder(tmp_path, micro_pair, capsys):
     capsys.readouterr()
     assert main(["eval", "--model", str(run), "--task", "chain:tiny", "--n", "3"]) == 0
     assert '"accuracy"' in capsys.readouterr().out
+
+
+def test_the_python_api_runs_a_distillation(tmp_path, micro_pair):
+    """README's "From Python" example, on the micro pair."""
+    from hopd.distill import distill, load_config
+
+    s, t = micro_pair
+    cfg = load_config(None, [f"student={s}", f"teacher={t}", "data=chain:tiny", "max_steps=2",
+                             "batch_size=2", "eval_n=2", "eval_every=0", "diag_every=0"])
+    result = distill(cfg, tmp_path / "api", progress=False)
+    assert result["steps"] == 2 and (tmp_path / "api" / "model" / "config.json").exists()

@@ -56,7 +56,10 @@ def test_validation_names_the_field():
 def test_describe_lists_rows():
     text = describe(K, L, HorizonConfig("progressive", shape="linear"))
     assert text.split("step->H ")[1].count("->") == 6
-    assert "0->16" in text and f"{K - 1}->{L}" in text
+    assert "1->16" in text and f"{K}->{L}" in text  # steps counted from 1, like the bar
+    staged = describe(60, L, HorizonConfig("progressive", shape="step", start=0.1, reach_at=0.5,
+                                           increments=4))
+    assert staged.count("H=") == 5 and "steps 1-7: H=16" in staged  # every stage, none skipped
 
 
 @pytest.mark.parametrize("shape", ["step", "linear", "cosine", "exp"])

@@ -122,7 +122,7 @@ def _bad_cases(tmp: Path, pair: tuple[Path, Path], other_tok_model: Path) -> lis
           str(tmp / "run")], "key 'max_steps' is given twice (line 2)"),
         (["eval", "--model", str(s), "--out", str(tmp)], "is a folder: give a file name"),
         (["eval", "--model", str(s), "--batch-size", "0"], "--batch-size 0: must be >= 1"),
-        (["eval", "--model", str(s), "--device", "tpu"], "use cpu, cuda or cuda:N"),
+        (["eval", "--model", str(s), "--device", "tpu"], "use auto, cpu, cuda or cuda:N"),
     ] + ([] if torch.cuda.is_available() else [  # a GPU asked for where there is none
         (["demo", "--quick", "--out", str(tmp / "demo"), "--device", "cuda"],
          "CUDA is not available here"),
