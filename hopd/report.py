@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import math
 import statistics
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -112,10 +113,42 @@ def find_runs(paths: list[Path]) -> list[Run]:
     return [load_run(p) for p in found]
 
 
+# settings that differ between the runs of one comparison by design (the strategy, its rate, the
+# seed) or that do not change what a run measures (logging, checkpoints, threads, devices)
+_VARY = {"seed", "horizon", "optim", "loss", "token_budget", "max_batch", "val_n",
+         "eval_every", "diag_every", "diag_n", "probe_every", "probe_n", "save_every",
+         "keep_last", "threads", "device", "teacher_device", "teacher_url", "teacher_timeout_s",
+         "teacher_retries", "max_bad_steps", "parallel", "grad_accum"}
+
+
+def _signature(r: Run) -> tuple[tuple[str, str], ...]:
+    return tuple(sorted((k, repr(v)) for k, v in r.config.items() if k not in _VARY))
+
+
 def group(runs: list[Run]) -> dict[str, list[Run]]:
+    """Runs by strategy; runs whose settings differ beyond strategy, rate and seed (other steps,
+    data, students, evaluation sizes) are never pooled: they become `name#2`, ... and
+    `mismatches` says how they differ."""
     out: dict[str, list[Run]] = {}
+    sigs: dict[str, list[tuple[tuple[str, str], ...]]] = {}
     for r in runs:
-        out.setdefault(r.strategy, []).append(r)
+        known = sigs.setdefault(r.strategy, [])
+        sig = _signature(r)
+        if sig not in known:
+            known.append(sig)
+        i = known.index(sig)
+        out.setdefault(r.strategy if i == 0 else f"{r.strategy}#{i + 1}", []).append(r)
+    return out
+
+
+def mismatches(runs: list[Run]) -> list[str]:
+    """The settings (outside strategy, rate and seed) in which the given runs differ."""
+    keys = sorted({k for r in runs for k in r.config if k not in _VARY})
+    out = []
+    for k in keys:
+        values = sorted({repr(r.config.get(k)) for r in runs})
+        if len(values) > 1:
+            out.append(f"{k} ({', '.join(values)})")
     return out
 
 
@@ -502,6 +535,13 @@ def write_report(paths: list[Path], out: Path) -> dict[str, Any]:
     groups, grid = choose_rates(group(runs))
     summary = summarize(groups)
     summary["lr_grid"] = grid
+    differ = mismatches(runs)
+    summary["warnings"] = [
+        "these runs differ in more than strategy, learning rate and seed: "
+        + "; ".join(differ) + ". Runs that differ are not pooled (`name#2`, ...), and numbers "
+        "across them are not comparable."] if differ else []
+    for w in summary["warnings"]:
+        print(f"hopd report: warning: {w}", file=sys.stderr)
     out.mkdir(parents=True, exist_ok=True)
     plot_accuracy(groups, summary["target"], out / "accuracy.png")
     plot_cost(groups, out / "cost.png")
@@ -517,6 +557,7 @@ def write_report(paths: list[Path], out: Path) -> dict[str, Any]:
         + (f" = {_pct(summary['target'])}." if summary["target"] is not None else " (no OPD run)."),
         f"Budget L: {', '.join(map(str, budgets))}. Times are training time only (sampling, "
         "teacher scoring, learning), without evaluation or diagnostics.", "",
+        *[f"**Warning**: {w}" for w in summary["warnings"]],
         markdown_table(table_rows(summary)), "",
         *(["## Learning rates", "",
             "Every strategy ran at every rate; each one is reported at the rate with the best "

@@ -149,3 +149,17 @@ def test_several_seeds_show_mean_sd_and_how_many_reached(tmp_path):
     rows = {r[0]: r for r in table_rows(summarize(group(find_runs([tmp_path]))))}
     assert rows["opd"][3] == "70.0% +- 10.0"
     assert rows["topd10"][8] == "n/a (2/3)"  # target 66.5%: two of three seeds got there
+
+
+def test_unrelated_runs_are_not_pooled_and_the_report_says_so(tmp_path, capsys):
+    import yaml
+
+    a = _write_run(tmp_path / "a", "opd", [100] * 6, [0.1, 0.2, 0.3, 0.4], 0.01)
+    b = _write_run(tmp_path / "b", "opd", [100] * 6, [0.1, 0.5, 0.6, 0.9], 0.01, seed=1)
+    (a / "config.yaml").write_text(yaml.safe_dump({"max_steps": 6, "eval_n": 200, "seed": 0}))
+    (b / "config.yaml").write_text(yaml.safe_dump({"max_steps": 16, "eval_n": 100, "seed": 1}))
+    summary = write_report([tmp_path], tmp_path / "out")
+    assert set(summary["rows"]) == {"opd", "opd#2"}  # not one 'opd' of two seeds
+    assert "max_steps (16, 6)" in summary["warnings"][0]
+    assert "warning" in capsys.readouterr().err
+    assert "**Warning**" in (tmp_path / "out" / "report.md").read_text()
