@@ -15,7 +15,6 @@ import resource
 import shutil
 import sys
 import time
-from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -79,27 +78,22 @@ from hopd.runstate import (
     truncate_metrics,
     write_json,
 )
-from hopd.serve import RemoteTeacher, TeacherUnavailable
 from hopd.sft import warmup_cosine
 from hopd.tasks import PromptSource
-from hopd.teacher import TeacherScores, response_logits, score
+from hopd.teacher import (
+    LocalTeacher,
+    RemoteTeacher,
+    Teacher,
+    TeacherScores,
+    TeacherUnavailable,
+    response_logits,
+)
 
 # ---------------------------------------------------------------------------------------------
 # Pieces of one step
 
 
-Scorer = Callable[..., TeacherScores]  # (rollout, need, top_k, with_entropy, prompts) -> scores
-
-
-def local_scorer(teacher_model: PreTrainedModel, vocab: int | None = None) -> Scorer:
-    def scorer(rollout: Rollout, need: str = "sampled", top_k: int = 0,
-               with_entropy: bool = False, prompts: list[list[int]] | None = None
-               ) -> TeacherScores:
-        return score(teacher_model, rollout, need, top_k, with_entropy, vocab, prompts)
-    return scorer
-
-
-def opd_step(student: PreTrainedModel, teacher: PreTrainedModel | Scorer,
+def opd_step(student: PreTrainedModel, teacher: Teacher | PreTrainedModel,
              opt: torch.optim.Optimizer,
              prompts: list[list[int]], H: int, cfg: DistillConfig, vocab: int, eos: int, pad: int,
              gen: torch.Generator | None, teacher_prompts: list[list[int]] | None = None,
@@ -131,9 +125,9 @@ def opd_step(student: PreTrainedModel, teacher: PreTrainedModel | Scorer,
     if cfg.loss.kind == "sft":
         scores = TeacherScores(logp_B_R=rollout.sampler_logp_B_R)
     else:
-        scorer = local_scorer(teacher, vocab) if isinstance(teacher, torch.nn.Module) \
-            else teacher
-        scores = scorer(rollout, need, cfg.loss.top_k, prompts=teacher_prompts)
+        if isinstance(teacher, torch.nn.Module):  # a bare model (benchmarks call it so)
+            teacher = LocalTeacher(teacher, vocab)
+        scores = teacher.score(rollout, need, cfg.loss.top_k, prompts=teacher_prompts)
     t2 = time.perf_counter()
     # 3. learn: per-token loss, backward over micro-batches, clip, AdamW
     opt.zero_grad(set_to_none=True)
@@ -253,7 +247,7 @@ class _count_saved_bytes:
 EXACT_DIAG_MAX_ELEMENTS = 50_000_000  # larger vocab x L x prompts: sampled KL estimate instead
 
 
-def position_diagnostics(student: PreTrainedModel, scorer: Scorer,
+def position_diagnostics(student: PreTrainedModel, teacher: Teacher,
                          prompts: list[list[int]], cfg: DistillConfig, budget: int, vocab: int,
                          eos: int, pad: int, step: int,
                          teacher_prompts: list[list[int]] | None = None) -> dict[str, Any]:
@@ -268,14 +262,11 @@ def position_diagnostics(student: PreTrainedModel, scorer: Scorer,
     student.eval()
     r = sample(student, prompts, budget, eos, pad, temperature=cfg.sampling.temperature,
                row_seeds=[(cfg.seed * 7919 + step) * 4099 + i for i in range(len(prompts))])
-    t = None
-    if len(prompts) * budget * vocab <= EXACT_DIAG_MAX_ELEMENTS:  # (B, L, V) fits comfortably
-        try:
-            t = scorer(r, "full", with_entropy=True, prompts=teacher_prompts)
-        except TeacherUnavailable:  # a remote teacher: sampled tokens only
-            pass
-    if t is None:
-        t = scorer(r, with_entropy=True, prompts=teacher_prompts)
+    # exact needs the teacher's whole distribution (not a server's top-k) and (B, L, V) to fit
+    full = teacher.full_distributions and \
+        len(prompts) * budget * vocab <= EXACT_DIAG_MAX_ELEMENTS
+    t = teacher.score(r, "full" if full else "sampled",
+                      with_entropy=teacher.full_distributions, prompts=teacher_prompts)
     mask = r.response_mask_B_R.float()
     exact = t.logp_B_R_V is not None
     if exact:
@@ -512,14 +503,14 @@ def _distill(cfg: DistillConfig, run: Path, inp: Inputs, dist: Dist, *, resume: 
                               adapter=ckpt)
     else:
         student = load_model(str(ckpt or s_path), device, cfg.dtype, trust)
-    teacher_model = None
+    teacher: Teacher
     if remote is not None:
-        scorer: Scorer = remote.score
+        teacher = remote
     else:
-        teacher_model = load_model(str(inp.t_path), cfg.teacher_device or device,
-                                   cfg.teacher_dtype or cfg.dtype, trust).eval()
-        teacher_model.requires_grad_(False)
-        scorer = local_scorer(teacher_model, vocab)
+        model = load_model(str(inp.t_path), cfg.teacher_device or device,
+                           cfg.teacher_dtype or cfg.dtype, trust).eval()
+        teacher = LocalTeacher(model.requires_grad_(False), vocab)
+    teacher_model = teacher.model  # the probe and the SFT baseline need the model itself
     student.train()
     learner = dist.wrap(student)  # DDP wrapper or FSDP-sharded student: forward/backward
     trainable = [p for p in student.parameters() if p.requires_grad]  # sharded under FSDP
@@ -650,7 +641,7 @@ def _distill(cfg: DistillConfig, run: Path, inp: Inputs, dist: Dist, *, resume: 
             # one random stream per global row: rollouts do not depend on how rows are split
             seeds = [(cfg.seed * 1_000_003 + step) * 4099 + i for i in rows]
             try:
-                rollout, scores, stats = opd_step(student, scorer, opt, prompts, H, cfg, vocab,
+                rollout, scores, stats = opd_step(student, teacher, opt, prompts, H, cfg, vocab,
                                                   eos, pad, None, t_prompts, need, seeds, dist,
                                                   learner, teacher_model, budget)
             except TeacherUnavailable as e:  # nothing was updated: this step's state is sound
@@ -712,7 +703,7 @@ def _distill(cfg: DistillConfig, run: Path, inp: Inputs, dist: Dist, *, resume: 
             with dist.full_weights(student) if diag_now or probe_now else nullcontext():
                 if diag_now and dist.main:
                     t0 = time.perf_counter()
-                    rec.update(position_diagnostics(student, scorer, diag_prompts, cfg, budget,
+                    rec.update(position_diagnostics(student, teacher, diag_prompts, cfg, budget,
                                                     vocab, eos, pad, step, diag_teacher))
                     reading = rec.pop("_reading")
                     rec["diag_time_s"] = time.perf_counter() - t0

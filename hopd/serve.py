@@ -7,37 +7,20 @@ token and the k most likely ones at that position, as vLLM's OpenAI-compatible s
 vLLM or SGLang server of the same teacher can stand in for it. POST /tokenize and GET /v1/models
 work as in vLLM (the tokenizer check uses /tokenize).
 
-Client (`RemoteTeacher`): sends prompt + response tokens of each rollout row (padding removed),
-rebuilds the (B, R) teacher log-probs and (B, R, k) top-k, with a timeout and retries; an
-unreachable server or a tokenizer mismatch gives a clear error before training starts.
+The client side (`hopd.teacher.RemoteTeacher`) scores rollouts against such a server.
 """
 
 from __future__ import annotations
 
 import json
-import math
-import os
 import threading
-import time
-import urllib.error
-import urllib.request
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from hopd.config import ConfigError
-from hopd.rollout import Rollout
-from hopd.teacher import TeacherScores
-
-TOKEN_ENV = "HOPD_TEACHER_TOKEN"  # a bearer token the client sends (and the server may require)
-PROBE = "The teacher and the student must share a tokenizer: 0123456789 =+-*;"
-
-
-class TeacherUnavailable(ConfigError):
-    """The teacher server cannot be reached or answers badly; the message says what to check."""
-
+from hopd.teacher import TOKEN_ENV
 
 # ---------------------------------------------------------------------------------------------
 # Server
@@ -215,142 +198,3 @@ def make_server(model: PreTrainedModel, tok: PreTrainedTokenizerBase, name: str,
     return _BoundedServer((host, port), Handler, workers=workers)
 
 
-# ---------------------------------------------------------------------------------------------
-# Client
-
-
-class RemoteTeacher:
-    """Scores rollouts with a teacher server (hopd serve-teacher, or vLLM)."""
-
-    def __init__(self, url: str, timeout_s: float = 60.0, retries: int = 3, token: str = ""):
-        self.url = url.rstrip("/")
-        self.timeout_s, self.retries = timeout_s, retries
-        self.token = token or os.environ.get(TOKEN_ENV, "")
-
-    def _request(self, path: str, body: dict[str, Any] | None = None) -> Any:
-        """POST (or GET) with retries on connection errors; the answer parsed as JSON."""
-        data = json.dumps(body).encode() if body is not None else None
-        last: Exception | None = None
-        for attempt in range(self.retries + 1):
-            headers = {"Content-Type": "application/json"}
-            if self.token:
-                headers["Authorization"] = f"Bearer {self.token}"
-            req = urllib.request.Request(self.url + path, data=data, headers=headers)
-            try:
-                with urllib.request.urlopen(req, timeout=self.timeout_s) as resp:
-                    raw = resp.read()
-            except urllib.error.HTTPError as e:  # the server answered: no point retrying
-                detail = e.read().decode(errors="replace")[:200]
-                raise TeacherUnavailable(f"teacher server {self.url}{path} answered HTTP "
-                                         f"{e.code}: {detail}") from None
-            except (urllib.error.URLError, TimeoutError, ConnectionError, OSError) as e:
-                last = e
-                time.sleep(min(2.0, 0.2 * 2 ** attempt))
-                continue
-            try:
-                return json.loads(raw)
-            except ValueError:
-                start = raw[:60].decode(errors="replace")
-                raise TeacherUnavailable(
-                    f"the teacher server at {self.url}{path} answered with something that is "
-                    f"not JSON (it starts {start!r}); check that teacher_url points at a vLLM or "
-                    "`hopd serve-teacher` server") from None
-        raise TeacherUnavailable(
-            f"teacher server {self.url} unreachable after {self.retries + 1} tries ({last}); "
-            "start it with `hopd serve-teacher MODEL --port N` or fix teacher_url")
-
-    def check_tokenizer(self, tok: PreTrainedTokenizerBase) -> None:
-        answer = self._request("/tokenize", {"prompt": PROBE})
-        theirs = answer.get("tokens") if isinstance(answer, dict) else None
-        if not isinstance(theirs, list):
-            raise TeacherUnavailable(f"the teacher server at {self.url} answered /tokenize "
-                                     f"without a 'tokens' list ({str(answer)[:80]}); is it a vLLM "
-                                     "or `hopd serve-teacher` server?")
-        ours = tok(PROBE, add_special_tokens=False)["input_ids"]
-        if list(theirs) != list(ours):
-            raise TeacherUnavailable(
-                f"the teacher server at {self.url} tokenizes differently from the student "
-                f"(probe text gives {theirs[:8]}... vs {ours[:8]}...); serve a teacher that "
-                "shares the student's tokenizer")
-
-    def score(self, rollout: Rollout, need: str = "sampled", top_k: int = 0,
-              with_entropy: bool = False, prompts: list[list[int]] | None = None
-              ) -> TeacherScores:
-        """Like `hopd.teacher.score`; entropy needs the full distribution, so it stays None."""
-        if need == "full":
-            raise TeacherUnavailable("a remote teacher returns top-k log-probs only: set "
-                                     "loss.top_k (e.g. 32) or use loss.kind=sampled_rkl")
-        B, R = rollout.response_mask_B_R.shape
-        seqs, starts = [], []
-        for b in range(B):
-            prompt = prompts[b] if prompts is not None else [
-                t for t, m in zip(rollout.ids_B_T[b, : rollout.prompt_len].tolist(),
-                                  rollout.attn_B_T[b, : rollout.prompt_len].tolist()) if m]
-            n = int(rollout.response_mask_B_R[b].sum())
-            seqs.append(prompt + rollout.response_ids_B_R[b, :n].tolist())
-            starts.append(len(prompt))
-        k = top_k if need == "topk" else 0
-        body = {"model": "teacher", "prompt": seqs, "max_tokens": 1, "prompt_logprobs": k}
-        for attempt in range(self.retries + 1):
-            try:
-                logp, topv, topi = parse_prompt_logprobs(self._request("/v1/completions", body),
-                                                         seqs, starts, R, k)
-                break
-            except BadAnswer as e:  # a partial or malformed answer is never trained on
-                if attempt == self.retries:
-                    raise TeacherUnavailable(
-                        f"the teacher server at {self.url} gave a malformed answer "
-                        f"{self.retries + 1} times ({e}); check the server's log") from None
-                time.sleep(min(2.0, 0.2 * 2 ** attempt))
-        scores = TeacherScores(logp_B_R=logp * rollout.response_mask_B_R)
-        if k:
-            scores.topk_logp_B_R_K, scores.topk_ids_B_R_K = topv, topi
-        return scores.to(rollout.ids_B_T.device)
-
-
-class BadAnswer(ValueError):
-    """A teacher server's answer does not have the shape asked for."""
-
-
-def parse_prompt_logprobs(out: Any, seqs: list[list[int]], starts: list[int], R: int, k: int
-                          ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(B, R) log-probs of the response tokens and (B, R, k) top-k from a completions answer.
-
-    Checks every part before use: one choice per prompt (indices 0..B-1), one entry per prompt
-    token, the actual token present at every response position, finite log-probs, integer
-    ranks. Anything else raises `BadAnswer` naming what was wrong."""
-    B = len(seqs)
-    choices = out.get("choices") if isinstance(out, dict) else None
-    if not isinstance(choices, list):
-        raise BadAnswer(f"no 'choices' list in the answer ({str(out)[:80]})")
-    if len(choices) != B:
-        raise BadAnswer(f"{len(choices)} choices for {B} prompts")
-    by_index = {c.get("index"): c for c in choices if isinstance(c, dict)}
-    if sorted(i for i in by_index if isinstance(i, int)) != list(range(B)):
-        raise BadAnswer(f"choice indices are not 0..{B - 1}")
-    logp = torch.zeros(B, R)
-    topv = torch.full((B, R, max(k, 1)), -1e4)  # finite: padded positions stay NaN-free
-    topi = torch.zeros((B, R, max(k, 1)), dtype=torch.long)
-    for b, (seq, start) in enumerate(zip(seqs, starts)):
-        entries = by_index[b].get("prompt_logprobs")
-        if not isinstance(entries, list) or len(entries) != len(seq):
-            got = len(entries) if isinstance(entries, list) else type(entries).__name__
-            raise BadAnswer(f"choice {b}: prompt_logprobs has {got} entries for {len(seq)} tokens")
-        for j in range(len(seq) - start):
-            e = entries[start + j]
-            actual = e.get(str(seq[start + j])) if isinstance(e, dict) else None
-            value = actual.get("logprob") if isinstance(actual, dict) else None
-            if not isinstance(value, (int, float)) or not math.isfinite(value):
-                raise BadAnswer(f"choice {b}, token {start + j}: no finite log-prob for the "
-                                f"token {seq[start + j]}")
-            logp[b, j] = value
-            if k:
-                try:
-                    ranked = sorted((int(v["rank"]), int(t), float(v["logprob"]))
-                                    for t, v in e.items() if int(v["rank"]) <= k)[:k]
-                except (TypeError, ValueError, KeyError):
-                    raise BadAnswer(f"choice {b}, token {start + j}: top-k entries need "
-                                    "integer 'rank' and numeric 'logprob'") from None
-                for r, (_, t, v) in enumerate(ranked):
-                    topv[b, j, r], topi[b, j, r] = v, t
-    return logp, topv, topi

@@ -111,8 +111,9 @@ def test_state_round_trips_and_decides_identically():
 def test_an_untrained_student_never_widens_on_noise(tokenizer, micro_pair):
     """Real readings of a student that does not learn (the same weights every time, fresh
     rollouts each check) differ by sampling noise only: the rule must not move."""
-    from hopd.distill import DistillConfig, local_scorer, position_diagnostics
+    from hopd.distill import DistillConfig, position_diagnostics
     from hopd.models import load_model
+    from hopd.teacher import LocalTeacher
 
     s, t = micro_pair
     student, teacher = load_model(str(s)).eval(), load_model(str(t)).eval()
@@ -123,7 +124,7 @@ def test_an_untrained_student_never_widens_on_noise(tokenizer, micro_pair):
     cfg = DistillConfig(diag_buckets=8)
     means = []
     for step in range(10):
-        d = position_diagnostics(student, local_scorer(teacher), prompts, cfg, budget,
+        d = position_diagnostics(student, LocalTeacher(teacher), prompts, cfg, budget,
                                  len(tokenizer), eos=2, pad=0, step=step)
         means.append(d["_reading"].region(0, 4).mean)
         state = adaptive_update(state, rule, step, d["_reading"])

@@ -116,10 +116,10 @@ def test_a_bug_mid_training_shows_its_traceback(tmp_path, micro_pair, monkeypatc
 def test_version_and_config_show(capsys):
     import dataclasses
 
+    import pytest
+
     from hopd import __version__
     from hopd.distill_config import DistillConfig
-
-    import pytest
     with pytest.raises(SystemExit) as e:
         main(["--version"])
     assert e.value.code == 0 and f"hopd {__version__}" in capsys.readouterr().out

@@ -17,7 +17,7 @@ import torch
 from hopd.cli import main
 from hopd.progress import read_metrics
 from hopd.runstate import MARKER, RunLock
-from hopd.serve import BadAnswer, parse_prompt_logprobs
+from hopd.teacher import BadAnswer, parse_prompt_logprobs
 
 TINY = ["data=chain:tiny", "batch_size=4", "eval_n=4", "diag_every=0", "threads=1"]
 

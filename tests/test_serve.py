@@ -15,8 +15,7 @@ from hopd.evaluate import encode_prompts
 from hopd.models import load_model, load_tokenizer
 from hopd.progress import read_metrics
 from hopd.rollout import sample
-from hopd.serve import RemoteTeacher, TeacherUnavailable
-from hopd.teacher import score
+from hopd.teacher import RemoteTeacher, TeacherUnavailable, score
 
 
 @pytest.fixture(scope="module")
