@@ -12,9 +12,8 @@ from pathlib import Path
 
 import torch
 
-from hopd.evaluate import encode_prompts
 from hopd.models import build_testbed_tokenizer, load_model, load_tokenizer, tiny_llama
-from hopd.tasks import PromptSource
+from hopd.tasks import PromptSource, encode_prompts
 
 # Random models with the shapes of real checkpoints (a name "random:qwen2-0.5b"): what sampling
 # costs at a realistic size, with no download.

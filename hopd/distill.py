@@ -46,8 +46,7 @@ from hopd.distill_config import (  # noqa: F401  (re-exported: the loop's public
     load_config,
     resolve_device,
 )
-from hopd.evaluate import encode_prompts, evaluate
-from hopd.horizon import describe, horizon_at, initial_horizon
+from hopd.evaluate import evaluate
 from hopd.losses import (
     distribution_loss,
     divergence,
@@ -78,8 +77,8 @@ from hopd.runstate import (
     truncate_metrics,
     write_json,
 )
-from hopd.sft import warmup_cosine
-from hopd.tasks import PromptSource
+from hopd.schedules import describe, horizon_at, initial_horizon, warmup_cosine
+from hopd.tasks import PromptSource, encode_prompts
 from hopd.teacher import (
     LocalTeacher,
     RemoteTeacher,

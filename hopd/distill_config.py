@@ -13,9 +13,9 @@ from pathlib import Path
 import torch
 
 from hopd import config as C
-from hopd.horizon import HorizonConfig
 from hopd.losses import NORMALIZERS
 from hopd.models import DTYPES
+from hopd.schedules import HorizonConfig
 
 LOSSES = ("sampled_rkl", "rkl", "fkl", "jsd", "sft")
 

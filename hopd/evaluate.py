@@ -13,29 +13,9 @@ from typing import Any
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from hopd.config import ConfigError
 from hopd.progress import Bar
 from hopd.rollout import sample
-from hopd.tasks import Example, Prompt
-
-
-def encode_prompts(tokenizer: PreTrainedTokenizerBase, prompts: list[Prompt],
-                   system_prompt: str = "") -> list[list[int]]:
-    """Chat-template token ids of prompts (user text or chat messages), ending where the
-    assistant's answer starts; `system_prompt` adds a system turn when the prompt has none."""
-    out = []
-    for p in prompts:
-        messages = [{"role": "user", "content": p}] if isinstance(p, str) else list(p)
-        if system_prompt and messages[0]["role"] != "system":
-            messages = [{"role": "system", "content": system_prompt}, *messages]
-        if tokenizer.chat_template is None:
-            raise ConfigError("the tokenizer has no chat template; use a chat/instruct "
-                             "checkpoint or set tokenizer.chat_template")
-        ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
-        if isinstance(ids, dict) or hasattr(ids, "keys"):
-            ids = ids["input_ids"]
-        out.append(list(ids))
-    return out
+from hopd.tasks import Example, encode_prompts
 
 
 def decode_responses(tokenizer: PreTrainedTokenizerBase, ids_B_R: torch.Tensor,

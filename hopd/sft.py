@@ -6,7 +6,6 @@ the prompt is context, never a target.
 
 from __future__ import annotations
 
-import math
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -15,7 +14,7 @@ import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from hopd import config as C
-from hopd.evaluate import encode_prompts, evaluate
+from hopd.evaluate import evaluate
 from hopd.models import (
     DTYPES,
     TINY_SIZES,
@@ -27,7 +26,8 @@ from hopd.models import (
 )
 from hopd.progress import Bar, MetricsLog
 from hopd.runstate import check_out, prepare_out, write_json
-from hopd.tasks import Example, PromptSource, chain, is_chain
+from hopd.schedules import warmup_cosine
+from hopd.tasks import Example, PromptSource, chain, encode_prompts, is_chain
 
 
 @dataclass
@@ -70,14 +70,6 @@ class SFTConfig:
             size = self.model[5:]
             C.check(size in TINY_SIZES, f"model={self.model!r}: unknown size; choose one of "
                     f"{', '.join('size:' + s for s in TINY_SIZES)}")
-
-
-def warmup_cosine(step: int, total: int, warmup: int, min_ratio: float) -> float:
-    """LR multiplier: linear warm-up to 1, then cosine decay to `min_ratio` at `total`."""
-    if step < warmup:
-        return (step + 1) / (warmup + 1)
-    progress = min(1.0, (step - warmup) / max(1, total - warmup))
-    return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
 def with_shortcuts(examples: list[Example], fraction: float) -> list[Example]:

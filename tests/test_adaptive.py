@@ -15,9 +15,9 @@ from hopd.adaptive import (
     token_budget_batch,
 )
 from hopd.cli import main
-from hopd.evaluate import encode_prompts
 from hopd.models import tiny_llama
 from hopd.progress import read_metrics
+from hopd.tasks import encode_prompts
 
 L = 100
 N = 50  # tokens measured at each position

@@ -112,10 +112,9 @@ def test_bf16_sampler_log_probs_stay_near_the_learners_over_a_whole_rollout():
     Measured on the bundled student, 16 chain prompts x 160 tokens: HF decode max 0.11 / mean
     0.0010; this fast path 0.16 / 0.0024 (with 16-bit scores, softmax and folded scale it was
     0.30 / 0.0031)."""
-    from hopd.evaluate import encode_prompts
     from hopd.losses import token_logprobs
     from hopd.models import load_model, load_tokenizer
-    from hopd.tasks import load_examples
+    from hopd.tasks import encode_prompts, load_examples
     from hopd.teacher import response_logits
 
     tok = load_tokenizer("testbed:student")

@@ -3,7 +3,7 @@ import math
 import pytest
 
 from hopd.config import ConfigError
-from hopd.horizon import HorizonConfig, describe, horizon_at
+from hopd.schedules import HorizonConfig, describe, horizon_at
 
 L, K = 160, 100
 
@@ -68,7 +68,7 @@ def test_describe_lists_rows():
 def test_every_progressive_shape_is_at_l_from_its_reach_step(shape, K, reach_at):
     """H equals L at the reach step and after, whatever K, reach_at and the increments; before
     it, H grows without passing L (reach_at = 1: L at the last step)."""
-    from hopd.horizon import reach_step
+    from hopd.schedules import reach_step
 
     L = 256
     cfg = HorizonConfig("progressive", shape=shape, start=0.1, reach_at=reach_at, increments=4)

@@ -1,8 +1,8 @@
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from hopd.evaluate import encode_prompts
 from hopd.models import check_compatible, load_model, load_tokenizer, save_checkpoint, tiny_llama
+from hopd.tasks import encode_prompts
 from hopd.tasks.chain import PRESETS, generate
 
 

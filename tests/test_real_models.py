@@ -70,7 +70,7 @@ def test_distill_any_pair_on_a_gsm8k_file(tmp_path, tokenizer, gsm8k_file, stude
 def test_teacher_with_its_own_system_prompt_scores_the_same_tokens(tmp_path, tokenizer,
                                                                     gsm8k_file):
     """A different teacher prompt changes only the teacher's context, not the response."""
-    from hopd.evaluate import encode_prompts
+    from hopd.tasks import encode_prompts
     from hopd.teacher import score
 
     model = tiny_llama("micro", tokenizer, seed=4).eval()

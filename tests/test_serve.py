@@ -11,10 +11,10 @@ import pytest
 import torch
 
 from hopd.cli import main
-from hopd.evaluate import encode_prompts
 from hopd.models import load_model, load_tokenizer
 from hopd.progress import read_metrics
 from hopd.rollout import sample
+from hopd.tasks import encode_prompts
 from hopd.teacher import RemoteTeacher, TeacherUnavailable, score
 
 

@@ -14,6 +14,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from transformers import PreTrainedTokenizerBase
+
 from hopd.config import ConfigError
 from hopd.tasks import chain, jsonl
 
@@ -172,3 +174,22 @@ def load_examples(source: str, n: int, split: str, seed: int = 0) -> list[Exampl
 
 def default_budget(source: str) -> int:
     return PromptSource(source).default_budget() if is_chain(source) else 512
+
+
+def encode_prompts(tokenizer: PreTrainedTokenizerBase, prompts: list[Prompt],
+                   system_prompt: str = "") -> list[list[int]]:
+    """Chat-template token ids of prompts (user text or chat messages), ending where the
+    assistant's answer starts; `system_prompt` adds a system turn when the prompt has none."""
+    out = []
+    for p in prompts:
+        messages = [{"role": "user", "content": p}] if isinstance(p, str) else list(p)
+        if system_prompt and messages[0]["role"] != "system":
+            messages = [{"role": "system", "content": system_prompt}, *messages]
+        if tokenizer.chat_template is None:
+            raise ConfigError("the tokenizer has no chat template; use a chat/instruct "
+                             "checkpoint or set tokenizer.chat_template")
+        ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+        if isinstance(ids, dict) or hasattr(ids, "keys"):
+            ids = ids["input_ids"]
+        out.append(list(ids))
+    return out

@@ -1,11 +1,12 @@
-"""Rollout-horizon schedules: H as a pure function of the optimizer step.
+"""Schedules: the rollout horizon H and the learning rate as pure functions of the step.
 
 With L the full response budget and K the number of optimizer steps:
 
 - `full` (OPD):        H_k = L.
 - `truncated` (TOPD):  H_k = `tokens` if set, else ceil(`fraction` * L), for every k.
 - `progressive` (POPD): H grows from H0 (`start_tokens`, or ceil(`start` * L)) and reaches L at
-  step K_r = ceil(`reach_at` * K), then stays at L. Shapes, with u = min(1, k / K_r):
+  the 0-based step K_r = min(K - 1, ceil(`reach_at` * K) - 1) (reach_at = 1: the last step), then
+  stays at L. Shapes, with u = k / K_r:
     step:    H_k = min(L, H0 + dH * floor(k / dk)), dk = floor(K_r / n), dH = ceil((L - H0) / n),
              n = `increments` (the paper's form);
     linear:  H_k = H0 + (L - H0) * u;
@@ -137,3 +138,11 @@ def describe(total_steps: int, budget: int, cfg: HorizonConfig, rows: int = 6) -
         return f"{head}: {parts}"
     picks = sorted({round(i * (total_steps - 1) / max(1, rows - 1)) for i in range(rows)})
     return f"{head}: step->H " + ", ".join(f"{k + 1}->{hs[k]}" for k in picks)
+
+
+def warmup_cosine(step: int, total: int, warmup: int, min_ratio: float) -> float:
+    """LR multiplier: linear warm-up to 1, then cosine decay to `min_ratio` at `total`."""
+    if step < warmup:
+        return (step + 1) / (warmup + 1)
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
