@@ -1,4 +1,4 @@
-"""Beyond the paper: an adaptive horizon, token-budget batching and a teacher-recovery probe.
+"""Beyond the paper: an adaptive horizon and token-budget batching.
 
 Adaptive horizon. Hand-set schedules make the user guess H0, the growth rate and when to reach L.
 The adaptive schedule starts at H0 and widens H when measurements say the current region has been
@@ -27,27 +27,13 @@ resumed run takes the same decisions.
 Token-budget batching. With a short horizon a step is cheap; `token_budget` spends the savings
 on more prompts: prompts per step = min(`max_batch`, round(batch_size * L / H)), so that every
 step samples about as many tokens as a full-horizon step.
-
-Teacher-recovery probe. Every `probe_every` steps, for `probe_n` held-out prompts, the student's
-greedy rollout is cut at fractions p of L and the teacher finishes greedily from there; the
-teacher's accuracy at each p measures how well it can still give useful feedback on a student
-prefix of that length (what the paper calls unreliable late feedback).
 """
 
 from __future__ import annotations
 
 import math
-import statistics
 from dataclasses import dataclass, field
 from typing import Any
-
-import torch
-from transformers import PreTrainedModel, PreTrainedTokenizerBase
-
-from hopd.evaluate import decode_responses
-from hopd.rollout import sample
-
-PROBE_FRACTIONS = (0.0, 0.1, 0.25, 0.5, 0.75)
 
 
 @dataclass
@@ -162,37 +148,3 @@ def adaptive_update(state: AdaptiveState, rule: AdaptiveRule, step: int,
 def token_budget_batch(batch_size: int, horizon: int, budget: int, max_batch: int) -> int:
     """Prompts per step so that batch x H stays about batch_size x L (capped at max_batch)."""
     return max(1, min(max_batch, round(batch_size * budget / max(1, horizon))))
-
-
-@torch.no_grad()
-def recovery_probe(student: PreTrainedModel, teacher: PreTrainedModel,
-                   tok: PreTrainedTokenizerBase, prompts: list[list[int]], answers: list[str],
-                   check: Any, budget: int, fractions: tuple[float, ...] = PROBE_FRACTIONS,
-                   teacher_prompts: list[list[int]] | None = None) -> dict[str, Any]:
-    """Teacher accuracy when it finishes the student's greedy rollout from position p * L.
-
-    The teacher continues from its own encoding of each prompt (`teacher_prompts`: its system
-    turn or chat template, when they differ from the student's) followed by the student's
-    response prefix."""
-    eos, pad = tok.eos_token_id, tok.pad_token_id
-    student_was = student.training
-    student.eval()
-    r = sample(student, prompts, budget, eos, pad, greedy=True)
-    student.train(student_was)
-    out: dict[str, Any] = {}
-    for p in fractions:
-        cut = int(p * budget)
-        prefixes, kept = [], []
-        for b, prompt in enumerate(teacher_prompts or prompts):
-            n = int(r.response_mask_B_R[b].sum())
-            ids = r.response_ids_B_R[b, : min(cut, n)].tolist()
-            if eos in ids:  # the student finished before p * L: nothing left for the teacher
-                ids = ids[: ids.index(eos)]
-            kept.append(ids)
-            prefixes.append(prompt + ids)
-        cont = sample(teacher, prefixes, max(1, budget - cut), eos, pad, greedy=True)
-        texts = decode_responses(tok, cont.response_ids_B_R, cont.response_mask_B_R)
-        correct = [check(tok.decode(k, skip_special_tokens=True) + t, a)
-                   for k, t, a in zip(kept, texts, answers)]
-        out[f"{p:g}"] = statistics.fmean(correct)
-    return out

@@ -11,12 +11,11 @@ from __future__ import annotations
 import json
 import math
 import os
-import resource
 import shutil
 import sys
 import time
 from contextlib import nullcontext
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -25,13 +24,12 @@ import yaml
 from transformers import PreTrainedModel
 
 from hopd import config as C
-from hopd.adaptive import (
-    AdaptiveRule,
-    AdaptiveState,
-    PositionReading,
-    adaptive_update,
+from hopd.adaptive import AdaptiveRule, AdaptiveState, adaptive_update, token_budget_batch
+from hopd.diagnostics import (
+    count_saved_bytes,
+    peak_memory_mb,
+    position_diagnostics,
     recovery_probe,
-    token_budget_batch,
 )
 from hopd.dist import Dist
 from hopd.distill_config import (  # noqa: F401  (re-exported: the loop's public settings)
@@ -49,7 +47,6 @@ from hopd.distill_config import (  # noqa: F401  (re-exported: the loop's public
 from hopd.evaluate import evaluate
 from hopd.losses import (
     distribution_loss,
-    divergence,
     sampled_rkl,
     sft_loss,
     token_logprobs,
@@ -57,11 +54,9 @@ from hopd.losses import (
 )
 from hopd.models import (
     attach_lora,
-    check_compatible,
     load_model,
-    load_tokenizer,
-    resolve_model_path,
 )
+from hopd.preflight import Inputs, check_inputs, check_resume_config
 from hopd.progress import Bar, MetricsLog
 from hopd.rollout import Rollout, filter_logits, sample
 from hopd.runstate import (
@@ -78,10 +73,9 @@ from hopd.runstate import (
     write_json,
 )
 from hopd.schedules import describe, horizon_at, initial_horizon, warmup_cosine
-from hopd.tasks import PromptSource, encode_prompts
+from hopd.tasks import encode_prompts
 from hopd.teacher import (
     LocalTeacher,
-    RemoteTeacher,
     Teacher,
     TeacherScores,
     TeacherUnavailable,
@@ -186,7 +180,7 @@ def learn(student: PreTrainedModel, rollout: Rollout, teacher: TeacherScores, cf
         mask = rollout.response_mask_B_R[rows]
         weight = None if cfg.loss.normalizer == "token_mean" and kind != "sft" else \
             token_weights(mask, cfg.loss.normalizer, n_tokens, n_seqs, budget or mask.size(1))
-        with dist.no_sync(student, skip=lo + mb < B), _count_saved_bytes() as saved:
+        with dist.no_sync(student, skip=lo + mb < B), count_saved_bytes() as saved:
             logits = response_logits(student, rollout.ids_B_T[rows], rollout.attn_B_T[rows],
                                      rollout.prompt_len, vocab)
             if kind == "sampled_rkl":
@@ -223,227 +217,6 @@ def as_sampled(logits_B_R_V: torch.Tensor, sampling: SamplingConfig) -> torch.Te
         return logits_B_R_V
     flat = logits_B_R_V.float().reshape(-1, logits_B_R_V.size(-1)) / T
     return filter_logits(flat, k, p).reshape(logits_B_R_V.shape)
-
-
-class _count_saved_bytes:
-    """Sums the bytes autograd saves for backward inside the block: the activation memory."""
-
-    def __enter__(self) -> _count_saved_bytes:
-        self.bytes = 0
-
-        def pack(t: torch.Tensor) -> torch.Tensor:
-            self.bytes += t.numel() * t.element_size()
-            return t
-
-        self.ctx = torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t)
-        self.ctx.__enter__()
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        self.ctx.__exit__(*exc)
-
-
-EXACT_DIAG_MAX_ELEMENTS = 50_000_000  # larger vocab x L x prompts: sampled KL estimate instead
-
-
-def position_diagnostics(student: PreTrainedModel, teacher: Teacher,
-                         prompts: list[list[int]], cfg: DistillConfig, budget: int, vocab: int,
-                         eos: int, pad: int, step: int,
-                         teacher_prompts: list[list[int]] | None = None) -> dict[str, Any]:
-    """Per-position feedback at the full budget: rollouts of L tokens, bucketed by position.
-
-    rkl_by_pos: mean exact reverse KL(s || t) over the vocabulary at the positions of each
-    bucket (s: the student at temperature 1), from one extra no-grad student forward pass; with
-    a remote teacher (top-k only), or when (prompts x L x vocab) is too large to hold, the
-    sampled estimate log q(y_t) - log t(y_t) instead (`diag_rkl_exact` says which).
-    teacher_entropy_by_pos: mean teacher entropy per bucket.
-    """
-    student.eval()
-    r = sample(student, prompts, budget, eos, pad, temperature=cfg.sampling.temperature,
-               row_seeds=[(cfg.seed * 7919 + step) * 4099 + i for i in range(len(prompts))])
-    # exact needs the teacher's whole distribution (not a server's top-k) and (B, L, V) to fit
-    full = teacher.full_distributions and \
-        len(prompts) * budget * vocab <= EXACT_DIAG_MAX_ELEMENTS
-    t = teacher.score(r, "full" if full else "sampled",
-                      with_entropy=teacher.full_distributions, prompts=teacher_prompts)
-    mask = r.response_mask_B_R.float()
-    exact = t.logp_B_R_V is not None
-    if exact:
-        with torch.no_grad():
-            s_logp = response_logits(student, r.ids_B_T, r.attn_B_T, r.prompt_len,
-                                     vocab).float().log_softmax(-1)
-        rkl = divergence(s_logp, t.logp_B_R_V, "rkl") * mask
-    else:
-        rkl = (r.sampler_logp_B_R - t.logp_B_R) * mask
-    student.train()
-    nb = cfg.diag_buckets
-    bucket_R = (torch.arange(r.response_mask_B_R.size(1)) * nb // budget).clamp(max=nb - 1)
-    # a remote teacher returns top-k only: no entropy (NaN in the log)
-    ent = (t.entropy_B_R if t.entropy_B_R is not None else torch.full_like(mask, math.nan)) * mask
-    mask, rkl, ent = mask.cpu(), rkl.float().cpu(), ent.float().cpu()  # bucketed on the CPU
-    zeros = torch.zeros(nb, dtype=torch.float32)
-    count = zeros.index_add(0, bucket_R, mask.sum(0))
-    rkl_b = zeros.index_add(0, bucket_R, rkl.sum(0)) / count.clamp(min=1)
-    ent_b = zeros.index_add(0, bucket_R, ent.float().sum(0)) / count.clamp(min=1)
-    nan = float("nan")
-    short = budget - mask.size(1)  # all rows ended before L: positions past them hold nothing
-    per_pos = [torch.nn.functional.pad(x, (0, short)).tolist()
-               for x in (rkl.sum(0), (rkl * rkl).sum(0), mask.sum(0))]
-    reading = PositionReading(per_pos[0], per_pos[1], [int(c) for c in per_pos[2]])
-    return {"_reading": reading,  # per position, for the adaptive rule (not logged)
-            "diag_rkl_by_pos": [v if c > 0 else nan for v, c in zip(rkl_b.tolist(), count)],
-            "diag_teacher_entropy_by_pos": [v if c > 0 else nan
-                                            for v, c in zip(ent_b.tolist(), count)],
-            "diag_tokens_by_pos": count.int().tolist(), "diag_rkl_exact": exact}
-
-
-def peak_memory_mb(device: str) -> float:
-    """CUDA: peak allocated since the last reset. CPU: the process's peak resident set size."""
-    if device.startswith("cuda"):
-        return torch.cuda.max_memory_allocated(device) / 2**20
-    scale = 1 if sys.platform == "darwin" else 1024  # ru_maxrss is bytes on macOS, KiB on Linux
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale / 2**20
-
-
-# ---------------------------------------------------------------------------------------------
-# The loop
-
-
-@dataclass
-class Inputs:
-    """What the checks before a run establish: data, budget, tokenizers, vocabulary, teacher."""
-
-    source: PromptSource
-    budget: int  # the full response budget L
-    s_path: Path
-    tok: Any  # the student's tokenizer
-    t_tok: Any  # the teacher's (the student's own with a remote teacher)
-    t_path: Path | None  # None: a remote teacher
-    vocab: int  # logits the losses compare: min(V_student, V_teacher)
-    remote: RemoteTeacher | None
-    separate_teacher_prompt: bool  # the teacher has its own system prompt or chat template
-
-
-def check_inputs(cfg: DistillConfig) -> Inputs:
-    """Everything that can be wrong, checked before any model is loaded or file written: the data,
-    the horizon against the budget, the tokenizer pair, model code, the context length."""
-    source = PromptSource(cfg.data, cfg.eval_data, cfg.data_prompt_field, cfg.data_answer_field)
-    budget = cfg.budget or source.default_budget()
-    cfg.horizon.validate(budget)
-    s_path = resolve_model_path(cfg.student)
-    tok = load_tokenizer(str(s_path), cfg.trust_remote_code)
-    s_conf = json.loads((s_path / "config.json").read_text())
-    s_vocab = s_conf.get("vocab_size", len(tok))
-    remote, t_path, t_conf = None, None, {}
-    if cfg.teacher_url:  # the teacher runs elsewhere: check it answers and shares the tokenizer
-        remote = RemoteTeacher(cfg.teacher_url, cfg.teacher_timeout_s, cfg.teacher_retries)
-        remote.check_tokenizer(tok)
-        t_tok, vocab = tok, s_vocab
-        if cfg.teacher_tokenizer:  # the server's own chat template, from a local copy
-            t_tok = load_tokenizer(cfg.teacher_tokenizer, cfg.trust_remote_code)
-            check_compatible(t_tok, tok, s_vocab, s_vocab)
-    else:
-        t_path = resolve_model_path(cfg.teacher)
-        t_tok = load_tokenizer(str(t_path), cfg.trust_remote_code)
-        t_conf = json.loads((t_path / "config.json").read_text())
-        t_vocab = t_conf.get("vocab_size", len(t_tok))
-        check_compatible(t_tok, tok, t_vocab, s_vocab)
-        vocab = min(s_vocab, t_vocab)
-    C.check(cfg.loss.top_k <= vocab, f"loss.top_k={cfg.loss.top_k} exceeds the vocabulary "
-            f"({vocab} tokens): use a smaller k, or 0 for the full vocabulary")
-    separate = bool(cfg.teacher_system_prompt) or t_tok.chat_template != tok.chat_template
-    inputs = Inputs(source, budget, s_path, tok, t_tok, t_path, vocab, remote, separate)
-    check_context(cfg, inputs, [("student", s_conf), ("teacher", t_conf)])
-    return inputs
-
-
-def check_context(cfg: DistillConfig, inp: Inputs, confs: list[tuple[str, dict[str, Any]]]
-                  ) -> None:
-    """Every prompt plus the budget L must fit each model's context.
-
-    A file source is checked row by row (token counts cached per file); the generated testbed by
-    its evaluation set and first batch (all its prompts have the same shape). Rows that do not fit
-    are named, or dropped with a count when `drop_long_prompts` is set."""
-    limits = [(c["max_position_embeddings"], name) for name, c in confs
-              if c.get("max_position_embeddings")]
-    if not limits:
-        return
-    ctx, who = min(limits)
-    rows = inp.source.all_rows() or (
-        inp.source.eval_set(cfg.eval_n, seed=cfg.seed)
-        + inp.source.train_batch(0, cfg.batch_size, cfg.seed))
-    teacher_system = cfg.teacher_system_prompt or cfg.system_prompt
-    lengths = prompt_lengths(inp.tok, rows, cfg.system_prompt)
-    if inp.separate_teacher_prompt:
-        lengths = [max(a, b) for a, b in
-                   zip(lengths, prompt_lengths(inp.t_tok, rows, teacher_system))]
-    too_long = {id(e) for e, n in zip(rows, lengths) if n + inp.budget > ctx}
-    if not too_long:
-        return
-    if cfg.drop_long_prompts and inp.source.all_rows():
-        dropped = inp.source.drop_rows(lambda e: id(e) not in too_long)
-        print(f"distill: dropped {dropped} prompts longer than {ctx - inp.budget} tokens "
-              f"(the {who}'s context {ctx} - budget L={inp.budget})", file=sys.stderr, flush=True)
-        return
-    bad = [(e.where, n) for e, n in zip(rows, lengths) if id(e) in too_long]
-    named = (": " + ", ".join(f"{w} ({n} tokens)" for w, n in bad[:5])
-             + (", ..." if len(bad) > 5 else "")) if bad[0][0] else ""
-    raise C.ConfigError(
-        f"{len(bad)} prompt(s) of up to {max(n for _, n in bad)} tokens plus the budget "
-        f"L={inp.budget} exceed the {who}'s context of {ctx} tokens{named}; lower budget, "
-        "shorten those prompts, or set drop_long_prompts=true to skip them")
-
-
-_LENGTHS: dict[tuple[Any, ...], list[int]] = {}
-
-
-def prompt_lengths(tok: Any, rows: list[Any], system_prompt: str) -> list[int]:
-    """Token counts of the encoded prompts, cached per (tokenizer, rows, system prompt)."""
-    key = (getattr(tok, "name_or_path", ""), len(tok), tok.chat_template, system_prompt,
-           tuple(id(e) for e in rows[:1]), len(rows), rows[0].where if rows else "")
-    if key not in _LENGTHS:
-        _LENGTHS.clear()
-        _LENGTHS[key] = [len(p) for p in encode_prompts(tok, [e.prompt for e in rows],
-                                                         system_prompt)]
-    return _LENGTHS[key]
-
-
-# settings a resumed run may change: they decide how long it runs and what it logs, not what it is
-RESUMABLE_CHANGES = {
-    "max_steps", "max_time_s", "max_tokens", "eval_every", "diag_every", "diag_n", "diag_buckets",
-    "probe_every", "probe_n", "save_every", "keep_last", "max_bad_steps", "threads", "device",
-    "teacher_device", "teacher_url", "teacher_timeout_s", "teacher_retries",
-    "grad_accum",  # the same gradient in more or fewer micro-batches
-    "parallel",  # checked against the checkpoint itself (the optimizer formats differ)
-}
-
-
-def config_changes(saved: dict[str, Any], new: dict[str, Any], prefix: str = "") -> list[str]:
-    """Dotted keys whose values differ between two config dicts (`saved` -> `new`)."""
-    out = []
-    for key in sorted(set(saved) | set(new)):
-        a, b = saved.get(key), new.get(key)
-        if isinstance(a, dict) and isinstance(b, dict):
-            out += config_changes(a, b, f"{prefix}{key}.")
-        elif a != b:
-            out.append(f"{prefix}{key}: {a!r} -> {b!r}")
-    return out
-
-
-def check_resume_config(cfg: DistillConfig, run: Path, force: bool) -> bool:
-    """Refuses a resume whose config makes it a different experiment; True if it changed."""
-    path = run / "config.yaml"
-    if not path.exists():
-        return True
-    saved = yaml.safe_load(path.read_text()) or {}
-    changes = config_changes(saved, C.to_dict(cfg))
-    blocking = [c for c in changes if c.split(":")[0] not in RESUMABLE_CHANGES]
-    if blocking and not force:
-        raise C.ConfigError(
-            f"--resume: this config differs from the run's own ({path}): {'; '.join(blocking)}. "
-            "That makes it a different experiment: drop those overrides, start a new run with "
-            "another --out, or pass --force-config to continue anyway")
-    return bool(changes)
 
 
 def distill(cfg: DistillConfig, run: Path, resume: bool = False, progress: bool = True,

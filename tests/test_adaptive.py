@@ -11,10 +11,10 @@ from hopd.adaptive import (
     AdaptiveState,
     PositionReading,
     adaptive_update,
-    recovery_probe,
     token_budget_batch,
 )
 from hopd.cli import main
+from hopd.diagnostics import recovery_probe
 from hopd.models import tiny_llama
 from hopd.progress import read_metrics
 from hopd.tasks import encode_prompts
@@ -111,7 +111,8 @@ def test_state_round_trips_and_decides_identically():
 def test_an_untrained_student_never_widens_on_noise(tokenizer, micro_pair):
     """Real readings of a student that does not learn (the same weights every time, fresh
     rollouts each check) differ by sampling noise only: the rule must not move."""
-    from hopd.distill import DistillConfig, position_diagnostics
+    from hopd.diagnostics import position_diagnostics
+    from hopd.distill import DistillConfig
     from hopd.models import load_model
     from hopd.teacher import LocalTeacher
 
@@ -172,7 +173,7 @@ def test_adaptive_and_token_budget_runs(tmp_path, micro_pair):
 def test_the_probe_gives_the_teacher_its_own_prompts(tokenizer, monkeypatch):
     """With a teacher system prompt or template, the teacher continues from *its* prompt plus
     the student's prefix, not from the student's prompt."""
-    import hopd.adaptive as A
+    import hopd.diagnostics as A
 
     model = tiny_llama("micro", tokenizer, seed=1)
     prompts = encode_prompts(tokenizer, ["a=1+2;", "a=3*4;"])
