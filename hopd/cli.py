@@ -123,7 +123,8 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 
         device = "cuda" if torch.cuda.is_available() else "cpu"
     summary, signum = run_demo(out, quick=args.quick, progress=not args.quiet,
-                               resume=args.resume, device=device, overwrite=args.overwrite)
+                               resume=args.resume, device=device, overwrite=args.overwrite,
+                               regime=args.regime)
     if signum:
         return _signal_status(signum)
     _print_summary(summary, out / "report.md")
@@ -308,6 +309,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     m = sub.add_parser("demo", help="the built-in OPD vs POPD vs TOPD comparison on the testbed")
     m.add_argument("--quick", action="store_true", help="a smaller run (about 2 minutes)")
+    m.add_argument("--regime", default="spread", choices=["spread", "fork"],
+                   help="spread (default): the student's mistakes are spread along the "
+                   "solution; fork: success is decided by its first token")
     m.add_argument("--out", default="",
                    help="output folder (default runs/demo, or runs/demo-quick with --quick)")
     m.add_argument("--device", default="auto",

@@ -1,7 +1,9 @@
 """`hopd demo`: OPD vs POPD vs TOPD on the built-in testbed, then the report.
 
-Uses the bundled teacher and warm-started student, so nothing needs training first. The full demo
-fits in about 10 minutes on 2 CPU cores; `--quick` in about 2.
+Uses the bundled teacher and one of the two bundled students (`--regime spread`, the default:
+mistakes spread along the solution; `--regime fork`: success decided by the first token), so
+nothing needs training first. The full demo fits in about 10 minutes on 2 CPU cores; `--quick` in
+about 2.
 """
 
 from __future__ import annotations
@@ -10,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from hopd.compare import DEFAULT, compare
+from hopd.config import ConfigError
 from hopd.report import write_report
 
 CONFIGS = Path(__file__).parent / "configs"
@@ -21,11 +24,18 @@ QUICK = ["max_steps=16", "batch_size=16", "eval_every=4", "eval_n=100", "diag_ev
          "diag_n=8"]
 
 
+# the testbed's two regimes (README, "The testbed"): where the student's mistakes are decided
+REGIMES = {"spread": "testbed:student", "fork": "testbed:student-fork"}
+
+
 def run_demo(out: Path, quick: bool = False, progress: bool = True, resume: bool = False,
-             device: str = "cpu", overwrite: bool = False) -> tuple[dict[str, Any], int]:
-    """Runs the comparison and writes its report; returns the summary and the number of the
-    signal that stopped it (0: finished)."""
-    settings = (QUICK if quick else DEMO) + [f"device={device}"]
+             device: str = "cpu", overwrite: bool = False, regime: str = "spread"
+             ) -> tuple[dict[str, Any], int]:
+    """Runs the comparison on one regime's student and writes its report; returns the summary
+    and the number of the signal that stopped it (0: finished)."""
+    if regime not in REGIMES:
+        raise ConfigError(f"--regime {regime}: choose {' or '.join(REGIMES)}")
+    settings = (QUICK if quick else DEMO) + [f"device={device}", f"student={REGIMES[regime]}"]
     runs, signum = compare(CONFIGS / "opd.yaml", out, DEFAULT, [0], settings, [],
                            progress=progress, resume=resume, overwrite=overwrite)
     if signum:
