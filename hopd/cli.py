@@ -116,7 +116,9 @@ def _cmd_report(args: argparse.Namespace) -> int:
 def _cmd_demo(args: argparse.Namespace) -> int:
     from hopd.demo import run_demo
 
-    out = Path(args.out or ("runs/demo-quick" if args.quick else "runs/demo"))
+    default = "runs/demo" + ("-fork" if args.regime == "fork" else "") + \
+        ("-quick" if args.quick else "")
+    out = Path(args.out or default)
     device = args.device
     if device == "auto":
         import torch
@@ -313,7 +315,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="spread (default): the student's mistakes are spread along the "
                    "solution; fork: success is decided by its first token")
     m.add_argument("--out", default="",
-                   help="output folder (default runs/demo, or runs/demo-quick with --quick)")
+                   help="output folder (default runs/demo[-fork][-quick])")
     m.add_argument("--device", default="auto",
                    help="cpu, cuda, cuda:N (default auto: a GPU when there is one)")
     _run_flags(m, "skip finished runs")
