@@ -250,6 +250,15 @@ def _run_flags(p: argparse.ArgumentParser, resume_help: str) -> None:
     p.add_argument("--quiet", action="store_true", help="no progress output")
 
 
+def _config_and_out(p: argparse.ArgumentParser, config_help: str, out_help: str) -> None:
+    """CONFIG, --out, --overwrite and --quiet, shared by sft and distill."""
+    p.add_argument("config", nargs="?", help=config_help)
+    p.add_argument("--out", required=True, help=out_help)
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace an existing --out (only a folder hopd made)")
+    p.add_argument("--quiet", action="store_true", help="no progress output")
+
+
 def build_parser() -> argparse.ArgumentParser:
     from hopd import __version__
 
@@ -266,22 +275,15 @@ def build_parser() -> argparse.ArgumentParser:
     show.set_defaults(func=_cmd_config_show)
 
     s = sub.add_parser("sft", help="supervised training on worked solutions")
-    s.add_argument("config", nargs="?", help="YAML config (optional)")
-    s.add_argument("--out", required=True, help="output checkpoint folder")
-    s.add_argument("--overwrite", action="store_true", help="replace an existing --out")
-    s.add_argument("--quiet", action="store_true", help="no progress output")
+    _config_and_out(s, "YAML config (optional)", "output checkpoint folder")
     s.add_argument("overrides", nargs="*", help="key=value config overrides")
     s.set_defaults(func=_cmd_sft)
 
     d = sub.add_parser("distill", help="on-policy distillation with a horizon schedule")
-    d.add_argument("config", nargs="?", help="YAML config, e.g. configs/popd.yaml")
-    d.add_argument("--out", required=True, help="run folder")
+    _config_and_out(d, "YAML config, e.g. configs/popd.yaml", "run folder")
     d.add_argument("--resume", action="store_true", help="continue the run in --out")
-    d.add_argument("--overwrite", action="store_true",
-                   help="replace an existing --out (only a folder hopd made)")
     d.add_argument("--force-config", action="store_true",
                    help="with --resume: accept config changes that make it a different run")
-    d.add_argument("--quiet", action="store_true", help="no progress output")
     d.add_argument("overrides", nargs="*",
                    help="key=value overrides by dotted path (horizon.kind=truncated, optim.lr=1e-4;"
                    " aliases: steps=max_steps, lr=optim.lr, H=horizon.tokens)")

@@ -416,11 +416,16 @@ def _panels(groups: dict[str, list[Run]], key: str) -> list[tuple[str, list[dict
     return out
 
 
+def _panel_row(n: int, height: float) -> tuple[Any, Any]:
+    """A figure with one panel per strategy, side by side."""
+    return plt.subplots(1, n, figsize=(4.2 * n, height), squeeze=False)
+
+
 def plot_heatmap(groups: dict[str, list[Run]], path: Path) -> bool:
     panels = _panels(groups, "diag_rkl_by_pos")
     if not panels:
         return False
-    fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 4), squeeze=False)
+    fig, axes = _panel_row(len(panels), 4.0)
     vmax = max((v for _, rows in panels for x in rows for v in x["diag_rkl_by_pos"]
                 if v == v), default=1.0)
     for i, (ax, (name, rows)) in enumerate(zip(axes[0], panels)):
@@ -447,7 +452,7 @@ def plot_probe(groups: dict[str, list[Run]], path: Path) -> bool:
     panels = _panels(groups, "probe_teacher_acc_by_cut")
     if not panels:
         return False
-    fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.8), squeeze=False)
+    fig, axes = _panel_row(len(panels), 3.8)
     for i, (ax, (name, rows)) in enumerate(zip(axes[0], panels)):
         for cut in rows[0]["probe_teacher_acc_by_cut"]:
             ax.plot([x["step"] for x in rows],
