@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import shutil
 import sys
 import time
 from contextlib import nullcontext
@@ -60,16 +58,14 @@ from hopd.preflight import Inputs, check_inputs, check_resume_config
 from hopd.progress import Bar, MetricsLog
 from hopd.rollout import Rollout, filter_logits, sample
 from hopd.runstate import (
-    DiskFull,
     StopFlag,
     check_out,
-    is_disk_full,
     latest_checkpoint,
     load_trainer_state,
-    make_readable,
     prepare_out,
     save_checkpoint,
     truncate_metrics,
+    write_folder,
     write_json,
 )
 from hopd.schedules import describe, horizon_at, initial_horizon, warmup_cosine
@@ -336,33 +332,34 @@ def _distill(cfg: DistillConfig, run: Path, inp: Inputs, dist: Dist, *, resume: 
         if log is not None:
             log.write(record)
 
-    def run_eval(step: int) -> float:
-        """Rank 0 evaluates; the others wait."""
-        accuracy = float("nan")
+    def evaluated(examples: list[Any]) -> dict[str, Any] | None:
+        """Rank 0 evaluates `examples` at the full budget (None on the others, which wait)."""
+        ev = None
         with dist.full_weights(student):
             if dist.main:
-                ev = evaluate(student, tok, eval_examples, source.is_correct, budget,
+                ev = evaluate(student, tok, examples, source.is_correct, budget,
                               seed=cfg.seed, system_prompt=cfg.system_prompt)
-                write({"step": step, "eval_accuracy": ev["accuracy"],
-                       "eval_mean_response_tokens": ev["mean_response_tokens"],
-                       "eval_truncated_fraction": ev["truncated_fraction"],
-                       "eval_time_s": ev["eval_time_s"], **totals})
-                accuracy = ev["accuracy"]
             dist.barrier()
-        return accuracy
+        return ev
+
+    def run_eval(step: int) -> float:
+        ev = evaluated(eval_examples)
+        if ev is None:
+            return float("nan")
+        write({"step": step, "eval_accuracy": ev["accuracy"],
+               "eval_mean_response_tokens": ev["mean_response_tokens"],
+               "eval_truncated_fraction": ev["truncated_fraction"],
+               "eval_time_s": ev["eval_time_s"], **totals})
+        return ev["accuracy"]
 
     def run_val(step: int) -> float:
-        """Rank 0 evaluates the `val` half (disjoint from the test half); the others wait."""
-        accuracy = float("nan")
-        with dist.full_weights(student):
-            if dist.main:
-                val = source.eval_set(cfg.val_n, seed=cfg.seed, part="val")
-                ev = evaluate(student, tok, val, source.is_correct, budget, seed=cfg.seed,
-                              system_prompt=cfg.system_prompt)
-                write({"step": step, "val_accuracy": ev["accuracy"], "val_n": len(val)})
-                accuracy = ev["accuracy"]
-            dist.barrier()
-        return accuracy
+        """The `val` half (disjoint from the test half), to choose settings on."""
+        val = source.eval_set(cfg.val_n, seed=cfg.seed, part="val")
+        ev = evaluated(val)
+        if ev is None:
+            return float("nan")
+        write({"step": step, "val_accuracy": ev["accuracy"], "val_n": len(val)})
+        return ev["accuracy"]
 
     def save(step: int) -> None:
         opt_state = dist.optimizer_state(student, opt)  # FSDP: gathered by all ranks
@@ -370,7 +367,7 @@ def _distill(cfg: DistillConfig, run: Path, inp: Inputs, dist: Dist, *, resume: 
         if dist.main:
             save_checkpoint(run, step, student, tok, opt_state,
                             {"totals": totals, "adaptive": json.dumps(adaptive.to_dict()),
-                             "parallel": dist.parallel, "eval_accuracy": _none_if_nan(acc)},
+                             "parallel": dist.parallel, "eval_accuracy": acc},
                             cfg.keep_last, weights)
 
     def checkpoint_note() -> str:
@@ -554,21 +551,13 @@ def weights_finite(model: torch.nn.Module) -> bool:
 def save_final_model(run: Path, model: PreTrainedModel, tok: Any,
                      weights: dict[str, Any] | None = None) -> None:
     """RUN/model, written beside the old one and swapped in: a failed write loses nothing."""
-    final, tmp = run / "model", run / ".tmp_model"
-    shutil.rmtree(tmp, ignore_errors=True)
-    try:
+    def write(tmp: Path) -> None:
         model.save_pretrained(tmp, state_dict=weights)
         tok.save_pretrained(tmp)
-    except (OSError, RuntimeError) as e:
-        shutil.rmtree(tmp, ignore_errors=True)
-        if is_disk_full(e):
-            raise DiskFull(f"no space left on the disk of {run} while writing the final model; "
-                           "the last checkpoint is intact: free space, then run again with "
-                           "--resume to write it") from None
-        raise
-    make_readable(tmp)
-    shutil.rmtree(final, ignore_errors=True)
-    os.replace(tmp, final)
+
+    write_folder(run / "model", run / ".tmp_model", write, lambda: (
+        f"no space left on the disk of {run} while writing the final model; the last "
+        "checkpoint is intact: free space, then run again with --resume to write it"))
 
 
 def finish_done_run(cfg: DistillConfig, run: Path, ckpt: Path, state: dict[str, Any],
@@ -608,7 +597,3 @@ def finish_done_run(cfg: DistillConfig, run: Path, ckpt: Path, state: dict[str, 
 
 def _nan_if_none(x: Any) -> float:
     return float("nan") if x is None else float(x)
-
-
-def _none_if_nan(x: float) -> float | None:
-    return None if math.isnan(x) else x

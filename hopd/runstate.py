@@ -22,6 +22,7 @@ import shutil
 import signal
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -172,31 +173,42 @@ def save_checkpoint(run: Path, step: int, student: PreTrainedModel, tokenizer: A
     (`Dist.optimizer_state` and `Dist.model_state`: gathered in full under FSDP)."""
     ckpts = run / "checkpoints"
     ckpts.mkdir(exist_ok=True)
-    final = ckpts / f"step_{step:07d}"
-    tmp = ckpts / f".tmp_step_{step:07d}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    try:
+
+    def write(tmp: Path) -> None:
         student.save_pretrained(tmp, state_dict=state_dict)
         tokenizer.save_pretrained(tmp)
         torch.save({"optimizer": opt_state, "step": step,
                     "torch_rng": torch.get_rng_state(), **extra}, tmp / "trainer_state.pt")
+
+    def when_full() -> str:
+        previous = latest_checkpoint(run)
+        return (f"no space left on the disk of {run} while writing the checkpoint of step {step} "
+                f"({free_mb(run):.0f} MB free); "
+                + (f"the previous checkpoint {previous.name} is intact: free space, then resume "
+                   "with --resume" if previous is not None else "no checkpoint was written yet"))
+
+    final = ckpts / f"step_{step:07d}"
+    write_folder(final, ckpts / f".tmp_step_{step:07d}", write, when_full)
+    for old in sorted(ckpts.glob("step_*"))[:-keep_last]:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def write_folder(final: Path, tmp: Path, write: Callable[[Path], None],
+                 when_full: Callable[[], str]) -> None:
+    """Fills `tmp` with `write(tmp)`, then swaps it in for `final`: a failed or killed write
+    never touches `final`. A full disk removes `tmp` and raises `DiskFull(when_full())`."""
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        write(tmp)
     except (OSError, RuntimeError) as e:
         shutil.rmtree(tmp, ignore_errors=True)
         if not is_disk_full(e):
             raise
-        previous = latest_checkpoint(run)
-        raise DiskFull(
-            f"no space left on the disk of {run} while writing the checkpoint of step {step} "
-            f"({free_mb(run):.0f} MB free); "
-            + (f"the previous checkpoint {previous.name} is intact: free space, then resume "
-               "with --resume" if previous is not None else "no checkpoint was written yet")
-        ) from None
+        raise DiskFull(when_full()) from None
     make_readable(tmp)
     shutil.rmtree(final, ignore_errors=True)
     os.replace(tmp, final)
-    for old in sorted(ckpts.glob("step_*"))[:-keep_last]:
-        shutil.rmtree(old, ignore_errors=True)
-    return final
 
 
 def is_disk_full(e: BaseException) -> bool:
