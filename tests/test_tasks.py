@@ -2,6 +2,7 @@ import random
 
 import pytest
 
+from hopd.config import ConfigError
 from hopd.tasks import chain, default_budget, load_examples
 from hopd.tasks.chain import PRESETS, extract_answer, generate, is_correct, make_problem
 
@@ -103,6 +104,32 @@ def test_shortcut_style_goes_to_the_prompts_with_a_low_first_digit():
         assert (m.response == f"Answer: {e.answer}") == low
         assert m.response == e.response or low
     assert with_shortcuts(ex, 0.0) == ex
+
+
+def test_line_shortcuts_skip_the_substitution_on_the_lines_of_one_operation():
+    """The spread regime's SFT data: every `*` line loses its substitution, nothing else changes,
+    and the shortened solution still ends in the right answer."""
+    from hopd.sft import SFTConfig, with_line_shortcuts
+    from hopd.tasks import load_examples
+
+    ex = load_examples("chain:default", 50, "train", seed=0)
+    mixed = with_line_shortcuts(ex, "*")
+    n_short = 0
+    for e, m in zip(ex, mixed):
+        worked, short = e.response.splitlines(), m.response.splitlines()
+        assert len(worked) == len(short) and worked[-1] == short[-1]
+        for w, s in zip(worked, short):
+            if not w.startswith("Answer") and "*" in w.split("=")[1]:
+                n_short += 1
+                name_expr, _, value = w.rpartition("=")
+                assert s == name_expr.rsplit("=", 1)[0] + "=" + value  # c=b*a=6*8=8 -> c=b*a=8
+            else:
+                assert s == w
+        assert chain.is_correct(m.response, e.answer)
+    assert n_short > 100  # about a third of 600 lines
+    assert with_line_shortcuts(ex, "") == ex
+    with pytest.raises(ConfigError, match="shortcut_op"):
+        SFTConfig(shortcut_op="/").validate()
 
 
 def test_a_file_is_shuffled_once_per_epoch_not_once_per_prompt(tmp_path, monkeypatch):

@@ -94,6 +94,15 @@ def make_problem(rng: random.Random, spec: ChainSpec) -> Problem:
     return Problem("".join(program), "".join(lines) + ANSWER_PREFIX + answer, answer)
 
 
+_WORKED_LINE = re.compile(r"^(\w=\w([-+*])\w=)\d[-+*]\d=(\d)$", re.MULTILINE)
+
+
+def skip_substitution(response: str, op: str) -> str:
+    """`response` with every worked line whose operation is `op` written without its
+    substitution: `c=b*a=6*8=8` becomes `c=b*a=8`. Other lines and the answer are kept."""
+    return _WORKED_LINE.sub(lambda m: m[1] + m[3] if m[2] == op else m[0], response)
+
+
 def _bucket(prompt: str) -> int:
     return int.from_bytes(hashlib.blake2b(prompt.encode(), digest_size=8).digest(), "big")
 
