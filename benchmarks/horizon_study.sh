@@ -3,9 +3,10 @@
 # its own learning rate chosen on the val half, then three seeds reported on the test half.
 #
 #   bash benchmarks/horizon_study.sh OUT [REGIME ...]     REGIME: fork, spread (default: both)
+#   JOBS=8 THREADS=1 bash benchmarks/horizon_study.sh ...  runs 8 at a time (a GPU: minutes)
 #
 # Protocol, fixed before any test number was read:
-#   stage 1 (choose): strategies x rates {3e-4, 1e-3, 3e-3}, seed 0, 60 steps x 32 prompts (the
+#   stage 1 (choose): strategies x rates {1e-4, 3e-4, 1e-3, 3e-3}, seed 0, 60 steps x 32 prompts (the
 #     demo's budget); each run ends with 200 val problems (the rate is chosen on these) and is
 #     evaluated on 100 test problems at its start and end only (shown, never used to choose);
 #   stage 2 (report): each strategy at its chosen rate, seeds 0, 1 and 2, 500 test problems at
@@ -15,8 +16,11 @@ set -euo pipefail
 OUT=${1:?usage: horizon_study.sh OUT [fork] [spread]}
 shift
 REGIMES=${*:-fork spread}
-STRATEGIES=sft,opd,popd,topd10,topd25,adaptive
-COMMON=(--steps 60 --quiet diag_every=10 threads=2)
+# STRATEGIES, LRS, STEPS and EXTRA (overrides applied last) exist for smoke tests of this script
+STRATEGIES=${STRATEGIES:-sft,opd,popd,topd10,topd25,adaptive}
+LRS=${LRS:-1e-4,3e-4,1e-3,3e-3}
+read -r -a EXTRA <<< "${EXTRA:-}"
+COMMON=(--steps "${STEPS:-60}" --quiet --jobs "${JOBS:-1}" diag_every=10 "threads=${THREADS:-2}")
 
 for regime in $REGIMES; do
   case $regime in
@@ -27,7 +31,8 @@ for regime in $REGIMES; do
   grid=$OUT/$regime/grid
   t0=$SECONDS
   python -m hopd compare configs/opd.yaml --out "$grid" --resume --strategies $STRATEGIES \
-    --lrs 3e-4,1e-3,3e-3 "${COMMON[@]}" student=$student eval_every=0 eval_n=100 val_n=200
+    --lrs "$LRS" "${COMMON[@]}" student=$student eval_every=0 eval_n=100 val_n=200 \
+    "${EXTRA[@]}"
   echo "study: $regime stage 1 took $((SECONDS - t0)) s"
   # the rate each strategy won on val, as NAME@LR
   chosen=$(python - "$grid/summary.json" <<'EOF'
@@ -40,6 +45,6 @@ EOF
   t0=$SECONDS
   python -m hopd compare configs/opd.yaml --out "$OUT/$regime/seeds" --resume \
     --strategies "$chosen" --seeds 0,1,2 "${COMMON[@]}" student=$student eval_every=15 \
-    eval_n=500
+    eval_n=500 "${EXTRA[@]}"
   echo "study: $regime stage 2 took $((SECONDS - t0)) s"
 done

@@ -95,7 +95,7 @@ def _cmd_compare(args: argparse.Namespace) -> int:
     lrs = parse_lrs(args.lrs) if args.lrs else None
     runs, signum = compare(args.config, out, strategies, seeds, args.overrides, budget,
                            progress=not args.quiet, resume=args.resume, overwrite=args.overwrite,
-                           lrs=lrs)
+                           lrs=lrs, jobs=args.jobs)
     if signum:
         return _signal_status(signum)
     summary = write_report(runs, out)
@@ -302,6 +302,9 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--steps", type=int, default=0, help="budget: optimizer steps per run")
     c.add_argument("--seconds", type=float, default=0, help="budget: training seconds per run")
     c.add_argument("--tokens", type=int, default=0, help="budget: sampled tokens per run")
+    c.add_argument("--jobs", type=int, default=1,
+                   help="runs at a time, each in its own process (default 1); several small runs "
+                   "share a GPU well; on CPUs give each threads=1")
     _run_flags(c, "skip finished runs, resume the others")
     c.add_argument("overrides", nargs="*", help="key=value overrides for every run")
     c.set_defaults(func=_cmd_compare)

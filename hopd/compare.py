@@ -6,13 +6,16 @@ own run folder `OUT/<strategy>/seed<k>`, and `hopd report` turns them into plots
 
 from __future__ import annotations
 
+import contextlib
+import multiprocessing
 import time
+from concurrent.futures import ProcessPoolExecutor, as_completed
 from pathlib import Path
 from typing import Any
 
 from hopd import config as C
 from hopd.distill import check_inputs, distill, load_config
-from hopd.runstate import check_out, prepare_out, write_json
+from hopd.runstate import StopFlag, check_out, prepare_out, write_json
 
 # name -> overrides on the base config: the paper's three strategies plus TOPD at 25%, then the
 # adaptive horizon and TOPD with token-budget batching (hopd.adaptive)
@@ -83,7 +86,8 @@ def budget_overrides(steps: int, seconds: float, tokens: int) -> list[str]:
 def compare(config: str | Path | None, out: Path, strategies: list[str], seeds: list[int],
             overrides: list[str], budget: list[str], progress: bool = True,
             extra_strategies: dict[str, list[str]] | None = None, resume: bool = False,
-            overwrite: bool = False, lrs: list[float] | None = None) -> tuple[list[Path], int]:
+            overwrite: bool = False, lrs: list[float] | None = None, jobs: int = 1
+            ) -> tuple[list[Path], int]:
     """Runs every strategy for every seed; returns the run folders and the number of the signal
     that stopped it (0: every run finished).
 
@@ -91,7 +95,10 @@ def compare(config: str | Path | None, out: Path, strategies: list[str], seeds: 
     before the folder is touched, so a typo fails at once and --overwrite deletes nothing then.
     With `lrs`, every strategy runs at every rate (OUT/<strategy>/lr<x>/seed<k>) and also
     evaluates the `val` half at the end, which the report uses to pick each strategy's rate.
+    `jobs` > 1 runs that many at a time, each in its own process.
     """
+    if jobs < 1:
+        raise C.ConfigError(f"--jobs {jobs}: must be >= 1 (runs at a time)")
     known = {**STRATEGIES, **(extra_strategies or {})}
     plan: list[tuple[str, int, float | None, Any]] = []
     if lrs and not any(o.startswith("val_n=") for o in overrides):
@@ -106,25 +113,92 @@ def compare(config: str | Path | None, out: Path, strategies: list[str], seeds: 
                 plan.append((name, seed, lr, cfg))
     check_out(out, kind="compare", overwrite=overwrite, resume=resume)
     check_inputs(plan[0][3])  # data, models, context: shared by every run
-    runs, done = [], 0  # runs finished in this call (a resumed one skips the others)
+    runs: list[Path] = []
+    todo = []  # (index, name, seed, lr, cfg, run folder) still to run
+    for i, (name, seed, lr, cfg) in enumerate(plan):
+        run = out / name / (lr_tag(lr) if lr is not None else "") / f"seed{seed}"
+        runs.append(run)
+        if not (resume and (run / "result.json").exists()):
+            todo.append((i, name, seed, lr, cfg, run))
     t0 = time.perf_counter()
     with prepare_out(out, kind="compare", overwrite=overwrite, resume=resume):
-        for i, (name, seed, lr, cfg) in enumerate(plan):
-            run = out / name / (lr_tag(lr) if lr is not None else "") / f"seed{seed}"
-            if resume and (run / "result.json").exists():
-                runs.append(run)
-                continue
-            at = f", lr {lr:g}" if lr is not None else ""
-            spent = time.perf_counter() - t0
-            eta = f", about {spent / done * (len(plan) - i) / 60:.0f} min left" if done else ""
-            print(f"\n== compare: run {i + 1}/{len(plan)}: {name}{at}, seed {seed} "
-                  f"({spent / 60:.0f} min so far{eta}) ==", flush=True)
-            result = distill(cfg, run, resume=resume, progress=progress)
-            done += 1
-            write_json(run / "strategy.json", {"strategy": name, "seed": seed, "lr": lr,
-                                               "overrides": known[name]})
-            runs.append(run)
-            if result.get("signal"):  # the user asked to stop: start no further run
-                return runs, int(result["signal"])
+        if jobs > 1:
+            signum = _run_parallel(todo, out, len(plan), known, jobs, resume)
+        else:
+            signum = _run_serial(todo, len(plan), known, resume, progress)
+        if signum:
+            return runs, signum
     print(f"compare: {len(plan)} runs in {time.perf_counter() - t0:.0f}s", flush=True)
     return runs, 0
+
+
+def _run_one(name: str, seed: int, lr: float | None, cfg: Any, run: Path, overrides: list[str],
+             resume: bool, progress: bool, log: Path | None = None) -> dict:
+    """One run of the plan; with `log`, its output goes to that file (a parallel worker)."""
+    with contextlib.ExitStack() as stack:
+        if log is not None:
+            f = stack.enter_context(open(log, "a", buffering=1))
+            stack.enter_context(contextlib.redirect_stdout(f))
+            stack.enter_context(contextlib.redirect_stderr(f))
+        result = distill(cfg, run, resume=resume, progress=progress)
+    write_json(run / "strategy.json", {"strategy": name, "seed": seed, "lr": lr,
+                                       "overrides": overrides})
+    return result
+
+
+def _label(name: str, seed: int, lr: float | None) -> str:
+    return f"{name}" + (f", lr {lr:g}" if lr is not None else "") + f", seed {seed}"
+
+
+def _run_serial(todo: list, n_plan: int, known: dict, resume: bool, progress: bool) -> int:
+    t0 = time.perf_counter()
+    for done, (i, name, seed, lr, cfg, run) in enumerate(todo):
+        spent = time.perf_counter() - t0
+        eta = f", about {spent / done * (len(todo) - done) / 60:.0f} min left" if done else ""
+        print(f"\n== compare: run {i + 1}/{n_plan}: {_label(name, seed, lr)} "
+              f"({spent / 60:.0f} min so far{eta}) ==", flush=True)
+        result = _run_one(name, seed, lr, cfg, run, known[name], resume, progress)
+        if result.get("signal"):  # the user asked to stop: start no further run
+            return int(result["signal"])
+    return 0
+
+
+def _run_parallel(todo: list, out: Path, n_plan: int, known: dict, jobs: int,
+                  resume: bool) -> int:
+    """Runs the plan `jobs` at a time in fresh processes (one device shared by several small
+    runs: a GPU is mostly idle under one tiny model). Each run's output goes to
+    OUT/logs/<strategy>[_lr<x>]_seed<k>.log; a line here says when each one ends."""
+    logs = out / "logs"
+    logs.mkdir(exist_ok=True)
+    t0 = time.perf_counter()
+    signum = 0
+    ctx = multiprocessing.get_context("spawn")  # CUDA cannot be forked
+    # Ctrl-C reaches the workers too (one process group): each running one saves and stops, as
+    # a single run does; here it cancels the runs not yet started.
+    with StopFlag() as flag, ProcessPoolExecutor(max_workers=jobs, mp_context=ctx) as pool:
+        futures = {}
+        for i, name, seed, lr, cfg, run in todo:
+            tag = f"{name}_{lr_tag(lr)}" if lr is not None else name
+            log = logs / f"{tag}_seed{seed}.log"
+            futures[pool.submit(_run_one, name, seed, lr, cfg, run, known[name], resume,
+                                False, log)] = (i, name, seed, lr, log)
+        print(f"compare: {len(todo)} runs, {jobs} at a time; logs in {logs}", flush=True)
+        for k, fut in enumerate(as_completed(futures), 1):
+            i, name, seed, lr, log = futures[fut]
+            if fut.cancelled():
+                continue
+            try:
+                result = fut.result()
+            except Exception as e:  # start no further run; the running ones finish and save
+                for f in futures:
+                    f.cancel()
+                raise RuntimeError(f"run {i + 1}/{n_plan} ({_label(name, seed, lr)}) failed: "
+                                   f"{e}; its output is in {log}") from e
+            acc = result.get("final_eval_accuracy")
+            print(f"compare: {k}/{len(todo)} done after {time.perf_counter() - t0:.0f}s: "
+                  f"{_label(name, seed, lr)}, final accuracy {acc}", flush=True)
+            if flag.stop or result.get("signal"):
+                for f in futures:
+                    f.cancel()
+                signum = signum or flag.signum or int(result.get("signal") or 0)
+    return signum

@@ -49,7 +49,7 @@ class SFTConfig:
     threads: int = 0  # torch CPU threads (0: torch's default)
     trust_remote_code: bool = False  # run Python code shipped in a model folder (auto_map)
     shortcut_fraction: float = 0.0  # prompts answered in the shortcut style ("Answer: N" at once)
-    shortcut_op: str = ""  # lines with this operation (+, - or *) skip the substitution: c=b*a=8
+    misconception: str = ""  # "*:+": every `*` line computed as `+` (a consistently wrong rule)
 
     def validate(self) -> None:
         C.check(self.steps >= 1, f"steps={self.steps}: must be >= 1")
@@ -63,8 +63,10 @@ class SFTConfig:
         C.check(self.save_every >= 0, f"save_every={self.save_every}: must be >= 0")
         C.check(0 <= self.shortcut_fraction <= 1,
                 f"shortcut_fraction={self.shortcut_fraction}: must be in [0, 1]")
-        C.check(self.shortcut_op in ("",) + tuple(chain.OPS),
-                f"shortcut_op={self.shortcut_op!r}: use one of {', '.join(chain.OPS)} or ''")
+        C.check(self.misconception == "" or (
+            len(self.misconception) == 3 and self.misconception[1] == ":"
+            and self.misconception[0] in chain.OPS and self.misconception[2] in chain.OPS),
+            f"misconception={self.misconception!r}: write OP:AS, e.g. '*:+' (OP, AS in +-*)")
         C.check(self.save_dtype in DTYPES,
                 f"save_dtype={self.save_dtype!r}: choose one of {sorted(DTYPES)}")
         C.check(is_chain(self.task),
@@ -92,18 +94,18 @@ def with_shortcuts(examples: list[Example], fraction: float) -> list[Example]:
             for e in examples]
 
 
-def with_line_shortcuts(examples: list[Example], op: str) -> list[Example]:
-    """Writes every line whose operation is `op` without its substitution (`c=b*a=8` for
-    `c=b*a=6*8=8`); the other lines keep their worked form.
+def with_misconception(examples: list[Example], rule: str) -> list[Example]:
+    """Every line with operation OP computed as AS (`rule` "OP:AS", e.g. "*:+": `b=a*2=8*2=0`),
+    and the later lines and the answer consistent with those wrong values.
 
-    A student trained on this mix decides its style on each such line, right after writing the
-    operation: the worked form looks the operands' values up and writes them before combining
-    them, the shortcut must find both and combine them in one token, which a small model often
-    gets wrong. This makes the `spread` regime of the testbed: the decisions that spoil an answer
-    sit on every line with `op`, all along the solution."""
-    if not op:
+    A student trained on this holds a wrong rule that it applies on every line with OP, all along
+    the solution: the `spread` regime of the testbed. Its prefixes stay in the teacher's format,
+    so the teacher's next-token feedback on them is meaningful (a style the teacher never wrote,
+    such as skipping a line's substitution, would leave the teacher to score text it never saw)."""
+    if not rule:
         return examples
-    return [replace(e, response=chain.skip_substitution(e.response, op)) for e in examples]
+    ops = {**chain.OPS, rule[0]: chain.OPS[rule[2]]}
+    return [replace(e, response=chain.worked_solution(e.prompt, ops)) for e in examples]
 
 
 def _first_digit(e: Example) -> int:
@@ -193,7 +195,7 @@ def _train(cfg: SFTConfig, out: Path, model: PreTrainedModel, tok: PreTrainedTok
         t0 = time.perf_counter()
         batch = with_shortcuts(source.train_batch(step, cfg.batch_size, cfg.seed),
                                cfg.shortcut_fraction)
-        batch = with_line_shortcuts(batch, cfg.shortcut_op)
+        batch = with_misconception(batch, cfg.misconception)
         ids, attn, loss_mask = sft_batch(tok, batch)
         loss = sft_loss(model, ids, attn, loss_mask)
         opt.zero_grad(set_to_none=True)

@@ -191,3 +191,27 @@ def test_pinned_metrics_of_a_short_run(tmp_path, micro_pair):
         assert [r["horizon"] for r in train] == [5, 50, 50, 50]
         assert [r["sampled_tokens"] for r in train] == tokens
         assert [r["loss"] for r in train] == pytest.approx(losses, rel=1e-5, abs=1e-8)
+
+
+def test_compare_jobs_runs_in_parallel_with_the_numbers_of_a_serial_run(tmp_path, micro_pair,
+                                                                         capsys):
+    """`--jobs 2` runs the plan two at a time in fresh processes: every run folder is complete,
+    each run's log has its own file, and the numbers are those of the same runs one by one."""
+    from hopd.progress import read_metrics
+
+    s, t = micro_pair
+    common = ["--strategies", "opd,topd10", "--steps", "2", f"student={s}", f"teacher={t}",
+              "data=chain:tiny", "batch_size=2", "eval_n=2", "eval_every=0", "diag_every=0",
+              "threads=1", "--quiet"]
+    assert main(["compare", "--out", str(tmp_path / "serial"), *common]) == 0
+    assert main(["compare", "--out", str(tmp_path / "par"), "--jobs", "2", *common]) == 0
+    out = capsys.readouterr().out
+    assert "2 runs, 2 at a time" in out and out.count("done after") == 2
+    for name in ("opd", "topd10"):
+        a, b = (read_metrics(tmp_path / d / name / "seed0" / "metrics.jsonl")
+                for d in ("serial", "par"))
+        assert [r.get("loss") for r in a] == [r.get("loss") for r in b]
+        assert (tmp_path / "par" / "logs" / f"{name}_seed0.log").stat().st_size > 0
+    assert (tmp_path / "par" / "summary.json").exists()
+    assert main(["compare", "--out", str(tmp_path / "bad"), "--jobs", "0", *common]) == 2
+    assert "--jobs 0" in capsys.readouterr().err

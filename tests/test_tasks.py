@@ -106,30 +106,32 @@ def test_shortcut_style_goes_to_the_prompts_with_a_low_first_digit():
     assert with_shortcuts(ex, 0.0) == ex
 
 
-def test_line_shortcuts_skip_the_substitution_on_the_lines_of_one_operation():
-    """The spread regime's SFT data: every `*` line loses its substitution, nothing else changes,
-    and the shortened solution still ends in the right answer."""
-    from hopd.sft import SFTConfig, with_line_shortcuts
-    from hopd.tasks import load_examples
+def test_a_misconception_changes_every_line_of_its_operation_and_what_follows():
+    """The spread regime's SFT data: `*` computed as `+` on every `*` line, later lines use the
+    wrong values, the format is the teacher's; a program without `*` keeps its solution."""
+    from hopd.sft import SFTConfig, with_misconception
 
     ex = load_examples("chain:default", 50, "train", seed=0)
-    mixed = with_line_shortcuts(ex, "*")
-    n_short = 0
-    for e, m in zip(ex, mixed):
-        worked, short = e.response.splitlines(), m.response.splitlines()
-        assert len(worked) == len(short) and worked[-1] == short[-1]
-        for w, s in zip(worked, short):
-            if not w.startswith("Answer") and "*" in w.split("=")[1]:
-                n_short += 1
-                name_expr, _, value = w.rpartition("=")
-                assert s == name_expr.rsplit("=", 1)[0] + "=" + value  # c=b*a=6*8=8 -> c=b*a=8
-            else:
-                assert s == w
-        assert chain.is_correct(m.response, e.answer)
-    assert n_short > 100  # about a third of 600 lines
-    assert with_line_shortcuts(ex, "") == ex
-    with pytest.raises(ConfigError, match="shortcut_op"):
-        SFTConfig(shortcut_op="/").validate()
+    wrong = with_misconception(ex, "*:+")
+    changed = 0
+    for e, w in zip(ex, wrong):
+        values: dict[str, int] = {}
+        for line in w.response.splitlines()[:-1]:  # brute force: parse and recompute each line
+            name, expr, subst, result = line.split("=")
+            a, op, b = expr
+            x, y = (int(o) if o.isdigit() else values[o] for o in (a, b))
+            assert subst == f"{x}{op}{y}"
+            values[name] = (x + y) % 10 if op in "*+" else (x - y) % 10
+            assert int(result) == values[name]
+        assert w.response.endswith(f"Answer: {values[name]}")
+        assert ("*" in e.prompt) or w == e
+        changed += w.response != e.response
+    assert changed > 40
+    assert with_misconception(ex, "") == ex
+    for bad in ("/:+", "*+", "*:/"):
+        with pytest.raises(ConfigError, match="misconception"):
+            SFTConfig(misconception=bad).validate()
+    assert chain.worked_solution(ex[0].prompt) == ex[0].response
 
 
 def test_a_file_is_shuffled_once_per_epoch_not_once_per_prompt(tmp_path, monkeypatch):

@@ -76,7 +76,7 @@ class Problem:
 def make_problem(rng: random.Random, spec: ChainSpec) -> Problem:
     """Draws one problem with `rng`."""
     values: list[int] = []
-    program, lines = [], []
+    program: list[str] = []
     for i in range(spec.steps):
         name = VARIABLES[i]
         operands = []
@@ -89,18 +89,21 @@ def make_problem(rng: random.Random, spec: ChainSpec) -> Problem:
         x, y = (int(o) if o.isdigit() else values[VARIABLES.index(o)] for o in operands)
         values.append(OPS[op](x, y))
         program.append(f"{name}={operands[0]}{op}{operands[1]};")
-        lines.append(f"{name}={operands[0]}{op}{operands[1]}={x}{op}{y}={values[-1]}\n")
-    answer = str(values[-1])
-    return Problem("".join(program), "".join(lines) + ANSWER_PREFIX + answer, answer)
+    prompt = "".join(program)
+    return Problem(prompt, worked_solution(prompt), str(values[-1]))
 
 
-_WORKED_LINE = re.compile(r"^(\w=\w([-+*])\w=)\d[-+*]\d=(\d)$", re.MULTILINE)
-
-
-def skip_substitution(response: str, op: str) -> str:
-    """`response` with every worked line whose operation is `op` written without its
-    substitution: `c=b*a=6*8=8` becomes `c=b*a=8`. Other lines and the answer are kept."""
-    return _WORKED_LINE.sub(lambda m: m[1] + m[3] if m[2] == op else m[0], response)
+def worked_solution(prompt: str, ops: dict = OPS) -> str:
+    """The worked solution of a program, computing each operation with `ops` (the true table by
+    default; another table gives a consistently wrong solution, as a misconception would)."""
+    values: dict[str, int] = {}
+    lines = []
+    for stmt in prompt.rstrip(";").split(";"):
+        name, (a, op, b) = stmt[0], stmt[2:]
+        x, y = (int(o) if o.isdigit() else values[o] for o in (a, b))
+        values[name] = ops[op](x, y)
+        lines.append(f"{name}={a}{op}{b}={x}{op}{y}={values[name]}\n")
+    return "".join(lines) + ANSWER_PREFIX + str(values[name])
 
 
 def _bucket(prompt: str) -> int:
