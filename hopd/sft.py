@@ -50,6 +50,7 @@ class SFTConfig:
     trust_remote_code: bool = False  # run Python code shipped in a model folder (auto_map)
     shortcut_fraction: float = 0.0  # prompts answered in the shortcut style ("Answer: N" at once)
     misconception: str = ""  # "*:+": every `*` line computed as `+` (a consistently wrong rule)
+    misconception_fraction: float = 1.0  # share of examples (by prompt hash) that get it
 
     def validate(self) -> None:
         C.check(self.steps >= 1, f"steps={self.steps}: must be >= 1")
@@ -67,6 +68,8 @@ class SFTConfig:
             len(self.misconception) == 3 and self.misconception[1] == ":"
             and self.misconception[0] in chain.OPS and self.misconception[2] in chain.OPS),
             f"misconception={self.misconception!r}: write OP:AS, e.g. '*:+' (OP, AS in +-*)")
+        C.check(0 <= self.misconception_fraction <= 1,
+                f"misconception_fraction={self.misconception_fraction}: must be in [0, 1]")
         C.check(self.save_dtype in DTYPES,
                 f"save_dtype={self.save_dtype!r}: choose one of {sorted(DTYPES)}")
         C.check(is_chain(self.task),
@@ -94,18 +97,24 @@ def with_shortcuts(examples: list[Example], fraction: float) -> list[Example]:
             for e in examples]
 
 
-def with_misconception(examples: list[Example], rule: str) -> list[Example]:
+def with_misconception(examples: list[Example], rule: str, fraction: float = 1.0
+                       ) -> list[Example]:
     """Every line with operation OP computed as AS (`rule` "OP:AS", e.g. "*:+": `b=a*2=8*2=0`),
-    and the later lines and the answer consistent with those wrong values.
+    and the later lines and the answer consistent with those wrong values, in a `fraction` of
+    the examples (chosen by a hash of the prompt, a feature the student cannot see).
 
     A student trained on this holds a wrong rule that it applies on every line with OP, all along
     the solution: the `spread` regime of the testbed. Its prefixes stay in the teacher's format,
     so the teacher's next-token feedback on them is meaningful (a style the teacher never wrote,
-    such as skipping a line's substitution, would leave the teacher to score text it never saw)."""
+    such as skipping a line's substitution, would leave the teacher to score text it never saw).
+    With `fraction` < 1 the student holds both rules and prefers the wrong one by that share:
+    a student certain of a wrong token gets almost no gradient from the reverse KL (its
+    gradient on a token scales with the student's own probability of it)."""
     if not rule:
         return examples
     ops = {**chain.OPS, rule[0]: chain.OPS[rule[2]]}
-    return [replace(e, response=chain.worked_solution(e.prompt, ops)) for e in examples]
+    return [replace(e, response=chain.worked_solution(e.prompt, ops))
+            if chain.hash_fraction(e.prompt) < fraction else e for e in examples]
 
 
 def _first_digit(e: Example) -> int:
@@ -195,7 +204,7 @@ def _train(cfg: SFTConfig, out: Path, model: PreTrainedModel, tok: PreTrainedTok
         t0 = time.perf_counter()
         batch = with_shortcuts(source.train_batch(step, cfg.batch_size, cfg.seed),
                                cfg.shortcut_fraction)
-        batch = with_misconception(batch, cfg.misconception)
+        batch = with_misconception(batch, cfg.misconception, cfg.misconception_fraction)
         ids, attn, loss_mask = sft_batch(tok, batch)
         loss = sft_loss(model, ids, attn, loss_mask)
         opt.zero_grad(set_to_none=True)

@@ -128,6 +128,9 @@ def test_a_misconception_changes_every_line_of_its_operation_and_what_follows():
         changed += w.response != e.response
     assert changed > 40
     assert with_misconception(ex, "") == ex
+    some = with_misconception(ex, "*:+", 0.5)  # half of the examples, chosen by prompt hash
+    n = sum(s != e for s, e in zip(some, ex))
+    assert 10 < n < changed and all(s in (e, w) for s, e, w in zip(some, ex, wrong))
     for bad in ("/:+", "*+", "*:/"):
         with pytest.raises(ConfigError, match="misconception"):
             SFTConfig(misconception=bad).validate()

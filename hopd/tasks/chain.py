@@ -110,6 +110,11 @@ def _bucket(prompt: str) -> int:
     return int.from_bytes(hashlib.blake2b(prompt.encode(), digest_size=8).digest(), "big")
 
 
+def hash_fraction(prompt: str) -> float:
+    """A number in [0, 1) fixed by the prompt, independent of the split buckets."""
+    return (_bucket(prompt) >> 16) % 1000 / 1000
+
+
 def split_of(prompt: str) -> str:
     """'eval' or 'train', from a hash of the prompt: the splits can never share a problem."""
     return "eval" if _bucket(prompt) % EVAL_BUCKETS == 0 else "train"
