@@ -1,4 +1,4 @@
-"""`hopd demo`: OPD vs POPD vs TOPD on the built-in testbed, then the report.
+"""`hopd demo`: SFT vs OPD vs POPD vs TOPD on the built-in testbed, then the report.
 
 Uses the bundled teacher and one of the two bundled students (`--regime spread`, the default:
 mistakes spread along the solution; `--regime fork`: success decided by the first token), so
@@ -11,7 +11,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from hopd.compare import DEFAULT, compare
+from hopd.compare import compare
 from hopd.config import ConfigError
 from hopd.report import write_report
 
@@ -27,6 +27,14 @@ QUICK = ["max_steps=16", "batch_size=16", "eval_every=4", "eval_n=100", "diag_ev
 # the testbed's two regimes (README, "The testbed"): where the student's mistakes are decided
 REGIMES = {"spread": "testbed:student", "fork": "testbed:student-fork"}
 
+# Each strategy at its own learning rate, the one docs/horizon_study.md chose on the val half for
+# that regime (a short horizon needs a smaller rate than OPD's; at OPD's rate it breaks the
+# student). SFT on the teacher's answers is the baseline.
+RATES = {
+    "spread": {"sft": 1e-4, "opd": 1e-4, "popd": 1e-4, "topd10": 3e-4, "topd25": 3e-4},
+    "fork": {"sft": 1e-4, "opd": 1e-4, "popd": 1e-4, "topd10": 1e-4, "topd25": 1e-4},
+}
+
 
 def run_demo(out: Path, quick: bool = False, progress: bool = True, resume: bool = False,
              device: str = "cpu", overwrite: bool = False, regime: str = "spread"
@@ -36,7 +44,8 @@ def run_demo(out: Path, quick: bool = False, progress: bool = True, resume: bool
     if regime not in REGIMES:
         raise ConfigError(f"--regime {regime}: choose {' or '.join(REGIMES)}")
     settings = (QUICK if quick else DEMO) + [f"device={device}", f"student={REGIMES[regime]}"]
-    runs, signum = compare(CONFIGS / "opd.yaml", out, DEFAULT, [0], settings, [],
+    strategies = [f"{name}@{lr:g}" for name, lr in RATES[regime].items()]
+    runs, signum = compare(CONFIGS / "opd.yaml", out, strategies, [0], settings, [],
                            progress=progress, resume=resume, overwrite=overwrite)
     if signum:
         return {}, signum

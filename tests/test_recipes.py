@@ -32,12 +32,13 @@ def test_bundled_checkpoints_ship_with_the_package():
 
 
 def test_opd_improves_the_warm_student(tmp_path):
-    """Full-horizon OPD from the bundled student and teacher, fixed seed, 20 steps.
+    """Full-horizon OPD from the bundled student and teacher (configs/opd.yaml), 20 steps.
 
-    Measured here: 0.200 -> 0.280 on 200 held-out problems (greedy, full budget). The student
-    sits on a plateau where it solves the easy chains; with a fixed seed the run is
-    deterministic, and across seeds the step-0 to step-20 gain varied by a few points, so a
-    gain of 0.05 is well clear of noise while leaving room for numeric drift.
+    The spread regime's student prefers a wrong rule (`*` as `+`) that it holds beside the
+    right one; OPD overturns the preference. Measured here: 0.335 -> 0.925 at step 18 (test
+    half); on a GPU, three seeds went from 33.8% to 86-93% by step 15. A gain of 0.30 on 200
+    problems is far outside noise (two standard errors are under 7 points) and leaves room for
+    numeric drift.
     """
     run = tmp_path / "opd"
     recipe = BUNDLED_DIR.parent / "configs" / "opd.yaml"
@@ -46,15 +47,15 @@ def test_opd_improves_the_warm_student(tmp_path):
     assert rc == 0
     evals = [r for r in read_metrics(run / "metrics.jsonl") if "eval_accuracy" in r]
     before, after = evals[0]["eval_accuracy"], evals[-1]["eval_accuracy"]
-    assert 0.05 <= before <= 0.40  # the warm student is weak ...
-    assert after >= before + 0.05  # ... and OPD makes it clearly better
+    assert 0.15 <= before <= 0.50  # the warm student is weak ...
+    assert after >= before + 0.30  # ... and OPD makes it much better
 
 
 def test_demo_quick_end_to_end(tmp_path):
     out = tmp_path / "demo"
     assert main(["demo", "--quick", "--out", str(out), "--quiet"]) == 0
     report = (out / "report.md").read_text()
-    for strategy in ("opd", "popd", "topd10", "topd25"):
+    for strategy in ("sft", "opd", "popd", "topd10", "topd25"):
         assert f"| {strategy} |" in report
     assert "Verdicts on the paper's claims" in report
     for png in ("accuracy.png", "cost.png", "horizon.png", "rkl_heatmap.png"):
