@@ -288,9 +288,10 @@ def _distill(cfg: DistillConfig, run: Path, inp: Inputs, dist: Dist, *, resume: 
                         "prompts": 0}
     adaptive = AdaptiveState(initial_horizon(cfg.horizon, budget))
     rule = AdaptiveRule(budget, cfg.horizon.adaptive_window, cfg.horizon.adaptive_growth,
-                        cfg.horizon.adaptive_ratio, cfg.horizon.adaptive_threshold,
-                        cfg.horizon.adaptive_plateau, cfg.horizon.adaptive_patience,
-                        cfg.horizon.adaptive_drift, cfg.horizon.adaptive_z)
+                        cfg.horizon.adaptive_factor, cfg.horizon.adaptive_ratio,
+                        cfg.horizon.adaptive_threshold, cfg.horizon.adaptive_plateau,
+                        cfg.horizon.adaptive_patience, cfg.horizon.adaptive_drift,
+                        cfg.horizon.adaptive_z)
     acc = float("nan")
     if ckpt is not None and state is not None:
         dist.load_optimizer_state(student, opt, state["optimizer"])
@@ -380,6 +381,12 @@ def _distill(cfg: DistillConfig, run: Path, inp: Inputs, dist: Dist, *, resume: 
             print(f"distill: evaluating the student on {len(eval_examples)} held-out prompts "
                   f"at L={budget} before training...", file=sys.stderr, flush=True)
         acc = run_eval(0)
+        if cfg.horizon.kind == "adaptive":  # the reading that sets H0: its regions' baseline
+            with dist.full_weights(student):
+                if dist.main:
+                    reading = position_diagnostics(student, teacher, diag_prompts, cfg, budget,
+                                                   vocab, eos, pad, 0, diag_teacher)["_reading"]
+                    adaptive = adaptive_update(adaptive, rule, 0, reading)
     bar = Bar(cfg.max_steps, f"distill[{cfg.horizon.kind}]", enabled=progress and dist.main)
     bar.update(start)
     bad_in_row, stopped_by, step = 0, 0, start

@@ -39,11 +39,12 @@ class HorizonConfig:
     reach_at: float = 0.5  # progressive: fraction of training at which H reaches L
     increments: int = 4  # progressive `step` shape: number of increments
     adaptive_window: float = 0.1  # adaptive: frontier width past H, as a fraction of L
-    adaptive_growth: float = 0.1  # adaptive: widen by this fraction of L
+    adaptive_growth: float = 0.1  # adaptive: widen by this fraction of L ...
+    adaptive_factor: float = 2.0  # adaptive: ... or to H times this, whichever is larger
     adaptive_ratio: float = 0.0  # adaptive, legacy: widen when frontier KL <= ratio x covered
     adaptive_threshold: float = 0.0  # adaptive: widen when frontier KL <= this (0: off)
     adaptive_plateau: float = 0.05  # adaptive: covered KL learned, then improved less than this
-    adaptive_patience: int = 3  # adaptive: ... over this many diagnostics checks
+    adaptive_patience: int = 1  # adaptive: ... over this many diagnostics checks
     adaptive_drift: float = 0.2  # adaptive: ... or frontier KL rose this much (0: off)
     adaptive_z: float = 3.0  # adaptive: standard errors that make a KL change significant
 
@@ -64,6 +65,8 @@ class HorizonConfig:
                 "horizon.adaptive_ratio, adaptive_threshold, adaptive_plateau and "
                 "adaptive_drift must be >= 0")
         C.check(self.adaptive_z >= 0, f"horizon.adaptive_z={self.adaptive_z}: must be >= 0")
+        C.check(self.adaptive_factor >= 1,
+                f"horizon.adaptive_factor={self.adaptive_factor}: must be >= 1 (1: growth only)")
         C.check(self.adaptive_patience >= 1,
                 f"horizon.adaptive_patience={self.adaptive_patience}: must be >= 1")
         C.check(self.tokens >= 0 and self.start_tokens >= 0,

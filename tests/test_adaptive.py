@@ -53,7 +53,41 @@ def test_widens_once_the_covered_region_is_learned_and_flat():
     for step, covered in enumerate([0.49, 0.49], start=3):  # learned and flat: widen
         s = adaptive_update(s, rule, step, _reading(covered, 2.0, 10))
     assert s.horizon == 30 and "learned" in s.moves[-1]["reason"]
-    assert s.covered_history == []  # the new region is judged afresh
+    # the new region is judged afresh, against the reading that set it
+    assert s.covered_history == [_reading(0.49, 2.0, 10).region(0, 30).to_list()]
+    assert s.learned_level == pytest.approx(0.49)
+
+
+def test_new_positions_that_came_along_by_themselves_widen_at_once():
+    """After a widening on a learned region, positions already at the learned level need no
+    training of their own: the next flat reading widens again (doubling H: 10, 20, 40, 80, L)."""
+    rule = AdaptiveRule(L, growth=0.1, factor=2.0, patience=1)
+    s = AdaptiveState(10)
+    hs = []
+    for step, covered in enumerate([1.0, 0.3, 0.3, 0.3, 0.3, 0.3]):
+        # positions up to 80 follow the covered region once it is learned; 5.0 after them
+        s = adaptive_update(s, rule, step, _reading(covered, covered, 10, w=70))
+        hs.append(s.horizon)
+    assert hs == [10, 10, 20, 40, 80, 100]  # learned at step 2 (fell, then flat), then by level
+    assert "no higher than the previous region" in s.moves[-1]["reason"]
+
+
+def test_widens_when_the_positions_past_the_frontier_drift():
+    """TOPD's failure in the fork regime: the end of the answer drifts while the frontier window
+    stays put. The drift test covers every position past H."""
+    rule = AdaptiveRule(L, plateau=0.0, drift=0.2)
+
+    def reading(tail: float) -> PositionReading:
+        r = _reading(0.2, 0.5, 10)
+        r.kl_sum[60:] = [tail * N] * 40
+        r.kl_sq[60:] = [tail * tail * N] * 40
+        return r
+    s = AdaptiveState(10)
+    for step in range(3):
+        s = adaptive_update(s, rule, step, reading(0.1))
+    assert s.horizon == 10
+    s = adaptive_update(s, rule, 3, reading(2.0))
+    assert s.horizon == 20 and "beyond KL rising" in s.moves[-1]["reason"]
 
 
 def test_flat_but_never_learned_does_not_widen():
@@ -80,7 +114,7 @@ def test_the_frontier_is_judged_against_itself_not_the_covered_region():
 def test_widens_on_an_absolute_threshold():
     rule = AdaptiveRule(L, threshold=0.3, plateau=0.0)
     assert adaptive_update(AdaptiveState(20), rule, 1, _reading(0.1, 0.5, 20)).horizon == 20
-    assert adaptive_update(AdaptiveState(20), rule, 1, _reading(0.1, 0.2, 20)).horizon == 30
+    assert adaptive_update(AdaptiveState(20), rule, 1, _reading(0.1, 0.2, 20)).horizon == 40
 
 
 def test_never_shrinks_and_stops_at_l():
