@@ -77,6 +77,7 @@ from hopd.teacher import (
     TeacherUnavailable,
     response_logits,
 )
+from hopd.trackers import Trackers
 
 # ---------------------------------------------------------------------------------------------
 # Pieces of one step
@@ -327,7 +328,8 @@ def _distill(cfg: DistillConfig, run: Path, inp: Inputs, dist: Dist, *, resume: 
                  if dist.world > 1 else "")
               + f", run folder {run}", flush=True)
 
-    log = MetricsLog(run / "metrics.jsonl") if dist.main else None
+    log = MetricsLog(run / "metrics.jsonl", Trackers(cfg.log_to, run, C.to_dict(cfg), run.name)
+                     if cfg.log_to else None) if dist.main else None
 
     def write(record: dict[str, Any]) -> None:
         if log is not None:
@@ -530,7 +532,7 @@ def _distill(cfg: DistillConfig, run: Path, inp: Inputs, dist: Dist, *, resume: 
     if cfg.val_n and not stopped_by:  # the held-out half that settings are chosen on
         result["final_val_accuracy"] = run_val(step)
     if log is not None:
-        log.close()
+        log.close(result)
     if not stopped_by:
         weights = dist.model_state(student)  # FSDP: gathered by all ranks
         if dist.main:

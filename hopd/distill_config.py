@@ -108,6 +108,7 @@ class DistillConfig:
     teacher_retries: int = 3  # retries of a failed request (connection errors, timeouts)
     threads: int = 0  # torch CPU threads (0: torch's default)
     trust_remote_code: bool = False  # run Python code shipped in a model folder (auto_map)
+    log_to: list[str] = field(default_factory=list)  # trackers: tensorboard, wandb (jsonl always)
     drop_long_prompts: bool = False  # skip prompts that do not fit the context with L (counted)
     parallel: str = "ddp"  # several processes: ddp (a copy per rank) or fsdp (sharded student)
 

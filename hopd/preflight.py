@@ -19,6 +19,7 @@ from hopd.distill_config import DistillConfig
 from hopd.models import check_compatible, load_tokenizer, resolve_model_path
 from hopd.tasks import PromptSource, encode_prompts
 from hopd.teacher import RemoteTeacher
+from hopd.trackers import check_trackers
 
 
 @dataclass
@@ -39,6 +40,7 @@ class Inputs:
 def check_inputs(cfg: DistillConfig) -> Inputs:
     """Everything that can be wrong, checked before any model is loaded or file written: the data,
     the horizon against the budget, the tokenizer pair, model code, the context length."""
+    check_trackers(cfg.log_to)
     source = PromptSource(cfg.data, cfg.eval_data, cfg.data_prompt_field, cfg.data_answer_field)
     budget = cfg.budget or source.default_budget()
     cfg.horizon.validate(budget)

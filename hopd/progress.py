@@ -105,10 +105,12 @@ class MetricsLog:
     """Appends one JSON object per line to `path`, flushed and fsynced after each write.
 
     Lines are standard JSON: a NaN or infinite value (an accuracy not measured yet, an empty
-    position bucket) is written as null and `read_metrics` reads it back as NaN."""
+    position bucket) is written as null and `read_metrics` reads it back as NaN. `trackers`
+    (hopd.trackers.Trackers) get every record too, after it is safely on disk."""
 
-    def __init__(self, path: Path):
+    def __init__(self, path: Path, trackers: Any = None):
         self.path = path
+        self.trackers = trackers
         path.parent.mkdir(parents=True, exist_ok=True)
         self.f = open(path, "a", encoding="utf-8")
 
@@ -116,9 +118,15 @@ class MetricsLog:
         self.f.write(json.dumps(clean_json(record), allow_nan=False) + "\n")
         self.f.flush()
         os.fsync(self.f.fileno())
+        if self.trackers is not None:
+            self.trackers.log(record)
 
-    def close(self) -> None:
+    def close(self, final: dict[str, Any] | None = None) -> None:
+        """`final`: the run's result, which trackers keep as its summary."""
         self.f.close()
+        if self.trackers is not None:
+            self.trackers.close(final)
+            self.trackers = None
 
 
 def read_metrics(path: Path) -> list[dict[str, Any]]:

@@ -7,7 +7,7 @@ the prompt is context, never a target.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -28,6 +28,7 @@ from hopd.progress import Bar, MetricsLog
 from hopd.runstate import check_out, prepare_out, write_json
 from hopd.schedules import warmup_cosine
 from hopd.tasks import Example, PromptSource, chain, encode_prompts, is_chain
+from hopd.trackers import Trackers, check_trackers
 
 
 @dataclass
@@ -51,6 +52,7 @@ class SFTConfig:
     shortcut_fraction: float = 0.0  # prompts answered in the shortcut style ("Answer: N" at once)
     misconception: str = ""  # "*:+": every `*` line computed as `+` (a consistently wrong rule)
     misconception_fraction: float = 1.0  # share of examples (by prompt hash) that get it
+    log_to: list[str] = field(default_factory=list)  # trackers: tensorboard, wandb (jsonl always)
 
     def validate(self) -> None:
         C.check(self.steps >= 1, f"steps={self.steps}: must be >= 1")
@@ -171,6 +173,7 @@ def train_sft(cfg: SFTConfig, out: Path, progress: bool = True, overwrite: bool 
 
     `out` is checked first and replaced (`overwrite`) only once the model has loaded."""
     check_out(out, kind="sft", overwrite=overwrite)
+    check_trackers(cfg.log_to)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     torch.manual_seed(cfg.seed)
@@ -193,7 +196,8 @@ def _train(cfg: SFTConfig, out: Path, model: PreTrainedModel, tok: PreTrainedTok
                             betas=(0.9, 0.95))
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda s: warmup_cosine(s, cfg.steps, cfg.warmup_steps, cfg.min_lr_ratio))
-    log = MetricsLog(out / "metrics.jsonl")
+    log = MetricsLog(out / "metrics.jsonl", Trackers(cfg.log_to, out, C.to_dict(cfg), out.name)
+                     if cfg.log_to else None)
     bar = Bar(cfg.steps, "sft", enabled=progress)
     n_params = sum(p.numel() for p in model.parameters())
     print(f"sft: {n_params / 1e6:.2f}M parameters, task {cfg.task}, {cfg.steps} steps x "
@@ -224,10 +228,10 @@ def _train(cfg: SFTConfig, out: Path, model: PreTrainedModel, tok: PreTrainedTok
             save_checkpoint(model, tok, out / f"step_{step + 1}", dtype=DTYPES[cfg.save_dtype])
         bar.update(1, loss=rec["loss"], tok_s=int(rec["tokens_per_s"]), acc=acc)
     bar.close()
-    log.close()
     save_checkpoint(model, tok, out, dtype=DTYPES[cfg.save_dtype])
     result = {"final_eval_accuracy": acc, "steps": cfg.steps,
               "train_time_s": time.perf_counter() - t_start}
+    log.close(result)
     write_json(out / "sft_result.json", result)
     print(f"sft: done, eval accuracy {acc:.3f} on {cfg.eval_n} held-out problems; saved to {out}",
           flush=True)

@@ -215,3 +215,103 @@ def test_compare_jobs_runs_in_parallel_with_the_numbers_of_a_serial_run(tmp_path
     assert (tmp_path / "par" / "summary.json").exists()
     assert main(["compare", "--out", str(tmp_path / "bad"), "--jobs", "0", *common]) == 2
     assert "--jobs 0" in capsys.readouterr().err
+
+
+def test_log_to_tensorboard_writes_the_loss_and_horizon_of_every_step(tmp_path, micro_pair):
+    """metrics.jsonl stays the source of truth; TensorBoard gets the same records under TRL's
+    names, read back here from the event files."""
+    import pytest
+
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from hopd.progress import read_metrics
+
+    s, t = micro_pair
+    run = tmp_path / "run"
+    assert main(["distill", "--out", str(run), "--quiet", f"student={s}", f"teacher={t}",
+                 "data=chain:tiny", "max_steps=3", "batch_size=2", "eval_n=2", "eval_every=3",
+                 "diag_every=3", "diag_n=2", "threads=1", "horizon.kind=progressive",
+                 "horizon.shape=linear", "log_to=tensorboard"]) == 0
+    train = [r for r in read_metrics(run / "metrics.jsonl") if "loss" in r]
+    events = EventAccumulator(str(run / "tensorboard"), size_guidance={"histograms": 0})
+    events.Reload()
+    tags = events.Tags()
+    loss = {e.step: e.value for e in events.Scalars("train/loss")}
+    horizon = {e.step: e.value for e in events.Scalars("train/horizon")}
+    assert loss == pytest.approx({r["step"]: r["loss"] for r in train})
+    assert horizon == {r["step"]: r["horizon"] for r in train} and len(horizon) == 3
+    assert {"train/learning_rate", "eval/accuracy"} <= set(tags["scalars"])
+    assert "diag/rkl_by_position" in tags["histograms"]
+
+
+def test_log_to_an_unknown_or_missing_tracker_fails_before_any_work(tmp_path, micro_pair,
+                                                                     capsys, monkeypatch):
+    import importlib.util
+
+    s, t = micro_pair
+    args = ["distill", "--out", str(tmp_path / "run"), f"student={s}", f"teacher={t}"]
+    assert main([*args, "log_to=tensorbored"]) == 2
+    assert "unknown tracker 'tensorbored'" in capsys.readouterr().err
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name == "wandb" else real(name, *a))
+    assert main([*args, "log_to=wandb"]) == 2
+    assert "pip install wandb" in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()
+
+
+def _wandb_records(path):
+    """The protobuf records of a W&B run file (its LevelDB-style log: 32 KiB blocks, 7-byte
+    record headers), so a test can read an offline run back without the network."""
+    import struct
+
+    from wandb.proto import wandb_internal_pb2 as pb
+
+    data, pos, buf, block = path.read_bytes(), 7, b"", 32768
+    while pos + 7 <= len(data):
+        if block - pos % block < 7:  # a block's tail too short for a header is padding
+            pos += block - pos % block
+            continue
+        _crc, n, kind = struct.unpack("<IHB", data[pos:pos + 7])
+        if n == 0 and kind == 0:
+            break
+        buf += data[pos + 7:pos + 7 + n]
+        pos += 7 + n
+        if kind in (1, 4):  # a whole record, or the last piece of one
+            record = pb.Record()
+            record.ParseFromString(buf)
+            yield record
+            buf = b""
+
+
+def test_log_to_wandb_offline_keeps_the_config_and_every_step(tmp_path, micro_pair,
+                                                              monkeypatch):
+    import json
+
+    import pytest
+
+    pytest.importorskip("wandb")
+    from hopd.progress import read_metrics
+
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    s, t = micro_pair
+    run = tmp_path / "run"
+    assert main(["distill", "--out", str(run), "--quiet", f"student={s}", f"teacher={t}",
+                 "data=chain:tiny", "max_steps=2", "batch_size=2", "eval_n=2", "eval_every=0",
+                 "diag_every=0", "threads=1", "optim.lr=3e-3", "log_to=wandb"]) == 0
+    (path,) = run.glob("wandb/offline-run-*/run-*.wandb")
+    records = list(_wandb_records(path))
+    history = [{i.key or "/".join(i.nested_key): json.loads(i.value_json)
+                for i in r.history.item}
+               for r in records if r.WhichOneof("record_type") == "history"]
+    steps = [h for h in history if "train/loss" in h]
+    train = [r for r in read_metrics(run / "metrics.jsonl") if "loss" in r]
+    assert [h["_step"] for h in steps] == [1, 2]
+    assert [h["train/loss"] for h in steps] == pytest.approx([r["loss"] for r in train])
+    assert [h["train/horizon"] for h in steps] == [r["horizon"] for r in train]
+    (header,) = [r.run for r in records if r.WhichOneof("record_type") == "run"]
+    config = {i.key or "/".join(i.nested_key): json.loads(i.value_json)
+              for i in header.config.update}
+    assert config["optim"]["lr"] == 3e-3 and config["max_steps"] == 2  # the resolved config

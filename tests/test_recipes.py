@@ -55,7 +55,7 @@ def test_demo_quick_end_to_end(tmp_path):
     out = tmp_path / "demo"
     assert main(["demo", "--quick", "--out", str(out), "--quiet"]) == 0
     report = (out / "report.md").read_text()
-    for strategy in ("sft", "opd", "popd", "topd10", "topd25"):
+    for strategy in ("opd", "popd", "topd10", "topd25"):
         assert f"| {strategy} |" in report
     assert "Verdicts on the paper's claims" in report
     for png in ("accuracy.png", "cost.png", "horizon.png", "rkl_heatmap.png"):
