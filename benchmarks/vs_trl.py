@@ -41,8 +41,10 @@ from hopd.tasks import PromptSource  # noqa: E402
 
 
 def trl_steps(student, teacher, tok, rows, batch: int, H: int, steps: int, warmup: int,
-              device: str) -> list[float]:
-    """Seconds per optimizer step of GKDTrainer, after `warmup` steps."""
+              device: str, setup=None, checkpointing: bool = True) -> list[float]:
+    """Seconds per optimizer step of GKDTrainer, after `warmup` steps. `setup(trainer)` runs
+    once the trainer is built (benchmarks/trl_horizon.py attaches hopd's HorizonCallback);
+    `checkpointing` is TRL's gradient checkpointing, on by default in GKDConfig."""
     os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
     from datasets import Dataset
     from transformers import TrainerCallback
@@ -68,13 +70,15 @@ def trl_steps(student, teacher, tok, rows, batch: int, H: int, steps: int, warmu
             max_steps=warmup + steps, learning_rate=1e-6, lmbda=1.0, beta=1.0, temperature=1.0,
             max_new_tokens=H, max_length=4096, logging_steps=10**6, save_strategy="no",
             report_to=[], use_cpu=not device.startswith("cuda"), dataloader_num_workers=0,
-            disable_tqdm=True, seed=0,
+            disable_tqdm=True, seed=0, gradient_checkpointing=checkpointing,
         )
         timer = Timer()
         trainer = GKDTrainer(model=student, teacher_model=teacher, args=args,
                              train_dataset=Dataset.from_list(rows), processing_class=tok,
                              callbacks=[timer])
         trainer.generation_config.min_new_tokens = H  # every rollout exactly H tokens
+        if setup is not None:
+            setup(trainer)
         trainer.train()
     return timer.times[warmup:]
 
