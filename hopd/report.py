@@ -210,6 +210,8 @@ def summarize(groups: dict[str, list[Run]], baseline: str = "opd") -> dict[str, 
             "best_accuracy_sd": _sd([r.best_accuracy for r in runs]),
             "median_step_time_s": _mean([statistics.median(x["step_time_s"] for x in r.train)
                                          if r.train else None for r in runs]),
+            "step_time_spread": _mean([_spread([x["step_time_s"] for x in r.train])
+                                       for r in runs]),
             "initial_accuracy": _mean([r.evals[0]["eval_accuracy"] if r.evals else None
                                        for r in runs]),
             "steps": _mean([r.train[-1]["step"] if r.train else 0 for r in runs]),
@@ -291,7 +293,7 @@ def verdicts(summary: dict[str, Any]) -> list[str]:
             out.append(f"**POPD reaches OPD's accuracy sooner**: supported here. `{n}` reached "
                        f"{_pct(target)} after {r['time_to_target_s']:.0f}s of training against "
                        f"OPD's {opd['time_to_target_s']:.0f}s"
-                       + (f" ({sp:.2f}x faster)." if sp else "."))
+                       + (f" ({sp:.2f}x faster)." if sp else ".") + _timing_noise(opd, r))
         else:
             out.append(f"**POPD reaches OPD's accuracy sooner**: not supported here. `{n}` "
                        f"reached {_pct(target)} after {r['time_to_target_s']:.0f}s, OPD after "
@@ -314,6 +316,29 @@ def verdicts(summary: dict[str, Any]) -> list[str]:
                        f"{_pct(r['final_accuracy'])}, below 95% of OPD's "
                        f"{_pct(summary['baseline_final'])}{cost_txt}.")
     return out
+
+
+def _spread(times: list[float]) -> float | None:
+    """Relative spread of a run's step times: interquartile range over the median."""
+    if len(times) < 4:
+        return None
+    q1, med, q3 = statistics.quantiles(times, n=4)
+    return (q3 - q1) / med if med > 0 else None
+
+
+def _timing_noise(opd: dict[str, Any], r: dict[str, Any]) -> str:
+    """A warning when the time speed-up is within the spread of OPD's own step times (OPD's
+    horizon is constant, so its spread is the machine's noise), with the token counts, which
+    timing noise cannot change."""
+    sp, spread = r.get("speedup_time"), opd.get("step_time_spread")
+    if not sp or spread is None or abs(math.log(sp)) >= math.log1p(spread):
+        return ""
+    tok = (f" Sampled tokens to the target, which noise cannot change: "
+           f"{r['tokens_to_target']:,.0f} against OPD's {opd['tokens_to_target']:,.0f}."
+           if r.get("tokens_to_target") and opd.get("tokens_to_target") else "")
+    return (f" The difference is within timing noise: OPD's own step times spread by "
+            f"{100 * spread:.0f}% (interquartile range over median), enough to change this "
+            f"verdict on a rerun.{tok}")
 
 
 def _pct(x: float | None) -> str:

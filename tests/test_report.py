@@ -163,3 +163,24 @@ def test_unrelated_runs_are_not_pooled_and_the_report_says_so(tmp_path, capsys):
     assert "max_steps (16, 6)" in summary["warnings"][0]
     assert "warning" in capsys.readouterr().err
     assert "**Warning**" in (tmp_path / "out" / "report.md").read_text()
+
+
+def test_a_speed_up_within_timing_noise_is_called_so(tmp_path):
+    """On a busy machine OPD's step times spread; a POPD 'speed-up' smaller than that spread
+    is flagged, with the sampled tokens beside it. A quiet machine gets no such warning."""
+    import json as _json
+
+    def make(root, jitter):
+        _write_run(root, "opd", [100] * 6, [0.1, 0.3, 0.5, 0.8], 0.01)
+        _write_run(root, "popd", [90, 90, 90, 90, 100, 100], [0.1, 0.3, 0.5, 0.8], 0.01)
+        path = root / "opd" / "seed0" / "metrics.jsonl"
+        lines = [_json.loads(x) for x in path.read_text().splitlines()]
+        for i, x in enumerate(y for y in lines if "loss" in y):
+            x["step_time_s"] *= 1 + jitter * (i % 2)  # every other step slowed by `jitter`
+        path.write_text("".join(_json.dumps(x) + "\n" for x in lines))
+        return verdicts(summarize(group(find_runs([root]))))[0]
+
+    noisy = make(tmp_path / "noisy", 1.0)
+    assert "sooner**: supported" in noisy and "within timing noise" in noisy
+    assert "Sampled tokens to the target" in noisy
+    assert "timing noise" not in make(tmp_path / "quiet", 0.0)
