@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import contextlib
 import multiprocessing
+import os
+import signal
 import time
-from concurrent.futures import ProcessPoolExecutor, as_completed
+from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from pathlib import Path
 from typing import Any
 
@@ -148,6 +150,14 @@ def _run_one(name: str, seed: int, lr: float | None, cfg: Any, run: Path, overri
     return result
 
 
+def _worker_init() -> None:
+    """A worker's own process group (the terminal's Ctrl-C reaches only the parent, which
+    forwards it once); an idle worker ignores signals, a running one's distill handles them."""
+    os.setpgrp()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, signal.SIG_IGN)
+
+
 def _label(name: str, seed: int, lr: float | None) -> str:
     return f"{name}" + (f", lr {lr:g}" if lr is not None else "") + f", seed {seed}"
 
@@ -169,38 +179,50 @@ def _run_parallel(todo: list, out: Path, n_plan: int, known: dict, jobs: int,
                   resume: bool) -> int:
     """Runs the plan `jobs` at a time in fresh processes (one device shared by several small
     runs: a GPU is mostly idle under one tiny model). Each run's output goes to
-    OUT/logs/<strategy>[_lr<x>]_seed<k>.log; a line here says when each one ends."""
+    OUT/logs/<strategy>[_lr<x>]_seed<k>.log; a line here says when each one ends.
+
+    A run is handed to a worker only when one is free, so a signal or a failed run starts
+    nothing more. The workers sit in their own process group: a signal (Ctrl-C, or a kill of
+    this process) reaches them once, forwarded from here, and each running one saves and stops
+    as a single run does."""
     logs = out / "logs"
     logs.mkdir(exist_ok=True)
     t0 = time.perf_counter()
-    signum = 0
+    pending, running, finished = list(todo), {}, 0
     ctx = multiprocessing.get_context("spawn")  # CUDA cannot be forked
-    # Ctrl-C reaches the workers too (one process group): each running one saves and stops, as
-    # a single run does; here it cancels the runs not yet started.
-    with StopFlag() as flag, ProcessPoolExecutor(max_workers=jobs, mp_context=ctx) as pool:
-        futures = {}
-        for i, name, seed, lr, cfg, run in todo:
-            tag = f"{name}_{lr_tag(lr)}" if lr is not None else name
-            log = logs / f"{tag}_seed{seed}.log"
-            futures[pool.submit(_run_one, name, seed, lr, cfg, run, known[name], resume,
-                                False, log)] = (i, name, seed, lr, log)
-        print(f"compare: {len(todo)} runs, {jobs} at a time; logs in {logs}", flush=True)
-        for k, fut in enumerate(as_completed(futures), 1):
-            i, name, seed, lr, log = futures[fut]
-            if fut.cancelled():
-                continue
-            try:
-                result = fut.result()
-            except Exception as e:  # start no further run; the running ones finish and save
-                for f in futures:
-                    f.cancel()
-                raise RuntimeError(f"run {i + 1}/{n_plan} ({_label(name, seed, lr)}) failed: "
-                                   f"{e}; its output is in {log}") from e
-            acc = result.get("final_eval_accuracy")
-            print(f"compare: {k}/{len(todo)} done after {time.perf_counter() - t0:.0f}s: "
-                  f"{_label(name, seed, lr)}, final accuracy {acc}", flush=True)
-            if flag.stop or result.get("signal"):
-                for f in futures:
-                    f.cancel()
-                signum = signum or flag.signum or int(result.get("signal") or 0)
-    return signum
+    print(f"compare: {len(todo)} runs, {jobs} at a time; logs in {logs}", flush=True)
+    with StopFlag() as flag, ProcessPoolExecutor(max_workers=jobs, mp_context=ctx,
+                                                 initializer=_worker_init) as pool:
+        forwarded, failure = False, None
+        while pending or running:
+            while pending and len(running) < jobs and not flag.stop and failure is None:
+                i, name, seed, lr, cfg, run = pending.pop(0)
+                tag = f"{name}_{lr_tag(lr)}" if lr is not None else name
+                log = logs / f"{tag}_seed{seed}.log"
+                fut = pool.submit(_run_one, name, seed, lr, cfg, run, known[name], resume,
+                                  False, log)
+                running[fut] = (i, name, seed, lr, log)
+            if not running:
+                break
+            done, _ = wait(running, timeout=0.5, return_when=FIRST_COMPLETED)
+            if flag.stop and not forwarded:
+                forwarded = True
+                for proc in list(getattr(pool, "_processes", {}).values()):
+                    with contextlib.suppress(ProcessLookupError):
+                        os.kill(proc.pid, flag.signum)
+            for fut in done:
+                i, name, seed, lr, log = running.pop(fut)
+                try:
+                    result = fut.result()
+                except Exception as e:  # start no further run; the running ones finish
+                    failure = failure or RuntimeError(
+                        f"run {i + 1}/{n_plan} ({_label(name, seed, lr)}) failed: {e}; its "
+                        f"output is in {log}")
+                    continue
+                finished += 1
+                print(f"compare: {finished}/{len(todo)} done after "
+                      f"{time.perf_counter() - t0:.0f}s: {_label(name, seed, lr)}, final "
+                      f"accuracy {result.get('final_eval_accuracy')}", flush=True)
+    if failure is not None:
+        raise failure
+    return flag.signum if flag.stop else 0

@@ -378,3 +378,29 @@ def test_a_second_signal_never_corrupts_the_run(tmp_path, micro_pair):
     steps = int(last.name[5:]) + 1
     assert main(["distill", "--resume", *_run_args(run, micro_pair, steps, ["eval_every=0"])[1:]
                  ]) == 0  # every checkpoint left behind loads and the run goes on
+
+
+def test_a_signal_to_a_parallel_compare_saves_the_running_runs_and_starts_no_more(
+        tmp_path, micro_pair):
+    """`hopd compare --jobs 2` killed with SIGTERM: the signal is forwarded once to the running
+    runs, which save and stop; the third run never starts; the exit status is 143."""
+    s, t = micro_pair
+    out = tmp_path / "cmp"
+    cmd = [sys.executable, "-m", "hopd", "compare", "--out", str(out), "--jobs", "2",
+           "--strategies", "opd", "--seeds", "0,1,2", "--steps", "400", "--quiet",
+           f"student={s}", f"teacher={t}", "data=chain:tiny", "batch_size=2", "eval_n=2",
+           "eval_every=0", "diag_every=0", "save_every=0", "threads=1"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    runs = [out / "opd" / f"seed{k}" for k in range(3)]
+    deadline = time.time() + 120
+    while time.time() < deadline and not all(
+            any("loss" in r for r in read_metrics(run / "metrics.jsonl")) for run in runs[:2]):
+        time.sleep(0.1)
+    proc.send_signal(signal.SIGTERM)
+    log, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 128 + signal.SIGTERM, log
+    for run in runs[:2]:
+        result = json.loads((run / "result.json").read_text())
+        assert result["stopped_by_signal"] and result["steps"] < 400
+        assert (run / "checkpoints" / f"step_{result['steps']:07d}").is_dir()
+    assert not runs[2].exists()
