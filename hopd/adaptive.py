@@ -13,8 +13,9 @@ frontier with the covered region would reflect position difficulty, not progress
 max(H + `adaptive_growth` * L, `adaptive_factor` * H) when
 
   - the covered region was learned and has stopped improving: its KL fell significantly since H
-    was set (by more than `adaptive_z` standard errors), or is no higher than the level the
-    previous region was learned to (the new positions came along by themselves), and over the
+    was set (by more than `adaptive_z` standard errors), or is no higher than the level an
+    earlier region was learned to (within noise or a factor of 2: the new positions came along
+    by themselves), and over the
     last `adaptive_patience` checks it fell by less than `adaptive_plateau` (relative) or by
     less than `adaptive_z` standard errors; or
   - training at H is hurting the positions after it: the frontier or the beyond KL rose
@@ -146,7 +147,10 @@ def adaptive_update(state: AdaptiveState, rule: AdaptiveRule, step: int,
                              state.learned_level)
     new_h = min(L, max(H + max(1, math.ceil(rule.growth * L)), math.ceil(rule.factor * H)))
     moves = [*state.moves, {"step": step, "from": H, "to": new_h, "reason": reason}]
-    level = history[-1][0] if reason.startswith("covered") else state.learned_level
+    # the covered region's level counts as learned whenever it fell significantly since H was
+    # set, whatever made H widen (a drift can come first, as in the testbed's fork regime)
+    level = history[-1][0] if reason.startswith("covered") or _fell(history, rule.z) \
+        else state.learned_level
     # a new region, judged against its own readings from now on: this reading is its baseline
     covered, frontier, beyond = _regions(reading, rule, new_h)
     return AdaptiveState(new_h, [covered.to_list()] if covered else [],
@@ -161,14 +165,21 @@ def _regions(reading: PositionReading, rule: AdaptiveRule, H: int
     return reading.region(0, H), reading.region(H, min(L, H + w)), reading.region(H, L)
 
 
+def _fell(history: list[list[float]], z: float) -> bool:
+    """The region's KL fell significantly from its first reading since H was set."""
+    return len(history) >= 2 and \
+        history[0][0] - history[-1][0] > _significant(history[0], history[-1], z)
+
+
 def _learned(history: list[list[float]], level: float | None, rule: AdaptiveRule,
              H: int) -> str | None:
     """Why the covered region counts as learned and flat, or None."""
     if len(history) <= rule.patience:
         return None
     first, old, new = history[0], history[-1 - rule.patience], history[-1]
-    fell = first[0] - new[0] > _significant(first, new, rule.z)
-    at_level = level is not None and new[0] - level <= rule.z * new[1]
+    fell = _fell(history, rule.z)
+    # no higher than the earlier region's learned level: within noise, or within a factor of 2
+    at_level = level is not None and new[0] - level <= max(rule.z * new[1], level)
     still = old[0] - new[0] > max(rule.plateau * old[0], _significant(old, new, rule.z))
     if not (fell or at_level) or still:
         return None

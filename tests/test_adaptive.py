@@ -225,3 +225,23 @@ def test_the_probe_gives_the_teacher_its_own_prompts(tokenizer, monkeypatch):
     assert student_call == prompts
     for call in teacher_calls:
         assert all(c[: len(p)] == p for c, p in zip(call, mine))
+
+
+def test_after_a_drift_the_learned_level_keeps_widening():
+    """The fork regime's drifting seed: the covered region is learned, the tail drifts (a
+    widening for drift), and then the next regions already sit at the learned level: H keeps
+    doubling instead of stopping where the drift test no longer sees a rise."""
+    rule = AdaptiveRule(L, growth=0.1, factor=2.0, patience=1, drift=0.2)
+
+    def reading(covered: float, tail: float) -> PositionReading:
+        r = _reading(covered, 0.01, 10, w=60)  # H0 = 10 at `covered`, positions 10-70 fine
+        r.kl_sum[70:] = [tail * N] * 30
+        r.kl_sq[70:] = [tail * tail * N] * 30
+        return r
+    s = AdaptiveState(10)
+    hs = []
+    for step, (covered, tail) in enumerate([(2.0, 0.1), (0.01, 0.5), (0.01, 0.6), (0.01, 0.7)]):
+        s = adaptive_update(s, rule, step, reading(covered, tail))
+        hs.append(s.horizon)
+    assert "rising" in s.moves[0]["reason"] and s.learned_level == pytest.approx(0.01)
+    assert hs == [10, 20, 40, 80] and "no higher than" in s.moves[-1]["reason"]
