@@ -10,16 +10,17 @@ regions are exact: `covered` = the token mean over positions [0, H), `frontier` 
 Each region is judged only against its *own* readings since the current H was set, the first of
 which is the reading that set it (the KL has its own shape along the response, so comparing the
 frontier with the covered region would reflect position difficulty, not progress). H widens to
-max(H + `adaptive_growth` * L, `adaptive_factor` * H) when
+max(H + `adaptive_growth` * L, `adaptive_factor` * H) when the covered region was learned, and
+to L at once when the positions past H drift (growing H step by step lets the drift go on:
+measured in the fork regime, where the drift sits in the last positions). The tests:
 
   - the covered region was learned and has stopped improving: its KL fell significantly since H
     was set (by more than `adaptive_z` standard errors), or is no higher than the level an
     earlier region was learned to (within noise or a factor of 2: the new positions came along
-    by themselves), and over the
-    last `adaptive_patience` checks it fell by less than `adaptive_plateau` (relative) or by
-    less than `adaptive_z` standard errors; or
-  - training at H is hurting the positions after it: the frontier or the beyond KL rose
-    significantly since H was set, and by more than `adaptive_drift` (relative); or
+    by themselves), and over the last `adaptive_patience` checks it fell by less than
+    `adaptive_plateau` (relative) or by less than `adaptive_z` standard errors; or
+  - training at H is hurting the positions after it (H goes to L): the frontier or the beyond
+    KL rose significantly since H was set, and by more than `adaptive_drift` (relative); or
   - the frontier KL is at most `adaptive_threshold` nats per token (absolute; 0: off).
 
 "Significantly" is what keeps the rule from widening on noise: repeated readings of a student that
@@ -146,6 +147,8 @@ def adaptive_update(state: AdaptiveState, rule: AdaptiveRule, step: int,
         return AdaptiveState(H, history, fronts, list(state.moves), beyonds,
                              state.learned_level)
     new_h = min(L, max(H + max(1, math.ceil(rule.growth * L)), math.ceil(rule.factor * H)))
+    if "rising" in reason:  # the untrained positions are drifting: train all of them now
+        new_h = L
     moves = [*state.moves, {"step": step, "from": H, "to": new_h, "reason": reason}]
     # the covered region's level counts as learned whenever it fell significantly since H was
     # set, whatever made H widen (a drift can come first, as in the testbed's fork regime)
