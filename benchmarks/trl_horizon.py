@@ -4,7 +4,8 @@ Same student, teacher, prompts, batch and steps; every rollout is forced to its 
 (`min_new_tokens`), L = the testbed's 160 tokens. The callback (hopd.integrations.trl) sets
 H = ceil(0.1 L) = 16 before every step. Timed per optimizer step after warm-up, in alternating
 rounds (full, truncated, full, ...). TRL's gradient checkpointing is off (`--checkpointing` turns
-it on: TRL then generates without a KV cache, see BENCHMARKS.md).
+it on: TRL then generates without a KV cache, see BENCHMARKS.md), and on a CPU it trains in
+fp32 as hopd does (GKDConfig's default is bf16 autocast, even on a CPU; `--bf16` keeps it).
 
     pip install -e ".[bench]"          # trl, datasets
     python benchmarks/trl_horizon.py
@@ -37,6 +38,7 @@ def main() -> None:
     ap.add_argument("--warmup", type=int, default=1)
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--checkpointing", action="store_true", help="TRL's gradient checkpointing")
+    ap.add_argument("--bf16", action="store_true", help="TRL's default bf16 autocast on a CPU")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--threads", type=int, default=0)
     args = ap.parse_args()
@@ -56,27 +58,31 @@ def main() -> None:
     def attach(trainer):
         callbacks.append(HorizonCallback(short, budget=L).attach(trainer))
 
+    bf16 = None if args.bf16 or args.device.startswith("cuda") else False
     runs = {f"GKDTrainer, H = L = {L}": [], f"GKDTrainer + HorizonCallback, H = {H}": []}
     names = list(runs)
     for r in range(args.rounds):
         runs[names[0]] += trl_steps(student, teacher, tok, rows, args.batch, L, args.steps,
-                                    args.warmup, args.device, checkpointing=args.checkpointing)
+                                    args.warmup, args.device, checkpointing=args.checkpointing,
+                                    bf16=bf16)
         runs[names[1]] += trl_steps(student, teacher, tok, rows, args.batch, L, args.steps,
                                     args.warmup, args.device, setup=attach,
-                                    checkpointing=args.checkpointing)
+                                    checkpointing=args.checkpointing, bf16=bf16)
         print(f"round {r + 1}/{args.rounds} done", file=sys.stderr, flush=True)
     seen = sorted({h for cb in callbacks for _, h in cb.history})
     full_s, short_s = median(runs[names[0]]), median(runs[names[1]])
     print(f"\nTRL GKDTrainer through hopd's HorizonCallback: {machine(args.device)}, commit "
           f"{commit()}")
     print(f"testbed student/teacher, batch {args.batch}, rollouts forced to H, gradient "
-          f"checkpointing {'on' if args.checkpointing else 'off'}, median of {args.rounds} x "
+          f"checkpointing {'on' if args.checkpointing else 'off'}, "
+          f"{'fp32' if bf16 is False else 'bf16 autocast'}, median of {args.rounds} x "
           f"{args.steps} steps after warm-up; horizons the callback set: {seen}\n")
     print_table(["run", "s/step", "speed-up"],
                 [[k, f"{median(v):.3f}", f"{full_s / median(v):.2f}x"] for k, v in runs.items()])
     print(json.dumps({"full_s_per_step": full_s, "truncated_s_per_step": short_s,
                       "speedup": full_s / short_s, "L": L, "H": seen, "batch": args.batch,
-                      "device": args.device, "checkpointing": args.checkpointing}))
+                      "device": args.device, "checkpointing": args.checkpointing,
+                      "bf16": bf16 is not False}))
 
 
 if __name__ == "__main__":

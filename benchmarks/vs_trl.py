@@ -41,10 +41,12 @@ from hopd.tasks import PromptSource  # noqa: E402
 
 
 def trl_steps(student, teacher, tok, rows, batch: int, H: int, steps: int, warmup: int,
-              device: str, setup=None, checkpointing: bool = True) -> list[float]:
+              device: str, setup=None, checkpointing: bool = True,
+              bf16: bool | None = None) -> list[float]:
     """Seconds per optimizer step of GKDTrainer, after `warmup` steps. `setup(trainer)` runs
     once the trainer is built (benchmarks/trl_horizon.py attaches hopd's HorizonCallback);
-    `checkpointing` is TRL's gradient checkpointing, on by default in GKDConfig."""
+    `checkpointing` is TRL's gradient checkpointing, on by default in GKDConfig; `bf16`, when
+    given, overrides GKDConfig's default (bf16 autocast, on even on a CPU)."""
     os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
     from datasets import Dataset
     from transformers import TrainerCallback
@@ -71,6 +73,7 @@ def trl_steps(student, teacher, tok, rows, batch: int, H: int, steps: int, warmu
             max_new_tokens=H, max_length=4096, logging_steps=10**6, save_strategy="no",
             report_to=[], use_cpu=not device.startswith("cuda"), dataloader_num_workers=0,
             disable_tqdm=True, seed=0, gradient_checkpointing=checkpointing,
+            **({} if bf16 is None else {"bf16": bf16}),
         )
         timer = Timer()
         trainer = GKDTrainer(model=student, teacher_model=teacher, args=args,
