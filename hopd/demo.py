@@ -20,7 +20,7 @@ CONFIGS = Path(__file__).parent / "configs"
 # Settings on top of configs/opd.yaml (the strategies then set the horizon).
 DEMO = ["max_steps=60", "batch_size=32", "eval_every=10", "eval_n=200", "diag_every=10",
         "probe_every=20", "probe_n=16"]
-QUICK = ["max_steps=16", "batch_size=16", "eval_every=4", "eval_n=100", "diag_every=4",
+QUICK = ["max_steps=16", "batch_size=16", "eval_every=8", "eval_n=100", "diag_every=8",
          "diag_n=8"]
 
 

@@ -311,11 +311,25 @@ def verdicts(summary: dict[str, Any]) -> list[str]:
             out.append(f"**TOPD at 10% of L matches OPD**: supported here. `{n}` ended at "
                        f"{_pct(r['final_accuracy'])} against OPD's "
                        f"{_pct(summary['baseline_final'])} (within 5%){cost_txt}.")
+        elif bar - r["final_accuracy"] < _eval_noise(summary, bar):
+            out.append(f"**TOPD at 10% of L matches OPD**: inconclusive here. `{n}` ended at "
+                       f"{_pct(r['final_accuracy'])}, just below 95% of OPD's "
+                       f"{_pct(summary['baseline_final'])}, a gap within the evaluation noise "
+                       f"(+-{_pct(_eval_noise(summary, bar))} on {summary['n_eval']} prompts)"
+                       f"{cost_txt}.")
         else:
             out.append(f"**TOPD at 10% of L matches OPD**: not supported here. `{n}` ended at "
                        f"{_pct(r['final_accuracy'])}, below 95% of OPD's "
                        f"{_pct(summary['baseline_final'])}{cost_txt}.")
     return out
+
+
+def _eval_noise(summary: dict[str, Any], p: float) -> float:
+    """Two binomial standard errors of an accuracy near `p` on the report's evaluation size (0
+    when the size is unknown)."""
+    n = summary.get("n_eval") or 0
+    p = min(max(p, 0.05), 0.95)
+    return 2 * math.sqrt(p * (1 - p) / n) if n else 0.0
 
 
 def _spread(times: list[float]) -> float | None:

@@ -184,3 +184,20 @@ def test_a_speed_up_within_timing_noise_is_called_so(tmp_path):
     assert "sooner**: supported" in noisy and "within timing noise" in noisy
     assert "Sampled tokens to the target" in noisy
     assert "timing noise" not in make(tmp_path / "quiet", 0.0)
+
+
+def test_a_topd_gap_within_evaluation_noise_is_inconclusive(tmp_path):
+    """The demo's case: TOPD half a point under the 95%-of-OPD bar on 200 prompts is noise (two
+    standard errors near the bar, 76% here, are 6 points), so the verdict says inconclusive,
+    not 'not supported'; a gap well beyond the noise stays 'not supported'."""
+    import yaml
+
+    def make(root, topd_final):
+        _make(root, [0.1, 0.5, 0.8, 0.8], [0.1, 0.4, 0.6, topd_final])
+        for run in root.glob("*/seed0"):
+            (run / "config.yaml").write_text(yaml.safe_dump({"eval_n": 200}))
+        return verdicts(summarize(group(find_runs([root]))))[1]
+
+    near = make(tmp_path / "near", 0.755)  # the bar is 0.95 x 0.8 = 0.76
+    assert "inconclusive here" in near and "200 prompts" in near
+    assert "not supported here" in make(tmp_path / "far", 0.6)
