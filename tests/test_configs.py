@@ -17,13 +17,23 @@ def test_recipe_validates(path):
     assert cfg.max_steps >= 1
 
 
-def test_testbed_recipes_differ_only_in_the_horizon():
+def test_testbed_recipes_differ_only_in_the_horizon_and_their_own_rate():
+    """The three recipes share everything but the horizon and the learning rate, which is each
+    strategy's own rate from the study (the demo's rates for the default regime)."""
+    from hopd.demo import RATES
+
     names = {p.stem: read_yaml(p) for p in CONFIGS}
-    base = {k: v for k, v in names["opd"].items() if k != "horizon"}
+
+    def rest(cfg):
+        return {k: ({**v, "lr": None} if k == "optim" else v) for k, v in cfg.items()
+                if k != "horizon"}
     for name in ("popd", "topd"):
-        assert {k: v for k, v in names[name].items() if k != "horizon"} == base
+        assert rest(names[name]) == rest(names["opd"])
     kinds = {n: names[n]["horizon"]["kind"] for n in ("opd", "popd", "topd")}
     assert kinds == {"opd": "full", "popd": "progressive", "topd": "truncated"}
+    rates = {n: names[n]["optim"]["lr"] for n in ("opd", "popd", "topd")}
+    assert rates == {"opd": RATES["spread"]["opd"], "popd": RATES["spread"]["popd"],
+                     "topd": RATES["spread"]["topd10"]}
 
 
 def test_top_level_configs_link_points_at_the_recipes():
