@@ -75,7 +75,6 @@ class Problem:
 
 def make_problem(rng: random.Random, spec: ChainSpec) -> Problem:
     """Draws one problem with `rng`."""
-    values: list[int] = []
     program: list[str] = []
     for i in range(spec.steps):
         name = VARIABLES[i]
@@ -86,11 +85,10 @@ def make_problem(rng: random.Random, spec: ChainSpec) -> Problem:
             else:
                 operands.append(VARIABLES[rng.randrange(max(0, i - spec.reach), i)])
         op = rng.choice(spec.ops)
-        x, y = (int(o) if o.isdigit() else values[VARIABLES.index(o)] for o in operands)
-        values.append(OPS[op](x, y))
         program.append(f"{name}={operands[0]}{op}{operands[1]};")
     prompt = "".join(program)
-    return Problem(prompt, worked_solution(prompt), str(values[-1]))
+    response = worked_solution(prompt)  # the one place a program is evaluated
+    return Problem(prompt, response, response.rpartition(ANSWER_PREFIX)[2])
 
 
 def worked_solution(prompt: str, ops: dict = OPS) -> str:
