@@ -56,8 +56,8 @@ def scalars(record: dict[str, Any]) -> tuple[dict[str, float], dict[str, list[fl
                 name = RENAMES.get(key) or prefix + key.removeprefix("eval_").removeprefix(
                     "diag_")
                 out[name] = float(value)
-        elif key == "diag_rkl_by_pos":
-            hists["diag/rkl_by_position"] = [v for v in value if v == v]
+        elif key == "diag_rkl_by_pos":  # an empty bucket (null) keeps its place, at weight 0
+            hists["diag/rkl_by_position"] = [v if v == v else 0.0 for v in value]
         elif key == "probe_teacher_acc_by_cut" and isinstance(value, dict):
             for cut, acc in value.items():
                 out[f"probe/teacher_acc_from_{cut}"] = float(acc)
@@ -73,9 +73,11 @@ class Trackers:
         if "tensorboard" in names:
             from torch.utils.tensorboard import SummaryWriter
 
+            flat = _flatten(config)
             self.tb = SummaryWriter(log_dir=str(run / "tensorboard"))
-            self.tb.add_text("config", "```\n" + _flat_text(config) + "\n```", 0)
-            self._hparams = {k: v for k, v in _flatten(config).items()
+            self.tb.add_text("config", "```\n" + "\n".join(f"{k}: {v}" for k, v in flat.items())
+                             + "\n```", 0)
+            self._hparams = {k: v for k, v in flat.items()
                              if isinstance(v, (int, float, str, bool))}
         if "wandb" in names:
             import wandb
@@ -90,14 +92,14 @@ class Trackers:
             for k, v in values.items():
                 self.tb.add_scalar(k, v, step)
             for k, v in hists.items():
-                if v:
+                if any(x > 0 for x in v):
                     self.tb.add_histogram(k, _positions(v), step, bins=len(v))
         if self.wandb is not None:
             import wandb
 
             payload: dict[str, Any] = dict(values)
             for k, v in hists.items():
-                if v:
+                if any(x > 0 for x in v):
                     payload[k] = wandb.Histogram(np_histogram=_np_hist(v))
             self.wandb.log(payload, step=step)
 
@@ -139,6 +141,3 @@ def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
             out[prefix + k] = v
     return out
 
-
-def _flat_text(config: dict[str, Any]) -> str:
-    return "\n".join(f"{k}: {v}" for k, v in _flatten(config).items())

@@ -315,3 +315,14 @@ def test_log_to_wandb_offline_keeps_the_config_and_every_step(tmp_path, micro_pa
     config = {i.key or "/".join(i.nested_key): json.loads(i.value_json)
               for i in header.config.update}
     assert config["optim"]["lr"] == 3e-3 and config["max_steps"] == 2  # the resolved config
+
+
+def test_tracker_names_and_an_empty_position_bucket_keeps_its_place():
+    from hopd.trackers import scalars
+
+    values, hists = scalars({"step": 3, "loss": 0.5, "lr": 1e-4, "eval_accuracy": 0.25,
+                             "horizon": 16, "diag_rkl_by_pos": [0.5, float("nan"), 0.2],
+                             "probe_teacher_acc_by_cut": {"0.5": 0.75}})
+    assert values == {"train/loss": 0.5, "train/learning_rate": 1e-4, "eval/accuracy": 0.25,
+                      "train/horizon": 16.0, "probe/teacher_acc_from_0.5": 0.75}
+    assert hists == {"diag/rkl_by_position": [0.5, 0.0, 0.2]}  # bucket 2 stays bucket 2
