@@ -129,13 +129,9 @@ def adaptive_update(state: AdaptiveState, rule: AdaptiveRule, step: int,
     history = [*state.covered_history, *([covered.to_list()] if covered else [])]
     fronts = [*state.frontier_history, *([frontier.to_list()] if frontier else [])]
     beyonds = [*state.beyond_history, *([beyond.to_list()] if beyond else [])]
-    reason = _learned(history, state.learned_level, rule, H)
-    for name, xs in (("frontier", fronts), ("beyond", beyonds)):
-        if reason is None and rule.drift > 0 and len(xs) >= 2:
-            first, new = xs[0], xs[-1]
-            if new[0] - first[0] > max(rule.drift * first[0], _significant(first, new, rule.z)):
-                reason = (f"{name} KL rising ({first[0]:.3f} -> {new[0]:.3f}): training at H is "
-                          "hurting the positions after it")
+    learned = _learned(history, state.learned_level, rule, H)
+    drift = None if learned else _drift(fronts, beyonds, rule)
+    reason = learned or drift
     if reason is None and frontier is not None and rule.threshold > 0 and \
             frontier.mean <= rule.threshold:
         reason = f"frontier KL {frontier.mean:.3f} <= threshold {rule.threshold:g}"
@@ -146,14 +142,13 @@ def adaptive_update(state: AdaptiveState, rule: AdaptiveRule, step: int,
     if reason is None:
         return AdaptiveState(H, history, fronts, list(state.moves), beyonds,
                              state.learned_level)
-    new_h = min(L, max(H + max(1, math.ceil(rule.growth * L)), math.ceil(rule.factor * H)))
-    if "rising" in reason:  # the untrained positions are drifting: train all of them now
-        new_h = L
+    # a drift: the untrained positions are drifting, so train all of them now
+    new_h = L if drift else min(L, max(H + max(1, math.ceil(rule.growth * L)),
+                                       math.ceil(rule.factor * H)))
     moves = [*state.moves, {"step": step, "from": H, "to": new_h, "reason": reason}]
     # the covered region's level counts as learned whenever it fell significantly since H was
     # set, whatever made H widen (a drift can come first, as in the testbed's fork regime)
-    level = history[-1][0] if reason.startswith("covered") or _fell(history, rule.z) \
-        else state.learned_level
+    level = history[-1][0] if learned or _fell(history, rule.z) else state.learned_level
     # a new region, judged against its own readings from now on: this reading is its baseline
     covered, frontier, beyond = _regions(reading, rule, new_h)
     return AdaptiveState(new_h, [covered.to_list()] if covered else [],
@@ -166,6 +161,19 @@ def _regions(reading: PositionReading, rule: AdaptiveRule, H: int
     L = rule.budget
     w = max(1, math.ceil(rule.window * L))
     return reading.region(0, H), reading.region(H, min(L, H + w)), reading.region(H, L)
+
+
+def _drift(fronts: list[list[float]], beyonds: list[list[float]], rule: AdaptiveRule
+           ) -> str | None:
+    """Why training at H is hurting the positions after it (the frontier window, or every
+    position past H, rose significantly and by more than `drift` since H was set), or None."""
+    for name, xs in (("frontier", fronts), ("beyond", beyonds)):
+        if rule.drift > 0 and len(xs) >= 2:
+            first, new = xs[0], xs[-1]
+            if new[0] - first[0] > max(rule.drift * first[0], _significant(first, new, rule.z)):
+                return (f"{name} KL rising ({first[0]:.3f} -> {new[0]:.3f}): training at H is "
+                        "hurting the positions after it")
+    return None
 
 
 def _fell(history: list[list[float]], z: float) -> bool:
