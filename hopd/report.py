@@ -255,8 +255,7 @@ def opd_gain_is_noise(summary: dict[str, Any]) -> str | None:
     opd, n = summary["rows"].get(summary["baseline"]), summary.get("n_eval") or 0
     if opd is None or not n or opd["initial_accuracy"] is None:
         return None
-    p = min(max(opd["initial_accuracy"], 0.05), 0.95)
-    noise = 2 * math.sqrt(p * (1 - p) / n)
+    noise = _eval_noise(summary, opd["initial_accuracy"])
     gain = opd["final_accuracy"] - opd["initial_accuracy"]
     if gain < noise:
         return (f"OPD itself moved from {_pct(opd['initial_accuracy'])} to "
