@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
@@ -25,7 +26,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent))
 from common import commit, machine, median, print_table, testbed_models, testbed_prompts  # noqa: E402
 
-from hopd.distill import DistillConfig, opd_step  # noqa: E402
+from hopd.distill import DistillConfig  # noqa: E402
+from hopd.rollout import HFSampler, row_seeds  # noqa: E402
+from hopd.step import opd_step  # noqa: E402
 
 FRACTIONS = (1.0, 0.5, 0.25, 0.1, 0.05)
 
@@ -63,16 +66,16 @@ def main() -> None:
             if args.device.startswith("cuda"):
                 torch.cuda.synchronize()
                 torch.cuda.reset_peak_memory_stats()
-            gen = torch.Generator(device=args.device).manual_seed(i)
-            _, _, st = opd_step(student, teacher, opt, prompts, H, cfg, vocab, eos=-1,
-                                pad=tok.pad_token_id, gen=gen)
+            _, _, st = opd_step(student, teacher, opt, prompts, H, cfg, vocab=vocab,
+                                sampler=HFSampler(student, -1, tok.pad_token_id),
+                                row_seeds=row_seeds(0, i, range(len(prompts))))
             if args.device.startswith("cuda"):
                 torch.cuda.synchronize()
                 mems.append(torch.cuda.max_memory_allocated() / 2**20)
             else:
-                mems.append(st["act_mem_mb"])
+                mems.append(st.act_mem_mb)
             if i >= args.warmup:
-                times.append(st)
+                times.append(asdict(st))
         row = {k: median([t[k] for t in times])
                for k in ("sample_time_s", "teacher_time_s", "learn_time_s")}
         row["step_time_s"] = median([t["sample_time_s"] + t["teacher_time_s"] + t["learn_time_s"]

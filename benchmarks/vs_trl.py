@@ -36,7 +36,9 @@ from common import (  # noqa: E402
     testbed_prompts,
 )
 
-from hopd.distill import DistillConfig, LossConfig, opd_step  # noqa: E402
+from hopd.distill import DistillConfig, LossConfig  # noqa: E402
+from hopd.rollout import HFSampler, row_seeds  # noqa: E402
+from hopd.step import opd_step  # noqa: E402
 from hopd.tasks import PromptSource  # noqa: E402
 
 
@@ -90,16 +92,15 @@ def hopd_steps(student, teacher, tok, prompts, batch: int, H: int, steps: int, w
                loss: LossConfig, device: str) -> list[float]:
     cfg = DistillConfig(batch_size=batch, loss=loss)
     opt = torch.optim.AdamW(student.parameters(), lr=1e-6)
-    need = "sampled" if loss.kind == "sampled_rkl" else "full"
     vocab = min(student.config.vocab_size, teacher.config.vocab_size)
     times = []
     for i in range(warmup + steps):
         if device.startswith("cuda"):
             torch.cuda.synchronize()
         t0 = time.perf_counter()
-        gen = torch.Generator(device=device).manual_seed(i)
-        opd_step(student, teacher, opt, prompts[:batch], H, cfg, vocab, -1, tok.pad_token_id,
-                 gen, need=need)
+        opd_step(student, teacher, opt, prompts[:batch], H, cfg, vocab=vocab,
+                 sampler=HFSampler(student, -1, tok.pad_token_id),
+                 row_seeds=row_seeds(0, i, range(batch)))
         if device.startswith("cuda"):
             torch.cuda.synchronize()
         times.append(time.perf_counter() - t0)

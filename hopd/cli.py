@@ -259,6 +259,73 @@ def _config_and_out(p: argparse.ArgumentParser, config_help: str, out_help: str)
     p.add_argument("--quiet", action="store_true", help="no progress output")
 
 
+def _add_compare(sub: argparse._SubParsersAction) -> None:
+    c = sub.add_parser("compare", help="run several horizon strategies and report")
+    c.add_argument("config", nargs="?", help="base distill YAML (default: built-in defaults)")
+    c.add_argument("--out", required=True, help="comparison folder")
+    c.add_argument("--strategies", default="",
+                   help="comma list from opd,popd,topd10,topd25,adaptive,topd10_tb,sft (default: "
+                   "opd,popd,topd10,topd25); NAME@LR pins a strategy's learning rate")
+    c.add_argument("--lrs", default="",
+                   help="learning-rate grid, e.g. 3e-4,1e-3,3e-3: every strategy at every rate; "
+                   "the report picks each one's rate on the val half and reports the test half")
+    c.add_argument("--seeds", default="0", help="comma list of seeds (default 0)")
+    c.add_argument("--steps", type=int, default=0, help="budget: optimizer steps per run")
+    c.add_argument("--seconds", type=float, default=0, help="budget: training seconds per run")
+    c.add_argument("--tokens", type=int, default=0, help="budget: sampled tokens per run")
+    c.add_argument("--jobs", type=int, default=1,
+                   help="runs at a time, each in its own process (default 1); several small runs "
+                   "share a GPU well; on CPUs give each threads=1")
+    _run_flags(c, "skip finished runs, resume the others")
+    c.add_argument("overrides", nargs="*", help="key=value overrides for every run")
+    c.set_defaults(func=_cmd_compare)
+
+
+def _add_serve_teacher(sub: argparse._SubParsersAction) -> None:
+    t = sub.add_parser("serve-teacher", help="serve a teacher's log-probs over HTTP")
+    t.add_argument("model", help="checkpoint path or testbed:teacher")
+    t.add_argument("--host", default="127.0.0.1",
+                   help="address to listen on (default loopback only; 0.0.0.0 for other "
+                   "machines, then set --token)")
+    t.add_argument("--port", type=int, default=8000, help="0 picks a free port")
+    t.add_argument("--device", default="auto",
+                   help="auto (a GPU when there is one), cpu, cuda or cuda:N")
+    t.add_argument("--dtype", default="float32", help="float32, bfloat16 or float16")
+    t.add_argument("--token", default="",
+                   help="require 'Authorization: Bearer TOKEN' (or set HOPD_TEACHER_TOKEN; "
+                   "the client reads the same variable)")
+    t.add_argument("--trust-remote-code", action="store_true",
+                   help="run Python code shipped in the model folder")
+    t.set_defaults(func=_cmd_serve_teacher)
+
+
+def _add_eval(sub: argparse._SubParsersAction) -> None:
+    e = sub.add_parser("eval", help="evaluate a model at the full response budget")
+    e.add_argument("--model", required=True,
+                   help="checkpoint folder, a run folder (its final model), or testbed:teacher|"
+                   "student|student-fork")
+    e.add_argument("--task", default="chain:default",
+                   help="chain:default|hard|tiny, or a JSONL file (its held-out split is used)")
+    e.add_argument("--eval-data", default="", help="a JSONL file used whole as the eval set")
+    e.add_argument("--n", type=int, default=500, help="held-out problems (default 500)")
+    e.add_argument("--split", default="test", choices=["test", "val", "eval"],
+                   help="held-out half: test (default), val, or eval (both halves)")
+    e.add_argument("--samples", type=int, default=1, help="1: greedy; k > 1: k samples each")
+    e.add_argument("--temperature", type=float, default=1.0, help="sampling temperature")
+    e.add_argument("--budget", type=int, default=0, help="response budget L (0: task default)")
+    e.add_argument("--batch-size", type=int, default=100)
+    e.add_argument("--seed", type=int, default=0)
+    e.add_argument("--device", default="auto",
+                   help="auto (a GPU when there is one), cpu, cuda or cuda:N")
+    e.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: default)")
+    e.add_argument("--show", type=int, default=0, help="keep N example responses in the output")
+    e.add_argument("--trust-remote-code", action="store_true",
+                   help="run Python code shipped in the model folder (off: such a folder fails)")
+    e.add_argument("--out", help="write the JSON result here")
+    e.add_argument("--quiet", action="store_true", help="no progress output")
+    e.set_defaults(func=_cmd_eval)
+
+
 def build_parser() -> argparse.ArgumentParser:
     from hopd import __version__
 
@@ -289,26 +356,7 @@ def build_parser() -> argparse.ArgumentParser:
                    " aliases: steps=max_steps, lr=optim.lr, H=horizon.tokens)")
     d.set_defaults(func=_cmd_distill)
 
-    c = sub.add_parser("compare", help="run several horizon strategies and report")
-    c.add_argument("config", nargs="?", help="base distill YAML (default: built-in defaults)")
-    c.add_argument("--out", required=True, help="comparison folder")
-    c.add_argument("--strategies", default="",
-                   help="comma list from opd,popd,topd10,topd25,adaptive,topd10_tb,sft (default: "
-                   "opd,popd,topd10,topd25); NAME@LR pins a strategy's learning rate")
-    c.add_argument("--lrs", default="",
-                   help="learning-rate grid, e.g. 3e-4,1e-3,3e-3: every strategy at every rate; "
-                   "the report picks each one's rate on the val half and reports the test half")
-    c.add_argument("--seeds", default="0", help="comma list of seeds (default 0)")
-    c.add_argument("--steps", type=int, default=0, help="budget: optimizer steps per run")
-    c.add_argument("--seconds", type=float, default=0, help="budget: training seconds per run")
-    c.add_argument("--tokens", type=int, default=0, help="budget: sampled tokens per run")
-    c.add_argument("--jobs", type=int, default=1,
-                   help="runs at a time, each in its own process (default 1); several small runs "
-                   "share a GPU well; on CPUs give each threads=1")
-    _run_flags(c, "skip finished runs, resume the others")
-    c.add_argument("overrides", nargs="*", help="key=value overrides for every run")
-    c.set_defaults(func=_cmd_compare)
-
+    _add_compare(sub)
     r = sub.add_parser("report", help="plots and report.md from run folders")
     r.add_argument("runs", nargs="+", help="run folders, or folders that contain them")
     r.add_argument("--out", help="output folder (default: the first folder given)")
@@ -326,46 +374,8 @@ def build_parser() -> argparse.ArgumentParser:
     _run_flags(m, "skip finished runs")
     m.set_defaults(func=_cmd_demo)
 
-    t = sub.add_parser("serve-teacher", help="serve a teacher's log-probs over HTTP")
-    t.add_argument("model", help="checkpoint path or testbed:teacher")
-    t.add_argument("--host", default="127.0.0.1",
-                   help="address to listen on (default loopback only; 0.0.0.0 for other "
-                   "machines, then set --token)")
-    t.add_argument("--port", type=int, default=8000, help="0 picks a free port")
-    t.add_argument("--device", default="auto",
-                   help="auto (a GPU when there is one), cpu, cuda or cuda:N")
-    t.add_argument("--dtype", default="float32", help="float32, bfloat16 or float16")
-    t.add_argument("--token", default="",
-                   help="require 'Authorization: Bearer TOKEN' (or set HOPD_TEACHER_TOKEN; "
-                   "the client reads the same variable)")
-    t.add_argument("--trust-remote-code", action="store_true",
-                   help="run Python code shipped in the model folder")
-    t.set_defaults(func=_cmd_serve_teacher)
-
-    e = sub.add_parser("eval", help="evaluate a model at the full response budget")
-    e.add_argument("--model", required=True,
-                   help="checkpoint folder, a run folder (its final model), or testbed:teacher|"
-                   "student|student-fork")
-    e.add_argument("--task", default="chain:default",
-                   help="chain:default|hard|tiny, or a JSONL file (its held-out split is used)")
-    e.add_argument("--eval-data", default="", help="a JSONL file used whole as the eval set")
-    e.add_argument("--n", type=int, default=500, help="held-out problems (default 500)")
-    e.add_argument("--split", default="test", choices=["test", "val", "eval"],
-                   help="held-out half: test (default), val, or eval (both halves)")
-    e.add_argument("--samples", type=int, default=1, help="1: greedy; k > 1: k samples each")
-    e.add_argument("--temperature", type=float, default=1.0, help="sampling temperature")
-    e.add_argument("--budget", type=int, default=0, help="response budget L (0: task default)")
-    e.add_argument("--batch-size", type=int, default=100)
-    e.add_argument("--seed", type=int, default=0)
-    e.add_argument("--device", default="auto",
-                   help="auto (a GPU when there is one), cpu, cuda or cuda:N")
-    e.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: default)")
-    e.add_argument("--show", type=int, default=0, help="keep N example responses in the output")
-    e.add_argument("--trust-remote-code", action="store_true",
-                   help="run Python code shipped in the model folder (off: such a folder fails)")
-    e.add_argument("--out", help="write the JSON result here")
-    e.add_argument("--quiet", action="store_true", help="no progress output")
-    e.set_defaults(func=_cmd_eval)
+    _add_serve_teacher(sub)
+    _add_eval(sub)
     return p
 
 

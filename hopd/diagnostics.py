@@ -19,11 +19,12 @@ import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from hopd.adaptive import PositionReading
-from hopd.distill_config import DistillConfig
+from hopd.distill_config import SamplingConfig
 from hopd.evaluate import decode_responses
 from hopd.losses import divergence
-from hopd.rollout import sample
-from hopd.teacher import Teacher, response_logits
+from hopd.models import response_logits
+from hopd.rollout import row_seeds, sample
+from hopd.teacher import Teacher
 
 PROBE_FRACTIONS = (0.0, 0.1, 0.25, 0.5, 0.75)
 
@@ -50,20 +51,22 @@ EXACT_DIAG_MAX_ELEMENTS = 50_000_000  # larger vocab x L x prompts: sampled KL e
 
 
 def position_diagnostics(student: PreTrainedModel, teacher: Teacher,
-                         prompts: list[list[int]], cfg: DistillConfig, budget: int, vocab: int,
-                         eos: int, pad: int, step: int,
-                         teacher_prompts: list[list[int]] | None = None) -> dict[str, Any]:
+                         prompts: list[list[int]], *, sampling: SamplingConfig, budget: int,
+                         vocab: int, eos: int, pad: int, seed: int, step: int, buckets: int,
+                         teacher_prompts: list[list[int]] | None = None
+                         ) -> tuple[dict[str, Any], PositionReading]:
     """Per-position feedback at the full budget: rollouts of L tokens, bucketed by position.
 
     rkl_by_pos: mean exact reverse KL(s || t) over the vocabulary at the positions of each
     bucket (s: the student at temperature 1), from one extra no-grad student forward pass; with
     a remote teacher (top-k only), or when (prompts x L x vocab) is too large to hold, the
     sampled estimate log q(y_t) - log t(y_t) instead (`diag_rkl_exact` says which).
-    teacher_entropy_by_pos: mean teacher entropy per bucket.
+    teacher_entropy_by_pos: mean teacher entropy per bucket. Also returns the per-position
+    sums the adaptive rule reads.
     """
     student.eval()
-    r = sample(student, prompts, budget, eos, pad, temperature=cfg.sampling.temperature,
-               row_seeds=[(cfg.seed * 7919 + step) * 4099 + i for i in range(len(prompts))])
+    r = sample(student, prompts, budget, eos_id=eos, pad_id=pad, temperature=sampling.temperature,
+               row_seeds=row_seeds(seed, step, range(len(prompts)), stream="diag"))
     # exact needs the teacher's whole distribution (not a server's top-k) and (B, L, V) to fit
     full = teacher.full_distributions and \
         len(prompts) * budget * vocab <= EXACT_DIAG_MAX_ELEMENTS
@@ -79,7 +82,7 @@ def position_diagnostics(student: PreTrainedModel, teacher: Teacher,
     else:
         rkl = (r.sampler_logp_B_R - t.logp_B_R) * mask
     student.train()
-    nb = cfg.diag_buckets
+    nb = buckets
     bucket_R = (torch.arange(r.response_mask_B_R.size(1)) * nb // budget).clamp(max=nb - 1)
     # a remote teacher returns top-k only: no entropy (NaN in the log)
     ent = (t.entropy_B_R if t.entropy_B_R is not None else torch.full_like(mask, math.nan)) * mask
@@ -93,11 +96,10 @@ def position_diagnostics(student: PreTrainedModel, teacher: Teacher,
     per_pos = [torch.nn.functional.pad(x, (0, short)).tolist()
                for x in (rkl.sum(0), (rkl * rkl).sum(0), mask.sum(0))]
     reading = PositionReading(per_pos[0], per_pos[1], [int(c) for c in per_pos[2]])
-    return {"_reading": reading,  # per position, for the adaptive rule (not logged)
-            "diag_rkl_by_pos": [v if c > 0 else nan for v, c in zip(rkl_b.tolist(), count)],
+    return {"diag_rkl_by_pos": [v if c > 0 else nan for v, c in zip(rkl_b.tolist(), count)],
             "diag_teacher_entropy_by_pos": [v if c > 0 else nan
                                             for v, c in zip(ent_b.tolist(), count)],
-            "diag_tokens_by_pos": count.int().tolist(), "diag_rkl_exact": exact}
+            "diag_tokens_by_pos": count.int().tolist(), "diag_rkl_exact": exact}, reading
 
 
 def peak_memory_mb(device: str) -> float:
@@ -125,7 +127,7 @@ def recovery_probe(student: PreTrainedModel, teacher: PreTrainedModel,
     eos, pad = tok.eos_token_id, tok.pad_token_id
     student_was = student.training
     student.eval()
-    r = sample(student, prompts, budget, eos, pad, greedy=True)
+    r = sample(student, prompts, budget, eos_id=eos, pad_id=pad, greedy=True)
     student.train(student_was)
     out: dict[str, Any] = {}
     for p in fractions:
@@ -138,7 +140,8 @@ def recovery_probe(student: PreTrainedModel, teacher: PreTrainedModel,
                 ids = ids[: ids.index(eos)]
             kept.append(ids)
             prefixes.append(prompt + ids)
-        cont = sample(teacher, prefixes, max(1, budget - cut), eos, pad, greedy=True)
+        cont = sample(teacher, prefixes, max(1, budget - cut), eos_id=eos, pad_id=pad,
+                      greedy=True)
         texts = decode_responses(tok, cont.response_ids_B_R, cont.response_mask_B_R)
         correct = [check(tok.decode(k, skip_special_tokens=True) + t, a)
                    for k, t, a in zip(kept, texts, answers)]

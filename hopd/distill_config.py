@@ -34,6 +34,17 @@ class LossConfig:
     gamma: float = 0.0  # sampled_rkl discount over future tokens (0: per-token advantage)
     clip_eps: float = 0.0  # sampled_rkl PPO-style ratio clipping (0: off)
 
+    def validate(self) -> None:
+        C.check(self.kind in LOSSES,
+                f"loss.kind={self.kind!r}: choose one of {', '.join(LOSSES)}")
+        C.check(self.normalizer in NORMALIZERS,
+                f"loss.normalizer={self.normalizer!r}: choose one of "
+                f"{', '.join(NORMALIZERS)}")
+        C.check(0 <= self.beta <= 1, f"loss.beta={self.beta}: must be in [0, 1]")
+        C.check(self.top_k >= 0, f"loss.top_k={self.top_k}: must be >= 0")
+        C.check(0 <= self.gamma <= 1, f"loss.gamma={self.gamma}: must be in [0, 1]")
+        C.check(self.clip_eps >= 0, f"loss.clip_eps={self.clip_eps}: must be >= 0")
+
 
 @dataclass
 class SamplingConfig:
@@ -41,6 +52,23 @@ class SamplingConfig:
     top_p: float = 1.0  # nucleus sampling (1: off)
     top_k: int = 0  # top-k sampling (0: off)
     cuda_graph: bool = True  # on a GPU, replay the decode step as a CUDA graph (fast path)
+    engine: str = "hf"  # hf (hopd's own decoder) | vllm (an in-process vLLM engine)
+    vllm_gpu_memory: float = 0.3  # vllm on a GPU: fraction of its memory for weights + KV cache
+    vllm_cpu_kv_gib: float = 1.0  # vllm on a CPU: GiB of KV cache
+
+    def validate(self) -> None:
+        C.check(self.temperature > 0,
+                f"sampling.temperature={self.temperature}: must be > 0")
+        C.check(0 < self.top_p <= 1,
+                f"sampling.top_p={self.top_p}: must be in (0, 1]")
+        C.check(math.isfinite(self.temperature),
+                f"sampling.temperature={self.temperature}: must be finite (e.g. 1.0)")
+        C.check(self.top_k >= 0,
+                f"sampling.top_k={self.top_k}: must be >= 0 (0: off)")
+        C.check(self.engine in ("hf", "vllm"),
+                f"sampling.engine={self.engine!r}: choose hf or vllm")
+        C.check(0 < self.vllm_gpu_memory <= 1 and self.vllm_cpu_kv_gib > 0,
+                "sampling.vllm_gpu_memory must be in (0, 1] and sampling.vllm_cpu_kv_gib > 0")
 
 
 @dataclass
@@ -50,6 +78,19 @@ class OptimConfig:
     min_lr_ratio: float = 0.1  # cosine decay floor, as a fraction of lr
     weight_decay: float = 0.0  # AdamW weight decay
     grad_clip: float = 1.0  # max global gradient norm
+
+    def validate(self) -> None:
+        C.check(math.isfinite(self.lr) and self.lr > 0,
+                f"optim.lr={self.lr}: must be a finite number > 0 (e.g. 1e-3)")
+        C.check(self.lr <= 100, f"optim.lr={self.lr} is far too large: an AdamW "
+                "step moves each weight by about lr; use e.g. 1e-3")
+        C.check(math.isfinite(self.weight_decay) and self.weight_decay >= 0,
+                f"optim.weight_decay={self.weight_decay}: must be >= 0")
+        C.check(self.warmup_steps >= 0,
+                f"optim.warmup_steps={self.warmup_steps}: must be >= 0")
+        C.check(self.grad_clip > 0, f"optim.grad_clip={self.grad_clip}: must be > 0")
+        C.check(0 <= self.min_lr_ratio <= 1,
+                f"optim.min_lr_ratio={self.min_lr_ratio}: must be in [0, 1]")
 
 
 @dataclass
@@ -126,45 +167,20 @@ class DistillConfig:
         C.check(not (self.parallel == "fsdp" and self.lora.rank),
                 "parallel=fsdp with a LoRA student is not supported: LoRA trains few weights, "
                 "use parallel=ddp (the default)")
-        C.check(self.loss.kind in LOSSES,
-                f"loss.kind={self.loss.kind!r}: choose one of {', '.join(LOSSES)}")
-        C.check(self.loss.normalizer in NORMALIZERS,
-                f"loss.normalizer={self.loss.normalizer!r}: choose one of "
-                f"{', '.join(NORMALIZERS)}")
+        C.check(not (self.parallel == "fsdp" and self.sampling.engine == "vllm"),
+                "sampling.engine=vllm with parallel=fsdp is not supported (the engine needs the "
+                "whole student on each rank): use parallel=ddp or sampling.engine=hf")
         C.check(not (self.loss.kind == "sft" and self.teacher_url),
                 "loss.kind=sft samples answers from the teacher model itself: give teacher=PATH, "
                 "not teacher_url")
         C.check(not (self.loss.kind == "sft" and self.teacher_system_prompt),
                 "loss.kind=sft trains the student on the teacher's answers to the student's own "
                 "prompts: leave teacher_system_prompt empty")
-        C.check(0 <= self.loss.beta <= 1, f"loss.beta={self.loss.beta}: must be in [0, 1]")
-        C.check(self.loss.top_k >= 0, f"loss.top_k={self.loss.top_k}: must be >= 0")
-        C.check(0 <= self.loss.gamma <= 1, f"loss.gamma={self.loss.gamma}: must be in [0, 1]")
-        C.check(self.loss.clip_eps >= 0, f"loss.clip_eps={self.loss.clip_eps}: must be >= 0")
-        C.check(self.sampling.temperature > 0,
-                f"sampling.temperature={self.sampling.temperature}: must be > 0")
-        C.check(0 < self.sampling.top_p <= 1,
-                f"sampling.top_p={self.sampling.top_p}: must be in (0, 1]")
-        C.check(math.isfinite(self.optim.lr) and self.optim.lr > 0,
-                f"optim.lr={self.optim.lr}: must be a finite number > 0 (e.g. 1e-3)")
-        C.check(self.optim.lr <= 100, f"optim.lr={self.optim.lr} is far too large: an AdamW "
-                "step moves each weight by about lr; use e.g. 1e-3")
-        C.check(math.isfinite(self.sampling.temperature),
-                f"sampling.temperature={self.sampling.temperature}: must be finite (e.g. 1.0)")
-        C.check(self.sampling.top_k >= 0,
-                f"sampling.top_k={self.sampling.top_k}: must be >= 0 (0: off)")
-        C.check(math.isfinite(self.optim.weight_decay) and self.optim.weight_decay >= 0,
-                f"optim.weight_decay={self.optim.weight_decay}: must be >= 0")
-        C.check(self.optim.warmup_steps >= 0,
-                f"optim.warmup_steps={self.optim.warmup_steps}: must be >= 0")
         C.check(self.threads >= 0, f"threads={self.threads}: must be >= 0 (0: torch's default)")
         C.check(self.teacher_retries >= 0,
                 f"teacher_retries={self.teacher_retries}: must be >= 0 (0: no retry)")
         C.check(math.isfinite(self.teacher_timeout_s) and self.teacher_timeout_s > 0,
                 f"teacher_timeout_s={self.teacher_timeout_s}: must be a number of seconds > 0")
-        C.check(self.optim.grad_clip > 0, f"optim.grad_clip={self.optim.grad_clip}: must be > 0")
-        C.check(0 <= self.optim.min_lr_ratio <= 1,
-                f"optim.min_lr_ratio={self.optim.min_lr_ratio}: must be in [0, 1]")
         for name in ("eval_every", "diag_every", "save_every"):
             C.check(getattr(self, name) >= 0, f"{name}={getattr(self, name)}: must be >= 0")
         C.check(self.eval_n >= 1, f"eval_n={self.eval_n}: must be >= 1")
@@ -195,6 +211,8 @@ class DistillConfig:
             else:
                 C.check(v in ("cpu", "mps", "auto") or (name == "teacher_device" and v == ""),
                         f"{name}={v!r}: use auto, cpu, cuda or cuda:N")
+        for section in (self.loss, self.sampling, self.optim):
+            section.validate()
         self.horizon.validate(self.budget or None)
 
 

@@ -61,8 +61,8 @@ def evaluate(
         row = []
         for i in range(0, len(examples), batch_size):
             batch = examples[i:i + batch_size]
-            r = sample(model, prompts[i:i + batch_size], budget, tokenizer.eos_token_id,
-                       tokenizer.pad_token_id, temperature=temperature, greedy=samples == 1,
+            r = sample(model, prompts[i:i + batch_size], budget, eos_id=tokenizer.eos_token_id,
+                       pad_id=tokenizer.pad_token_id, temperature=temperature, greedy=samples == 1,
                        generator=gen)
             texts = decode_responses(tokenizer, r.response_ids_B_R, r.response_mask_B_R)
             row += [check(t, e.answer) for t, e in zip(texts, batch)]

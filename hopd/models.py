@@ -246,3 +246,18 @@ def check_compatible(teacher_tok: PreTrainedTokenizerBase, student_tok: PreTrain
             + ". On-policy distillation compares per-token distributions, so both models must use "
             "the same tokenizer; pick a teacher of the student's model family."
         )
+
+
+def positions_from_mask(attn_B_T: torch.Tensor) -> torch.Tensor:
+    """Position ids that start at 0 on each row's first real token (left padding)."""
+    return (attn_B_T.cumsum(-1) - 1).clamp(min=0)
+
+
+def response_logits(model: PreTrainedModel, ids_B_T: torch.Tensor, attn_B_T: torch.Tensor,
+                    prompt_len: int, vocab: int | None = None) -> torch.Tensor:
+    """(B, R, V) logits predicting each response token; V cut to `vocab` when given."""
+    R = ids_B_T.size(1) - prompt_len
+    out = model(input_ids=ids_B_T, attention_mask=attn_B_T,
+                position_ids=positions_from_mask(attn_B_T), logits_to_keep=R + 1)
+    logits = out.logits[:, :-1, :]
+    return logits[..., :vocab] if vocab is not None else logits

@@ -68,6 +68,14 @@ def check_inputs(cfg: DistillConfig) -> Inputs:
     separate = bool(cfg.teacher_system_prompt) or t_tok.chat_template != tok.chat_template
     inputs = Inputs(source, budget, s_path, tok, t_tok, t_path, vocab, remote, separate)
     check_context(cfg, inputs, [("student", s_conf), ("teacher", t_conf)])
+    if cfg.sampling.engine == "vllm":  # vLLM installed, and able to run the sampling model
+        from transformers import AutoConfig
+
+        from hopd.vllm_sampler import check_model
+
+        path = t_path if cfg.loss.kind == "sft" else s_path
+        check_model(AutoConfig.from_pretrained(str(path), trust_remote_code=cfg.trust_remote_code),
+                    cfg.device.split(":")[0], budget)
     return inputs
 
 
@@ -144,12 +152,24 @@ def config_changes(saved: dict[str, Any], new: dict[str, Any], prefix: str = "")
     return out
 
 
+def _with_defaults(saved: dict[str, Any], defaults: dict[str, Any]) -> dict[str, Any]:
+    out = dict(saved)
+    for key, value in defaults.items():
+        if key not in out:
+            out[key] = value
+        elif isinstance(value, dict) and isinstance(out[key], dict):
+            out[key] = _with_defaults(out[key], value)
+    return out
+
+
 def check_resume_config(cfg: DistillConfig, run: Path, force: bool) -> bool:
     """Refuses a resume whose config makes it a different experiment; True if it changed."""
     path = run / "config.yaml"
     if not path.exists():
         return True
-    saved = yaml.safe_load(path.read_text()) or {}
+    # a setting added to hopd since the run was written counts at its default
+    saved = _with_defaults(yaml.safe_load(path.read_text()) or {},
+                           C.to_dict(DistillConfig()))
     changes = config_changes(saved, C.to_dict(cfg))
     blocking = [c for c in changes if c.split(":")[0] not in RESUMABLE_CHANGES]
     if blocking and not force:

@@ -13,13 +13,15 @@ Layout: prompts are left-padded to a common length P, so every response starts a
 from __future__ import annotations
 
 import inspect
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Protocol
 
 import torch
 from transformers import DynamicCache, PreTrainedModel
 
 from hopd.fastgen import StaticDecoder, supports
-from hopd.models import base_model
+from hopd.models import base_model, positions_from_mask
 
 
 @dataclass
@@ -55,11 +57,6 @@ def left_pad(prompts: list[list[int]], pad_id: int, device: torch.device | str =
     return ids.to(device), mask.to(device)
 
 
-def positions_from_mask(attn_B_T: torch.Tensor) -> torch.Tensor:
-    """Position ids that start at 0 on each row's first real token (left padding)."""
-    return (attn_B_T.cumsum(-1) - 1).clamp(min=0)
-
-
 def filter_logits(logits_B_V: torch.Tensor, top_k: int = 0, top_p: float = 1.0) -> torch.Tensor:
     """Masks (to -inf) tokens outside the top-k and outside the top-p nucleus."""
     if top_k > 0 and top_k < logits_B_V.size(-1):
@@ -82,11 +79,149 @@ def cache_kw(model: PreTrainedModel) -> str:
     return "cache" if "cache" in params else "past_key_values"
 
 
+def row_seeds(seed: int, step: int, rows: range | list[int], stream: str = "train"
+              ) -> list[int]:
+    """One random stream per global row of a step (training rollouts, or the diagnostics'),
+    so a row's tokens do not depend on how a batch is split across processes."""
+    return [(seed * SEED_STREAMS[stream] + step) * 4099 + i for i in rows]
+
+
+SEED_STREAMS = {"train": 1_000_003, "diag": 7919}
+
+
+class Sampler(Protocol):
+    """What the loop needs from a rollout engine: rollouts of <= H tokens, and a hook to call
+    after each optimizer step (an engine that holds its own copy of the weights reloads them)."""
+
+    def sample(self, prompts: list[list[int]], horizon: int,
+               row_seeds: list[int] | None = None) -> Rollout: ...
+
+    def sync(self) -> None: ...
+
+
+class HFSampler:
+    """Rollouts from a transformers model in this process (the static-cache fast path of
+    `hopd.fastgen`, or the model's own forward), with the run's sampling settings. Samples in
+    eval mode and hands the model back in the mode it came in."""
+
+    def __init__(self, model: PreTrainedModel, eos_id: int, pad_id: int, *,
+                 temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
+                 greedy: bool = False, cuda_graph: bool = True):
+        self.model, self.eos_id, self.pad_id = model, eos_id, pad_id
+        self.opts = {"temperature": temperature, "top_k": top_k, "top_p": top_p,
+                     "greedy": greedy, "cuda_graph": cuda_graph}
+
+    def sample(self, prompts: list[list[int]], horizon: int,
+               row_seeds: list[int] | None = None) -> Rollout:
+        was = self.model.training
+        self.model.eval()
+        try:
+            return sample(self.model, prompts, horizon, eos_id=self.eos_id, pad_id=self.pad_id,
+                          row_seeds=row_seeds, **self.opts)
+        finally:
+            self.model.train(was)
+
+    def sync(self) -> None:
+        """Nothing to do: it samples from the learner's own weights."""
+
+
+def _uniforms(B: int, horizon: int, greedy: bool, row_seeds: list[int] | None,
+              generator: torch.Generator | None, device: torch.device) -> torch.Tensor | None:
+    """The (B, H) uniforms of inverse-CDF sampling, drawn up front (None when greedy)."""
+    if greedy:
+        return None
+    if row_seeds is None:
+        return torch.rand((B, horizon), generator=generator, device=device)
+    if len(row_seeds) != B:
+        raise ValueError(f"row_seeds has {len(row_seeds)} seeds for {B} prompts")
+    return torch.stack([torch.rand(horizon, generator=torch.Generator().manual_seed(s))
+                        for s in row_seeds]).to(device)
+
+
+def _as_rollout(prompt_B_P: torch.Tensor, prompt_attn_B_P: torch.Tensor, ids_B_H: torch.Tensor,
+                logp_B_H: torch.Tensor, n_steps: int, eos_id: int, pad_id: int, horizon: int
+                ) -> Rollout:
+    """The decoded tokens as a Rollout: a row's response runs up to and including its first EOS,
+    and columns decoded after every row was done are dropped."""
+    eos_B_H = ids_B_H[:, :n_steps] == eos_id
+    resp_mask = ((eos_B_H.cumsum(-1) - eos_B_H.long()) == 0).long()
+    n_steps = int(resp_mask.sum(-1).max())
+    resp_mask = resp_mask[:, :n_steps]
+    out_ids = torch.where(resp_mask.bool(), ids_B_H[:, :n_steps], pad_id)
+    out_logp = torch.where(resp_mask.bool(), logp_B_H[:, :n_steps], 0.0)
+    return Rollout(
+        ids_B_T=torch.cat([prompt_B_P, out_ids], dim=1),
+        attn_B_T=torch.cat([prompt_attn_B_P, resp_mask], dim=1),
+        response_mask_B_R=resp_mask,
+        sampler_logp_B_R=out_logp,
+        prompt_len=prompt_B_P.size(1),
+        cut_B=~eos_B_H[:, :n_steps].any(-1),
+        horizon=horizon,
+    )
+
+
+def pick_token(logits_B_V: torch.Tensor, u_B_1: torch.Tensor | None, temperature: float = 1.0,
+               top_k: int = 0, top_p: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """One token per row and the log-probs it was drawn from: the argmax of softmax(logits)
+    when `u_B_1` is None, else the first token whose cumulative probability under
+    softmax(filter(logits / temperature)) exceeds u (inverse-CDF sampling)."""
+    if u_B_1 is None:
+        logp_B_V = logits_B_V.log_softmax(-1)
+        return logp_B_V.argmax(-1), logp_B_V
+    scaled = logits_B_V / temperature if temperature != 1.0 else logits_B_V
+    logp_B_V = filter_logits(scaled, top_k, top_p).log_softmax(-1)
+    cdf = logp_B_V.exp().cumsum(-1)
+    total = cdf[:, -1:]
+    u = torch.minimum(u_B_1 * total, total.nextafter(torch.zeros_like(total)))
+    return torch.searchsorted(cdf, u, right=True).squeeze(-1), logp_B_V  # u < total: lands
+
+
+def _prefill(model: PreTrainedModel, prompt_B_P: torch.Tensor, prompt_attn_B_P: torch.Tensor,
+             length: int, fast: bool, static: bool
+             ) -> tuple[torch.Tensor, DynamicCache | None, StaticDecoder | None]:
+    """One forward over the prompts: the first logits, and the cache the decode steps extend
+    (the static buffers of the fast path when `fast` and the model supports it)."""
+    cache = DynamicCache()
+    logits_B_V = model(input_ids=prompt_B_P, attention_mask=prompt_attn_B_P,
+                       position_ids=positions_from_mask(prompt_attn_B_P), use_cache=True,
+                       logits_to_keep=1, **{cache_kw(model): cache}).logits[:, -1].float()
+    if not (fast and supports(model, length)):
+        return logits_B_V, cache, None
+    decoder = StaticDecoder(model, prompt_B_P.size(0), length, static=static)
+    decoder.load_prefill(cache, prompt_attn_B_P)
+    return logits_B_V, None, decoder  # the static buffers hold the prompt's K/V now
+
+
+def _decode(pick: Callable[[], torch.Tensor], advance: Callable[[torch.Tensor], None],
+            horizon: int, done: torch.Tensor, graph: bool, check_every: int) -> int:
+    """Runs pick / advance until H tokens or every row is done; returns the steps taken. With
+    `graph`, the first step runs eagerly (the warm-up) and the next is recorded as a CUDA graph
+    that every later step replays."""
+    recorded = None
+    n_steps = 0
+    for t in range(horizon):
+        if recorded is not None:
+            recorded.replay()  # pick + advance; the last advance is wasted (in bounds)
+        else:
+            tok = pick()
+        n_steps = t + 1
+        if n_steps == horizon or (n_steps % check_every == 0 and bool(done.all())):
+            break
+        if recorded is None:
+            advance(tok)
+            if graph:
+                recorded = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(recorded):
+                    advance(pick())  # recorded, not run
+    return n_steps
+
+
 @torch.no_grad()  # not inference_mode: the rollout's tensors feed the learner's autograd graph
 def sample(
     model: PreTrainedModel,
     prompts: list[list[int]],
     horizon: int,
+    *,
     eos_id: int,
     pad_id: int,
     temperature: float = 1.0,
@@ -123,46 +258,21 @@ def sample(
     ids_B_H = torch.full((B, horizon), pad_id, dtype=torch.long, device=device)
     logp_B_H = torch.zeros((B, horizon), dtype=torch.float32, device=device)
     done = torch.zeros(B, dtype=torch.bool, device=device)
-    u_B_H = None  # the uniforms of inverse-CDF sampling, drawn up front
-    if row_seeds is not None and not greedy:
-        if len(row_seeds) != B:
-            raise ValueError(f"row_seeds has {len(row_seeds)} seeds for {B} prompts")
-        u_B_H = torch.stack([torch.rand(horizon, generator=torch.Generator().manual_seed(s))
-                             for s in row_seeds]).to(device)
-    elif not greedy:
-        u_B_H = torch.rand((B, horizon), generator=generator, device=device)
+    u_B_H = _uniforms(B, horizon, greedy, row_seeds, generator, device)
 
-    # prefill: one forward over the prompts fills the cache and gives the first logits
-    cache = DynamicCache()
-    positions = positions_from_mask(prompt_attn_B_P)
-    logits_B_V = model(input_ids=prompt_B_P, attention_mask=prompt_attn_B_P,
-                       position_ids=positions, use_cache=True, logits_to_keep=1,
-                       **{cache_kw(model): cache}).logits[:, -1].float()
     graph = cuda_graph and device.type == "cuda"
-    decoder = None
-    if fast and supports(model, P + horizon):
-        decoder = StaticDecoder(model, B, P + horizon, static=graph)
-        decoder.load_prefill(cache, prompt_attn_B_P)
-        cache = None  # the static buffers hold the prompt's K/V now
+    logits_B_V, cache, decoder = _prefill(model, prompt_B_P, prompt_attn_B_P, P + horizon,
+                                          fast=fast, static=graph)
     graph = graph and decoder is not None
+    positions = positions_from_mask(prompt_attn_B_P)[:, -1].clone()  # each row's last token
     attn = [prompt_attn_B_P]
-    positions = positions[:, -1].clone()  # (B,) position of each row's last token
     column = torch.zeros(1, dtype=torch.long, device=device)  # the response column t
 
     # pick() and advance() touch device-side state only, so a CUDA graph can replay them
     def pick() -> torch.Tensor:
         """Picks and records token t (at `column`) from the current logits."""
-        if greedy:
-            logp_B_V = logits_B_V.log_softmax(-1)
-            tok = logp_B_V.argmax(-1)
-        else:
-            scaled = logits_B_V / temperature if temperature != 1.0 else logits_B_V
-            logp_B_V = filter_logits(scaled, top_k, top_p).log_softmax(-1)
-            cdf = logp_B_V.exp().cumsum(-1)
-            total = cdf[:, -1:]
-            u = torch.minimum(u_B_H.index_select(1, column) * total,
-                              total.nextafter(torch.zeros_like(total)))
-            tok = torch.searchsorted(cdf, u, right=True).squeeze(-1)  # u < total: always lands
+        u_B_1 = None if greedy else u_B_H.index_select(1, column)
+        tok, logp_B_V = pick_token(logits_B_V, u_B_1, temperature, top_k, top_p)
         ids_B_H.index_copy_(1, column, tok[:, None])
         logp_B_H.index_copy_(1, column, logp_B_V.gather(-1, tok[:, None]))
         done.logical_or_(tok == eos_id)
@@ -183,36 +293,7 @@ def sample(
                                    **{cache_kw(model): cache}).logits[:, -1])
 
     # asking whether every row is done waits for the device: on a GPU only every few steps
-    check_every = 8 if device.type == "cuda" else 1
-    recorded = None
-    n_steps = 0
-    for t in range(horizon):
-        if recorded is not None:
-            recorded.replay()  # pick + advance; the last advance is wasted (in bounds)
-        else:
-            tok = pick()
-        n_steps = t + 1
-        if n_steps == horizon or (n_steps % check_every == 0 and bool(done.all())):
-            break
-        if recorded is None:
-            advance(tok)
-            if graph:  # the first step ran eagerly (the warm-up); record the others
-                recorded = torch.cuda.CUDAGraph()
-                with torch.cuda.graph(recorded):
-                    advance(pick())  # recorded, not run
-    # a row's response runs up to and including its first EOS
-    eos_B_H = ids_B_H[:, :n_steps] == eos_id
-    resp_mask = ((eos_B_H.cumsum(-1) - eos_B_H.long()) == 0).long()
-    n_steps = int(resp_mask.sum(-1).max())  # drops steps decoded after every row was done
-    resp_mask = resp_mask[:, :n_steps]
-    out_ids = torch.where(resp_mask.bool(), ids_B_H[:, :n_steps], pad_id)
-    out_logp = torch.where(resp_mask.bool(), logp_B_H[:, :n_steps], 0.0)
-    return Rollout(
-        ids_B_T=torch.cat([prompt_B_P, out_ids], dim=1),
-        attn_B_T=torch.cat([prompt_attn_B_P, resp_mask], dim=1),
-        response_mask_B_R=resp_mask,
-        sampler_logp_B_R=out_logp,
-        prompt_len=P,
-        cut_B=~eos_B_H[:, :n_steps].any(-1),
-        horizon=horizon,
-    )
+    n_steps = _decode(pick, advance, horizon, done, graph=graph,
+                      check_every=8 if device.type == "cuda" else 1)
+    return _as_rollout(prompt_B_P, prompt_attn_B_P, ids_B_H, logp_B_H, n_steps, eos_id, pad_id,
+                       horizon)

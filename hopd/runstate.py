@@ -301,3 +301,15 @@ def truncate_metrics(path: Path, step: int) -> None:
     tmp = path.with_suffix(".tmp")
     tmp.write_text("".join(json.dumps(clean_json(r), allow_nan=False) + "\n" for r in keep))
     os.replace(tmp, path)
+
+
+def save_final_model(run: Path, model: PreTrainedModel, tok: Any,
+                     weights: dict[str, Any] | None = None) -> None:
+    """RUN/model, written beside the old one and swapped in: a failed write loses nothing."""
+    def write(tmp: Path) -> None:
+        model.save_pretrained(tmp, state_dict=weights)
+        tok.save_pretrained(tmp)
+
+    write_folder(run / "model", run / ".tmp_model", write, lambda: (
+        f"no space left on the disk of {run} while writing the final model; the last "
+        "checkpoint is intact: free space, then run again with --resume to write it"))

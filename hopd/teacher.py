@@ -26,7 +26,8 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from hopd.config import ConfigError
 from hopd.losses import entropy
-from hopd.rollout import Rollout, left_pad, positions_from_mask
+from hopd.models import response_logits
+from hopd.rollout import Rollout, left_pad
 
 TOKEN_ENV = "HOPD_TEACHER_TOKEN"  # a bearer token the client sends (and the server may require)
 PROBE = "The teacher and the student must share a tokenizer: 0123456789 =+-*;"
@@ -34,6 +35,10 @@ PROBE = "The teacher and the student must share a tokenizer: 0123456789 =+-*;"
 
 class TeacherUnavailable(ConfigError):
     """The teacher server cannot be reached or answers badly; the message says what to check."""
+
+
+class TeacherRefused(TeacherUnavailable):
+    """The teacher server answered a request with an HTTP error."""
 
 
 @dataclass
@@ -54,16 +59,6 @@ class TeacherScores:
         move = {k: (v.to(device) if isinstance(v, torch.Tensor) else v)
                 for k, v in self.__dict__.items()}
         return TeacherScores(**move)
-
-
-def response_logits(model: PreTrainedModel, ids_B_T: torch.Tensor, attn_B_T: torch.Tensor,
-                    prompt_len: int, vocab: int | None = None) -> torch.Tensor:
-    """(B, R, V) logits predicting each response token; V cut to `vocab` when given."""
-    R = ids_B_T.size(1) - prompt_len
-    out = model(input_ids=ids_B_T, attention_mask=attn_B_T,
-                position_ids=positions_from_mask(attn_B_T), logits_to_keep=R + 1)
-    logits = out.logits[:, :-1, :]
-    return logits[..., :vocab] if vocab is not None else logits
 
 
 @torch.no_grad()
@@ -138,6 +133,7 @@ class RemoteTeacher:
         self.url = url.rstrip("/")
         self.timeout_s, self.retries = timeout_s, retries
         self.token = token or os.environ.get(TOKEN_ENV, "")
+        self.model_name: str | None = None
 
     def _request(self, path: str, body: dict[str, Any] | None = None) -> Any:
         """POST (or GET) with retries on connection errors; the answer parsed as JSON."""
@@ -153,8 +149,8 @@ class RemoteTeacher:
                     raw = resp.read()
             except urllib.error.HTTPError as e:  # the server answered: no point retrying
                 detail = e.read().decode(errors="replace")[:200]
-                raise TeacherUnavailable(f"teacher server {self.url}{path} answered HTTP "
-                                         f"{e.code}: {detail}") from None
+                raise TeacherRefused(f"teacher server {self.url}{path} answered HTTP "
+                                     f"{e.code}: {detail}") from None
             except (urllib.error.URLError, TimeoutError, ConnectionError, OSError) as e:
                 last = e
                 time.sleep(min(2.0, 0.2 * 2 ** attempt))
@@ -171,8 +167,26 @@ class RemoteTeacher:
             f"teacher server {self.url} unreachable after {self.retries + 1} tries ({last}); "
             "start it with `hopd serve-teacher MODEL --port N` or fix teacher_url")
 
+    def served_model(self) -> str:
+        """The name the server serves its model under (vLLM refuses requests for another)."""
+        if self.model_name is None:
+            try:
+                answer = self._request("/v1/models")
+            except TeacherRefused:  # it answers, but lists no models: any name will do
+                self.model_name = "teacher"
+                return self.model_name
+            data = answer.get("data") if isinstance(answer, dict) else None
+            ids = [m.get("id") for m in data or [] if isinstance(m, dict)]
+            if not ids or not isinstance(ids[0], str):
+                raise TeacherUnavailable(f"the teacher server at {self.url} lists no model at "
+                                         f"/v1/models ({str(answer)[:80]}); is it a vLLM or "
+                                         "`hopd serve-teacher` server?")
+            self.model_name = ids[0]
+        return self.model_name
+
     def check_tokenizer(self, tok: PreTrainedTokenizerBase) -> None:
-        answer = self._request("/tokenize", {"prompt": PROBE})
+        answer = self._request("/tokenize", {"model": self.served_model(), "prompt": PROBE,
+                                             "add_special_tokens": False})
         theirs = answer.get("tokens") if isinstance(answer, dict) else None
         if not isinstance(theirs, list):
             raise TeacherUnavailable(f"the teacher server at {self.url} answered /tokenize "
@@ -202,7 +216,8 @@ class RemoteTeacher:
             seqs.append(prompt + rollout.response_ids_B_R[b, :n].tolist())
             starts.append(len(prompt))
         k = top_k if need == "topk" else 0
-        body = {"model": "teacher", "prompt": seqs, "max_tokens": 1, "prompt_logprobs": k}
+        body = {"model": self.served_model(), "prompt": seqs, "max_tokens": 1,
+                "prompt_logprobs": k}
         for attempt in range(self.retries + 1):
             try:
                 logp, topv, topi = parse_prompt_logprobs(self._request("/v1/completions", body),

@@ -156,13 +156,15 @@ def test_an_untrained_student_never_widens_on_noise(tokenizer, micro_pair):
     budget = 40
     rule = AdaptiveRule(budget)  # the defaults a user gets
     state = AdaptiveState(4)
-    cfg = DistillConfig(diag_buckets=8)
+    cfg = DistillConfig()
     means = []
     for step in range(10):
-        d = position_diagnostics(student, LocalTeacher(teacher), prompts, cfg, budget,
-                                 len(tokenizer), eos=2, pad=0, step=step)
-        means.append(d["_reading"].region(0, 4).mean)
-        state = adaptive_update(state, rule, step, d["_reading"])
+        _, reading = position_diagnostics(student, LocalTeacher(teacher), prompts,
+                                          sampling=cfg.sampling, budget=budget,
+                                          vocab=len(tokenizer), eos=2, pad=0, seed=cfg.seed,
+                                          step=step, buckets=8)
+        means.append(reading.region(0, 4).mean)
+        state = adaptive_update(state, rule, step, reading)
     assert len(set(means)) > 1  # the readings really differ from check to check
     assert state.horizon == 4 and not state.moves
 

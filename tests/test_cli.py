@@ -101,12 +101,12 @@ def test_a_bug_mid_training_shows_its_traceback(tmp_path, micro_pair, monkeypatc
     """A ValueError raised by a bug is not dressed up as the user's bad input (exit 2)."""
     import pytest
 
-    import hopd.distill as D
+    import hopd.step
 
     def broken(*a, **k):
         raise ValueError("an internal bug")
 
-    monkeypatch.setattr(D, "learn", broken)
+    monkeypatch.setattr(hopd.step, "learn", broken)
     s, t = micro_pair
     with pytest.raises(ValueError, match="an internal bug"):
         main(["distill", "--out", str(tmp_path / "run"), "--quiet", f"student={s}",

@@ -3,10 +3,11 @@
 import pytest
 import torch
 
-from hopd.distill import DistillConfig, LossConfig, learn
+from hopd.distill import DistillConfig, LossConfig
 from hopd.models import tiny_llama
 from hopd.rollout import sample
 from hopd.sft import sft_batch, sft_loss
+from hopd.step import learn
 from hopd.tasks import load_examples
 from hopd.teacher import score
 

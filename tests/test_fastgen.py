@@ -72,7 +72,8 @@ def test_static_shape_step_matches_the_sliced_step(arch):
     from transformers import DynamicCache
 
     from hopd.fastgen import StaticDecoder
-    from hopd.rollout import cache_kw, left_pad, positions_from_mask
+    from hopd.models import positions_from_mask
+    from hopd.rollout import cache_kw, left_pad
 
     torch.manual_seed(0)
     model = ARCHS[arch]().eval()
@@ -113,16 +114,16 @@ def test_bf16_sampler_log_probs_stay_near_the_learners_over_a_whole_rollout():
     0.0010; this fast path 0.16 / 0.0024 (with 16-bit scores, softmax and folded scale it was
     0.30 / 0.0031)."""
     from hopd.losses import token_logprobs
-    from hopd.models import load_model, load_tokenizer
+    from hopd.models import load_model, load_tokenizer, response_logits
     from hopd.tasks import encode_prompts, load_examples
-    from hopd.teacher import response_logits
 
     tok = load_tokenizer("testbed:student")
     model = load_model("testbed:student", dtype="bfloat16").eval()
     prompts = encode_prompts(tok, [e.prompt for e in load_examples("chain:default", 16, "eval")])
     drift = {}
     for fast in (True, False):
-        r = sample(model, prompts, 160, tok.eos_token_id, tok.pad_token_id, fast=fast,
+        r = sample(model, prompts, 160, eos_id=tok.eos_token_id, pad_id=tok.pad_token_id,
+                   fast=fast,
                    generator=torch.Generator().manual_seed(1))
         with torch.no_grad():
             learner = token_logprobs(response_logits(model, r.ids_B_T, r.attn_B_T, r.prompt_len,

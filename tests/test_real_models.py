@@ -75,7 +75,7 @@ def test_teacher_with_its_own_system_prompt_scores_the_same_tokens(tmp_path, tok
 
     model = tiny_llama("micro", tokenizer, seed=4).eval()
     prompts = encode_prompts(tokenizer, ["a=1+2;", "a=3*4;b=a-1;"])
-    r = sample(model, prompts, 6, -1, 0, greedy=True)
+    r = sample(model, prompts, 6, eos_id=-1, pad_id=0, greedy=True)
     same = score(model, r, prompts=prompts)
     plain = score(model, r)
     assert torch.allclose(same.logp_B_R, plain.logp_B_R, atol=1e-5)
@@ -128,12 +128,12 @@ def test_fast_sampler_sees_lora_adapters(tokenizer):
             if "lora_B" in n:
                 p.normal_(0, 0.5)  # non-zero adapters change the outputs
     prompts = [[1, 14, 66, 7], [1, 15]]
-    fast = sample(model, prompts, 8, -1, 0, greedy=True, fast=True)
-    slow = sample(model, prompts, 8, -1, 0, greedy=True, fast=False)
+    fast = sample(model, prompts, 8, eos_id=-1, pad_id=0, greedy=True, fast=True)
+    slow = sample(model, prompts, 8, eos_id=-1, pad_id=0, greedy=True, fast=False)
     assert fast.ids_B_T.equal(slow.ids_B_T)
     assert torch.allclose(fast.sampler_logp_B_R, slow.sampler_logp_B_R, atol=1e-5)
     with model.disable_adapter():
-        off = sample(model, prompts, 8, -1, 0, greedy=True, fast=True)
+        off = sample(model, prompts, 8, eos_id=-1, pad_id=0, greedy=True, fast=True)
     assert not torch.allclose(off.sampler_logp_B_R, fast.sampler_logp_B_R)  # adapters count
 
 

