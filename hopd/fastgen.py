@@ -14,6 +14,11 @@ buffers:
 - attention is a plain batched matmul against a K cache kept transposed, with an additive key
   bias that hides the prompt's left padding.
 
+That is the float32 step. In bf16/fp16 those fused roundings made the sampler's log-probs drift
+from the learner's, so the 16-bit step rounds exactly where HF's forward does (RoPE as two
+products, the scale unfolded, residual adds rounded, SDPA over K in HF's layout): its tokens and
+log-probs equal HF's own cached decode.
+
 Rows that have finished (EOS) keep decoding; rows never see each other, so their tokens are
 simply discarded by the caller. Nothing in a step depends on the data, so on a GPU the sampler
 records one whole token step (pick the token, decode it) as a CUDA graph and replays it
@@ -79,18 +84,22 @@ class StaticDecoder:
         # (Qwen3: a norm after the projection would undo it)
         self.scale = self.head_dim ** -0.5
         p = next(model.parameters())
-        # In 16-bit, scores and softmax run in float32 with the exact scale, as HF's attention
-        # does: folding the scale into 16-bit weights and a 16-bit softmax made the sampler's
-        # log-probs drift from the learner's by 3x HF's own decode (bf16, the testbed student).
-        self.fp32_scores = p.dtype in (torch.bfloat16, torch.float16)
-        fold = 1.0 if self.fp32_scores else self.scale
+        # In 16-bit every rounding must fall where HF's forward puts it, or the sampler's
+        # log-probs drift from the learner's (bf16, the testbed student: 3x HF's own decode
+        # with the fused float32 tricks). So in 16-bit: RoPE as two rounded products, the scale
+        # unfolded, residual adds rounded, and attention through SDPA over a K cache in HF's
+        # (B, n_kv, T, d) layout (SDPA rounds differently when K is a transposed view).
+        self.hf_exact = p.dtype in (torch.bfloat16, torch.float16)
+        fold = 1.0 if self.hf_exact else self.scale
         self.q_scale = [1.0 if hasattr(layer.self_attn, "q_norm") else fold
                         for layer in m.layers]
         self.static = static
         kw = dict(dtype=p.dtype, device=p.device)
-        # K is kept transposed, (B, n_kv, d, T): q @ K^T is then a plain batched matmul over
-        # contiguous rows, faster on CPU than the fused attention kernel at q_len = 1
-        self.k = [torch.zeros((batch, self.n_kv, self.head_dim, max_len), **kw) for _ in m.layers]
+        # float32: K is kept transposed, (B, n_kv, d, T): q @ K^T is then a plain batched matmul
+        # over contiguous rows, faster on CPU than the fused attention kernel at q_len = 1
+        k_shape = (batch, self.n_kv, max_len, self.head_dim) if self.hf_exact else \
+            (batch, self.n_kv, self.head_dim, max_len)
+        self.k = [torch.zeros(k_shape, **kw) for _ in m.layers]
         self.v = [torch.zeros((batch, self.n_kv, max_len, self.head_dim), **kw) for _ in m.layers]
         self.bias = torch.zeros((batch, 1, 1, max_len), **kw)  # 0: attend; -inf: hidden key
         self.column = torch.zeros(1, dtype=torch.long, device=p.device)  # write column (static)
@@ -127,7 +136,7 @@ class StaticDecoder:
         att = layer.self_attn
         if not hasattr(att, "q_norm"):
             return None
-        fold = 1.0 if self.fp32_scores else self.scale
+        fold = 1.0 if self.hf_exact else self.scale
         return torch.cat([att.q_norm.weight.expand(self.n_heads, -1) * fold,
                           att.k_norm.weight.expand(self.n_kv, -1)])
 
@@ -135,7 +144,10 @@ class StaticDecoder:
         """Copies the prompt's K/V from the model's own cache after a prefill forward."""
         P = attn_B_P.size(1)
         for i, layer in enumerate(cache.layers):  # type: ignore[attr-defined]
-            self.k[i][:, :, :, :P] = layer.keys.transpose(-1, -2)
+            if self.hf_exact:
+                self.k[i][:, :, :P] = layer.keys
+            else:
+                self.k[i][:, :, :, :P] = layer.keys.transpose(-1, -2)
             self.v[i][:, :, :P] = layer.values
         self.bias.zero_()
         self.bias[:, 0, 0, :P].masked_fill_(attn_B_P == 0, float("-inf"))  # left padding
@@ -155,6 +167,29 @@ class StaticDecoder:
         if self.static:
             self.column.add_(1)
         return out
+
+    def _write_kv(self, i: int, k: torch.Tensor, v: torch.Tensor, t: int) -> None:
+        """Writes this token's (B, n_kv, d) K and V at column t (static: at `column`)."""
+        k_dim = 2 if self.hf_exact else 3
+        if self.static:
+            self.k[i].index_copy_(k_dim, self.column, k.unsqueeze(k_dim))
+            self.v[i].index_copy_(2, self.column, v[:, :, None])
+        else:
+            self.k[i].select(k_dim, t).copy_(k)
+            self.v[i][:, :, t] = v
+
+    def _attend_hf(self, i: int, q: torch.Tensor, k_len: int, bias: torch.Tensor
+                   ) -> torch.Tensor:
+        """16-bit attention as HF's SDPA path computes it: kv heads repeated, a boolean mask,
+        the exact scale."""
+        B, nh, d = q.shape
+        group = nh // self.n_kv
+        keys, values = self.k[i][:, :, :k_len], self.v[i][:, :, :k_len]
+        if group > 1:
+            keys, values = keys.repeat_interleave(group, 1), values.repeat_interleave(group, 1)
+        o = F.scaled_dot_product_attention(q[:, :, None], keys, values, attn_mask=bias == 0,
+                                           scale=self.scale)
+        return o.reshape(B, nh * d)
 
     def _step(self, tokens_B: torch.Tensor, positions_B: torch.Tensor, t: int) -> torch.Tensor:
         m = self.model.model
@@ -179,23 +214,19 @@ class StaticDecoder:
             qk, v = qkv[:, : nh + nkv], qkv[:, nh + nkv:]
             if self.qk_norm[i] is not None:
                 qk = _rms(qk, None, self.eps) * self.qk_norm[i]
-            qk = torch.addcmul(qk * cos, qk.roll(d // 2, -1), sin)  # RoPE on q and k at once
+            if self.hf_exact:  # RoPE on q and k at once, each product rounded as HF's is
+                qk = qk * cos + qk.roll(d // 2, -1) * sin
+            else:
+                qk = torch.addcmul(qk * cos, qk.roll(d // 2, -1), sin)
             q, k = qk[:, :nh], qk[:, nh:]
-            if self.static:
-                self.k[i].index_copy_(3, self.column, k[..., None])
-                self.v[i].index_copy_(2, self.column, v[:, :, None])
-            else:
-                self.k[i][:, :, :, t] = k
-                self.v[i][:, :, t] = v
-            # query heads grouped by their kv head (HF's repeat_kv order): (B, n_kv, group, d)
-            q = q.view(B, nkv, nh // nkv, d)
-            if self.fp32_scores:
-                scores = torch.matmul(q.float(), self.k[i][..., :k_len].float()) * self.scale
-                probs = (scores + bias.float()).softmax(-1).to(v.dtype)
-            else:
+            self._write_kv(i, k, v, t)
+            if self.hf_exact:
+                o = self._attend_hf(i, q, k_len, bias)
+            else:  # query heads grouped by their kv head (HF's repeat_kv order)
+                q = q.view(B, nkv, nh // nkv, d)
                 probs = (torch.matmul(q, self.k[i][..., :k_len]) + bias).softmax(-1)
-            o = torch.matmul(probs, self.v[i][:, :, :k_len]).view(B, nh * d)
-            if self.fused is not None and not self.fp32_scores:
+                o = torch.matmul(probs, self.v[i][:, :, :k_len]).view(B, nh * d)
+            if self.fused is not None and not self.hf_exact:
                 x = torch.addmm(x, o, att.o_proj.weight.t())  # float32: one op, same rounding
                 gate, up = F.linear(_rms(x, layer.post_attention_layernorm.weight, self.eps),
                                     w_gu).chunk(2, dim=-1)
