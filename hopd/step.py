@@ -79,8 +79,9 @@ def opd_step(student: PreTrainedModel, teacher: Teacher | PreTrainedModel,
     # 3. learn: per-token loss, backward over micro-batches, clip, AdamW
     opt.zero_grad(set_to_none=True)
     n_tokens, n_seqs = dist.sum([float(rollout.num_tokens), float(rollout.ids_B_T.size(0))])
-    local = learn(learner or student, rollout, scores, cfg, vocab=vocab, dist=dist,
-                  budget=budget, totals=(int(n_tokens), n_seqs))
+    local = learn(learner or student, rollout, scores, cfg.loss, sampling=cfg.sampling,
+                  grad_accum=cfg.grad_accum, vocab=vocab, dist=dist, budget=budget,
+                  totals=(int(n_tokens), n_seqs))
     trainable = [p for p in student.parameters() if p.requires_grad]
     norm = torch.nn.utils.clip_grad_norm_(trainable, cfg.optim.grad_clip)
     gnorm = float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)  # FSDP: DTensor
@@ -100,11 +101,13 @@ def opd_step(student: PreTrainedModel, teacher: Teacher | PreTrainedModel,
         rho_max=local["rho_max"], act_mem_mb=local["act_mem_mb"])
 
 
-def learn(student: PreTrainedModel, rollout: Rollout, teacher: TeacherScores, cfg: DistillConfig,
-          *, vocab: int, dist: Dist | None = None, budget: int = 0,
-          totals: tuple[int, float] | None = None) -> dict[str, float]:
+def learn(student: PreTrainedModel, rollout: Rollout, teacher: TeacherScores, loss_cfg: LossConfig,
+          *, vocab: int, sampling: SamplingConfig | None = None, grad_accum: int = 1,
+          dist: Dist | None = None, budget: int = 0, totals: tuple[int, float] | None = None
+          ) -> dict[str, float]:
     """Accumulates the step's gradient over `grad_accum` micro-batches; returns this process's
-    loss stats (its share of the loss and of the token-mean importance ratio).
+    loss stats (its share of the loss and of the token-mean importance ratio). `sampling` is
+    the distribution the rollouts were drawn from (sampled_rkl's importance ratio; default T=1).
 
     Every micro-batch loss is weighted with the step's totals over all ranks (`totals`: response
     tokens and rows; reduced here when not given; token_mean divides by the token count), so the
@@ -117,24 +120,25 @@ def learn(student: PreTrainedModel, rollout: Rollout, teacher: TeacherScores, cf
         n, s = dist.sum([float(rollout.num_tokens), float(B)])
         totals = (int(n), s)
     n_tokens, n_seqs = totals
-    mb = math.ceil(B / cfg.grad_accum)
+    mb = math.ceil(B / grad_accum)
+    sampling = sampling or SamplingConfig()
     total, stats, act_bytes = 0.0, {"rho_mean": 0.0, "rho_max": 0.0}, 0
-    kind = cfg.loss.kind
+    kind = loss_cfg.kind
     teacher_in = None if kind in ("sampled_rkl", "sft") else teacher.as_loss_input()
     for lo in range(0, B, mb):
         rows = slice(lo, lo + mb)
         mask = rollout.response_mask_B_R[rows]
-        weight = None if cfg.loss.normalizer == "token_mean" and kind != "sft" else \
-            token_weights(mask, cfg.loss.normalizer, n_tokens, n_seqs, budget or mask.size(1))
+        weight = None if loss_cfg.normalizer == "token_mean" and kind != "sft" else \
+            token_weights(mask, loss_cfg.normalizer, n_tokens, n_seqs, budget or mask.size(1))
         with dist.no_sync(student, skip=lo + mb < B), count_saved_bytes() as saved:
             logits = response_logits(student, rollout.ids_B_T[rows], rollout.attn_B_T[rows],
                                      rollout.prompt_len, vocab)
             if kind == "sampled_rkl":
-                learner_logp = token_logprobs(as_sampled(logits, cfg.sampling),
+                learner_logp = token_logprobs(as_sampled(logits, sampling),
                                               rollout.response_ids_B_R[rows])
                 loss, s = sampled_rkl(learner_logp, rollout.sampler_logp_B_R[rows],
                                       teacher.logp_B_R[rows], mask, n_tokens,
-                                      gamma=cfg.loss.gamma, clip_eps=cfg.loss.clip_eps,
+                                      gamma=loss_cfg.gamma, clip_eps=loss_cfg.clip_eps,
                                       weight_B_R=weight)
                 stats["rho_mean"] += s["rho_mean"] * float(mask.sum()) / max(n_tokens, 1)
                 stats["rho_max"] = max(stats["rho_max"], s["rho_max"])
@@ -142,7 +146,7 @@ def learn(student: PreTrainedModel, rollout: Rollout, teacher: TeacherScores, cf
                 loss = sft_loss(token_logprobs(logits, rollout.response_ids_B_R[rows]), weight)
             else:
                 sub = {k: v[rows] for k, v in teacher_in.items()}
-                loss = distribution_loss(logits, sub, mask, n_tokens, kind, cfg.loss.beta,
+                loss = distribution_loss(logits, sub, mask, n_tokens, kind, loss_cfg.beta,
                                          weight_B_R=weight)
             (loss * dist.world).backward()
         act_bytes = max(act_bytes, saved.bytes)

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from hopd.distill import DistillConfig, LossConfig
+from hopd.distill import LossConfig
 from hopd.models import tiny_llama
 from hopd.rollout import sample
 from hopd.sft import sft_batch, sft_loss
@@ -32,9 +32,9 @@ def test_batch8_accum1_equals_batch2_accum4(tokenizer, kind, top_k):
     scores = score(teacher, r, need, top_k)
     grads = []
     for accum in (1, 4):
-        cfg = DistillConfig(batch_size=8, grad_accum=accum, loss=LossConfig(kind=kind, top_k=top_k))
         student.zero_grad(set_to_none=True)
-        stats = learn(student, r, scores, cfg, vocab=len(tokenizer))
+        stats = learn(student, r, scores, LossConfig(kind=kind, top_k=top_k), grad_accum=accum,
+                      vocab=len(tokenizer))
         grads.append((_grads(student), stats["loss"]))
     assert torch.allclose(grads[0][0], grads[1][0], rtol=1e-9, atol=1e-12)
     assert grads[0][1] == pytest.approx(grads[1][1], rel=1e-9)
@@ -115,10 +115,9 @@ def test_every_normalizer_matches_brute_force_and_accumulation(tokenizer, normal
                 "constant": sum(rows) / (8 * L)}[normalizer]
     results = []
     for accum in (1, 4):
-        cfg = DistillConfig(batch_size=8, grad_accum=accum,
-                            loss=LossConfig(kind=kind, normalizer=normalizer))
         student.zero_grad(set_to_none=True)
-        stats = learn(student, r, scores, cfg, vocab=len(tokenizer), budget=L)
+        stats = learn(student, r, scores, LossConfig(kind=kind, normalizer=normalizer),
+                      grad_accum=accum, vocab=len(tokenizer), budget=L)
         results.append((_grads(student), stats["loss"]))
     assert results[0][1] == pytest.approx(float(expected), rel=1e-9)
     assert torch.allclose(results[0][0], results[1][0], rtol=1e-9, atol=1e-12)
@@ -154,9 +153,9 @@ def test_importance_ratio_is_one_for_identical_weights_at_any_temperature(
                for i in range(8)]
     r = sample(student, prompts, 12, eos_id=14, pad_id=0, temperature=temperature,
                top_k=top_k, top_p=top_p, generator=torch.Generator().manual_seed(0))
-    cfg = DistillConfig(batch_size=8, sampling=SamplingConfig(temperature=temperature,
-                                                              top_k=top_k, top_p=top_p))
+    sampling = SamplingConfig(temperature=temperature, top_k=top_k, top_p=top_p)
     student.zero_grad(set_to_none=True)
-    stats = learn(student, r, score(teacher, r, "sampled"), cfg, vocab=len(tokenizer))
+    stats = learn(student, r, score(teacher, r, "sampled"), LossConfig(), sampling=sampling,
+                  vocab=len(tokenizer))
     assert stats["rho_mean"] == pytest.approx(1.0, abs=1e-5)
     assert stats["rho_max"] == pytest.approx(1.0, abs=1e-4)

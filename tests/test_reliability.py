@@ -259,9 +259,9 @@ def test_non_finite_steps_are_skipped_then_stop(tmp_path, micro_pair, monkeypatc
     real = D.learn
     calls = {"n": 0}
 
-    def flaky(student, rollout, scores, cfg, **kw):
+    def flaky(student, rollout, scores, loss_cfg, **kw):
         calls["n"] += 1
-        out = real(student, rollout, scores, cfg, **kw)
+        out = real(student, rollout, scores, loss_cfg, **kw)
         if calls["n"] >= 2:  # from the second step on: NaN gradients
             for p in student.parameters():
                 p.grad.fill_(math.nan)
