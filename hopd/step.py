@@ -31,7 +31,8 @@ class StepStats:
     finite: bool  # loss and gradient finite: the optimizer stepped
     sample_time_s: float
     teacher_time_s: float
-    learn_time_s: float
+    learn_time_s: float  # loss, backward, clipping and the optimizer step
+    optim_time_s: float  # the optimizer step alone (on a GPU: as launched, not synchronised)
     sampled_tokens: int
     cut_rows: int  # rollouts that reached H without an EOS
     sampled_rkl: float  # mean over sampled tokens of log q(y) - log t(y)
@@ -91,12 +92,14 @@ def opd_step(student: PreTrainedModel, teacher: Teacher | PreTrainedModel,
     loss, rho_mean, n_cut, rkl_sum = dist.sum([local["loss"], local["rho_mean"],
                                                float(rollout.cut_B.sum()), rkl_sum])
     finite = math.isfinite(loss) and math.isfinite(gnorm)
+    t_opt = time.perf_counter()
     if finite:
         opt.step()
     t3 = time.perf_counter()
     return rollout, scores, StepStats(
         loss=loss, grad_norm=gnorm, finite=finite, sample_time_s=t1 - t0,
-        teacher_time_s=t2 - t1, learn_time_s=t3 - t2, sampled_tokens=int(n_tokens),
+        teacher_time_s=t2 - t1, learn_time_s=t3 - t2, optim_time_s=t3 - t_opt,
+        sampled_tokens=int(n_tokens),
         cut_rows=int(n_cut), sampled_rkl=rkl_sum / max(n_tokens, 1), rho_mean=rho_mean,
         rho_max=local["rho_max"], act_mem_mb=local["act_mem_mb"])
 

@@ -120,7 +120,10 @@ class VLLMSampler:
             distributed_executor_backend="external_launcher", enforce_eager=True,
             logprobs_mode="processed_logprobs", skip_tokenizer_init=True,
             gpu_memory_utilization=gpu_memory_utilization, max_num_seqs=max_num_seqs,
-            enable_prefix_caching=False)
+            enable_prefix_caching=False,
+            # on a CPU, a prompt prefilled in chunks rewinds its seeded generator, which CPU
+            # generators cannot do (vLLM 0.32 fails with "CPU Generator does not use offset")
+            **({"enable_chunked_prefill": False} if device.type == "cpu" else {}))
         self.sync()  # the learner may already differ from `path` (a resumed run, LoRA)
 
     def _runner(self) -> Any:

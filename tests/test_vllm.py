@@ -57,11 +57,13 @@ def test_greedy_rollouts_equal_hopds_token_for_token(checks, tag):
     assert c["logp_max_diff"] < 2e-4
 
 
-@pytest.mark.parametrize("tag", ["sampled_t1", "sampled_t07_k8", "sampled_t13_p09"])
+@pytest.mark.parametrize("tag", ["sampled_t1", "sampled_t07_k8", "sampled_t13_p09", "many_rows"])
 def test_sampled_log_probs_equal_the_learners_under_the_same_temperature_and_filter(checks, tag):
-    """vLLM's processed log-probs against the learner's forward through `as_sampled`."""
+    """vLLM's processed log-probs against the learner's forward through `as_sampled`;
+    `many_rows`: 128 prompts of about 75 tokens, more than one scheduler step prefills (on a CPU
+    vLLM 0.32 then failed with seeded rows until chunked prefill was turned off)."""
     c = checks[tag]
-    assert c["logp_max_diff"] < 2e-4 and c["tokens"] > 1000
+    assert c["logp_max_diff"] < 2e-4 and c["tokens"] >= 2000
     assert c["reproducible"]  # per-row seeds give the same rollouts again
 
 

@@ -50,11 +50,12 @@ def main(out: str) -> None:
                                               v.response_mask_B_R),
                     "first_row": v.response_ids_B_R[0].tolist()}
 
-    def sampled(tag: str, T: float, k: int, p: float) -> None:
+    def sampled(tag: str, T: float, k: int, p: float, rows: list[list[int]] = prompts,
+                H: int = L) -> None:
         engine.opts = {"temperature": T, "top_k": k, "top_p": p}
-        seeds = row_seeds(0, 1, range(len(prompts)))
-        r = engine.sample(prompts, L, row_seeds=seeds)
-        again = engine.sample(prompts, L, row_seeds=seeds)
+        seeds = row_seeds(0, 1, range(len(rows)))
+        r = engine.sample(rows, H, row_seeds=seeds)
+        again = engine.sample(rows, H, row_seeds=seeds)
         with torch.no_grad():
             logits = response_logits(model, r.ids_B_T, r.attn_B_T, r.prompt_len)
             as_drawn = as_sampled(logits, SamplingConfig(temperature=T, top_p=p, top_k=k))
@@ -67,6 +68,8 @@ def main(out: str) -> None:
     sampled("sampled_t1", 1.0, 0, 1.0)
     sampled("sampled_t07_k8", 0.7, 8, 1.0)
     sampled("sampled_t13_p09", 1.3, 0, 0.9)
+    # more prompt tokens than one scheduler step takes (4,096): prefills are split across steps
+    sampled("many_rows", 1.0, 0, 1.0, rows=prompts * 8, H=16)
     # one optimizer step that moves the model's greedy answers, then the sync
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
     r = sample(model, prompts, L, eos_id=eos, pad_id=pad, temperature=1.5,
