@@ -193,6 +193,39 @@ def test_pinned_metrics_of_a_short_run(tmp_path, micro_pair):
         assert [r["loss"] for r in train] == pytest.approx(losses, rel=1e-5, abs=1e-8)
 
 
+def test_the_sft_baseline_samples_from_the_teacher(tmp_path, micro_pair):
+    """loss.kind=sft: the run's sampler is the teacher's, so the first step's loss is the
+    student's mean negative log-likelihood of the teacher's answers (drawn with the run's
+    per-row seeds; greedy answers would not tell the two random models apart)."""
+    import pytest
+    import torch
+
+    from hopd.losses import token_logprobs
+    from hopd.models import load_model, load_tokenizer, response_logits
+    from hopd.progress import read_metrics
+    from hopd.rollout import row_seeds, sample
+    from hopd.tasks import PromptSource, encode_prompts
+
+    s, t = micro_pair
+    run = tmp_path / "sft"
+    assert main(["distill", "--out", str(run), "--quiet", f"student={s}", f"teacher={t}",
+                 "data=chain:tiny", "max_steps=1", "batch_size=4", "eval_n=4", "eval_every=0",
+                 "diag_every=0", "threads=1", "loss.kind=sft"]) == 0
+    (rec,) = [r for r in read_metrics(run / "metrics.jsonl") if "loss" in r]
+    source = PromptSource("chain:tiny")
+    tok = load_tokenizer(str(t))
+    prompts = encode_prompts(tok, [e.prompt for e in source.train_batch(0, 4, 0, start=0)])
+    answers = sample(load_model(str(t)).eval(), prompts, source.default_budget(),
+                    eos_id=tok.eos_token_id, pad_id=tok.pad_token_id,
+                    row_seeds=row_seeds(0, 0, range(4)))
+    student = load_model(str(s)).eval()
+    with torch.no_grad():
+        logits = response_logits(student, answers.ids_B_T, answers.attn_B_T, answers.prompt_len)
+        logp = token_logprobs(logits, answers.response_ids_B_R)
+    nll = -(logp * answers.response_mask_B_R).sum() / answers.response_mask_B_R.sum()
+    assert rec["loss"] == pytest.approx(float(nll), rel=1e-4)
+
+
 def test_compare_jobs_runs_in_parallel_with_the_numbers_of_a_serial_run(tmp_path, micro_pair,
                                                                          capsys):
     """`--jobs 2` runs the plan two at a time in fresh processes: every run folder is complete,
