@@ -26,7 +26,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent))
 from common import commit, machine, median, print_table, testbed_models, testbed_prompts  # noqa: E402
 
+from hopd.context import make_optimizer  # noqa: E402
 from hopd.distill import DistillConfig  # noqa: E402
+from hopd.distill_config import OptimConfig  # noqa: E402
 from hopd.rollout import HFSampler, row_seeds  # noqa: E402
 from hopd.step import opd_step  # noqa: E402
 
@@ -56,7 +58,7 @@ def main() -> None:
     prompts, L = testbed_prompts(tok, args.batch)
     L = args.budget or L
     cfg = DistillConfig(batch_size=args.batch)
-    opt = torch.optim.AdamW(student.parameters(), lr=1e-6)
+    opt = make_optimizer(list(student.parameters()), OptimConfig(lr=1e-6))  # as hopd distill
     vocab = min(student.config.vocab_size, teacher.config.vocab_size)
     results = []
     for frac in FRACTIONS:

@@ -19,6 +19,7 @@ Cells are measured interleaved (hopd, GKD, Distillation in turn), medians of the
 after a warm-up step. Prints one table and one JSON line.
 
     python benchmarks/phase_split.py                  # the table in BENCHMARKS.md
+    python benchmarks/phase_split.py --sizes qwen2-0.5b --batches 8 --horizons 32 --steps 2
     python benchmarks/phase_split.py --sizes tiny --batches 8 --horizons 32 --steps 1
 """
 
@@ -38,9 +39,19 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM, TrainerCallback
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import commit, machine, median, print_table, testbed_models, testbed_prompts  # noqa: E402
+from common import (  # noqa: E402
+    commit,
+    machine,
+    median,
+    print_table,
+    random_real_shape,
+    testbed_models,
+    testbed_prompts,
+)
 
+from hopd.context import make_optimizer  # noqa: E402
 from hopd.distill import DistillConfig, LossConfig  # noqa: E402
+from hopd.distill_config import OptimConfig  # noqa: E402
 from hopd.models import build_testbed_tokenizer  # noqa: E402
 from hopd.rollout import HFSampler, row_seeds  # noqa: E402
 from hopd.step import opd_step  # noqa: E402
@@ -62,6 +73,10 @@ def llama(layers: int, hidden: int, tok, seed: int) -> LlamaForCausalLM:
 
 
 def models(size: str):
+    if size == "qwen2-0.5b":  # the real layout with random weights, fp32; the teacher alike
+        tok = build_testbed_tokenizer()  # its ids are valid in Qwen's larger vocabulary
+        return (random_real_shape("random:qwen2-0.5b", "cpu", torch.float32),
+                random_real_shape("random:qwen2-0.5b", "cpu", torch.float32).eval(), tok)
     if size == "testbed":
         return testbed_models("testbed:student", "testbed:teacher", "cpu", max_positions=2048)
     tok = build_testbed_tokenizer()
@@ -147,7 +162,7 @@ def trl_run(kind: str, student, teacher, tok, rows, B: int, H: int, steps: int) 
 
 def hopd_run(student, teacher, tok, prompts, B: int, H: int, steps: int) -> list[dict]:
     cfg = DistillConfig(batch_size=B, loss=LossConfig(kind="jsd", beta=1.0))
-    opt = torch.optim.AdamW(student.parameters(), lr=1e-6)
+    opt = make_optimizer(list(student.parameters()), OptimConfig(lr=1e-6))  # as hopd distill
     vocab = min(student.config.vocab_size, teacher.config.vocab_size)
     sampler = HFSampler(student, -1, tok.pad_token_id)  # EOS off: every row H tokens
     out = []
@@ -169,16 +184,19 @@ def main() -> None:
     ap.add_argument("--horizons", default="32,128")
     ap.add_argument("--steps", type=int, default=2, help="timed steps per trainer and cell")
     ap.add_argument("--trainers", default="hopd,gkd,distillation")
+    ap.add_argument("--data", default="chain:default",
+                    help="prompts: chain:default (74 tokens), chain:tiny (20), chain:hard (206)")
     args = ap.parse_args()
     try:
         import datasets  # noqa: F401
         import trl  # noqa: F401
     except ImportError:
-        print("phase_split: TRL is not installed. Install the bench extra: pip install -e '.[bench]'")
+        print("phase_split: TRL is not installed. Install the bench extra: "
+              "pip install -e '.[bench]'")
         return
     warnings.filterwarnings("ignore")
     trainers = args.trainers.split(",")
-    src = PromptSource("chain:default")
+    src = PromptSource(args.data)
     examples = src.train_batch(0, 256, seed=123)
     rows = {"messages": [{"messages": [{"role": "user", "content": e.prompt},
                                        {"role": "assistant", "content": e.response}]}
@@ -191,7 +209,7 @@ def main() -> None:
                 cell = {"size": size, "batch": B, "H": H}
                 for name in trainers:
                     student, teacher, tok = models(size)  # fresh weights for every trainer
-                    prompts, _ = testbed_prompts(tok, B)
+                    prompts, _ = testbed_prompts(tok, B, args.data)
                     steps = hopd_run(student, teacher, tok, prompts, B, H, args.steps) \
                         if name == "hopd" else \
                         trl_run(name, student, teacher, tok, rows, B, H, args.steps)
@@ -199,13 +217,14 @@ def main() -> None:
                 print(f"{size} B={B} H={H}: " + ", ".join(
                     f"{n} {cell[n]['step']:.3f}s" for n in trainers), file=sys.stderr, flush=True)
                 cells.append(cell)
-    P = len(testbed_prompts(build_testbed_tokenizer(), 1)[0][0])
+    P = len(testbed_prompts(build_testbed_tokenizer(), 1, args.data)[0][0])
     print(f"\nOPD step split by phase: {machine('cpu')}, commit {commit()}, threads "
           f"{torch.get_num_threads()}")
     print(f"prompts of {P} tokens, rollouts forced to H, fp32, median of {args.steps} steps after "
           "1 warm-up; TRL: gradient checkpointing off, bf16 off (both on by default); sizes: "
           "testbed = the bundled 3x96 student / 4x128 teacher, tiny = 2x128 / 4x256, "
-          "small = 4x256 / 8x512 (layers x hidden)\n")
+          "small = 4x256 / 8x512 (layers x hidden), qwen2-0.5b = Qwen2-0.5B's layout with "
+          "random weights for both\n")
     head = ["size", "B", "H", "trainer", "s/step", "generate", "teacher", "learn+other", "optim",
             "TRL / hopd"]
     table = []

@@ -36,7 +36,9 @@ from common import (  # noqa: E402
     testbed_prompts,
 )
 
+from hopd.context import make_optimizer  # noqa: E402
 from hopd.distill import DistillConfig, LossConfig  # noqa: E402
+from hopd.distill_config import OptimConfig  # noqa: E402
 from hopd.rollout import HFSampler, row_seeds  # noqa: E402
 from hopd.step import opd_step  # noqa: E402
 from hopd.tasks import PromptSource  # noqa: E402
@@ -91,7 +93,7 @@ def trl_steps(student, teacher, tok, rows, batch: int, H: int, steps: int, warmu
 def hopd_steps(student, teacher, tok, prompts, batch: int, H: int, steps: int, warmup: int,
                loss: LossConfig, device: str) -> list[float]:
     cfg = DistillConfig(batch_size=batch, loss=loss)
-    opt = torch.optim.AdamW(student.parameters(), lr=1e-6)
+    opt = make_optimizer(list(student.parameters()), OptimConfig(lr=1e-6))  # as hopd distill
     vocab = min(student.config.vocab_size, teacher.config.vocab_size)
     times = []
     for i in range(warmup + steps):
