@@ -104,7 +104,8 @@ def to_dict(cfg: Any) -> dict[str, Any]:
 
 def parse_overrides(overrides: list[str], aliases: dict[str, str] | None = None
                     ) -> dict[str, Any]:
-    """['a.b=1', 'c=x'] -> {'a': {'b': 1}, 'c': 'x'}; values parsed as YAML scalars."""
+    """['a.b=1', 'c=x'] -> {'a': {'b': 1}, 'c': 'x'}; values parsed as YAML scalars, except
+    that only true/false are booleans (not YAML 1.1's yes/no/on/off)."""
     out: dict[str, Any] = {}
     for item in overrides:
         key, sep, raw = item.partition("=")
@@ -116,6 +117,8 @@ def parse_overrides(overrides: list[str], aliases: dict[str, str] | None = None
             value = yaml.safe_load(raw) if raw.strip() else ""
         except yaml.YAMLError:
             value = raw
+        if isinstance(value, bool) and raw.strip().lower() not in ("true", "false"):
+            value = raw  # YAML 1.1 reads yes/no/on/off as booleans: system_prompt=no is text
         node = out
         parts = key.split(".")
         for p in parts[:-1]:

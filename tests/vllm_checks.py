@@ -37,10 +37,10 @@ def main(out: str) -> None:
     engine = VLLMSampler(model, str(path), eos_id=eos, pad_id=pad, max_len=512)
     res: dict[str, object] = {}
 
-    def greedy_pair(tag: str) -> None:
+    def greedy_pair(tag: str, hf_model=model) -> None:
         engine.opts = {"temperature": 0.0, "top_k": 0, "top_p": 1.0}
         v = engine.sample(prompts, L)
-        h = sample(model, prompts, L, eos_id=eos, pad_id=pad, greedy=True)
+        h = sample(hf_model, prompts, L, eos_id=eos, pad_id=pad, greedy=True)
         res[tag] = {"ids_equal": v.ids_B_T.equal(h.ids_B_T),
                     "mask_equal": v.response_mask_B_R.equal(h.response_mask_B_R),
                     "attn_equal": v.attn_B_T.equal(h.attn_B_T), "cut_equal": v.cut_B.equal(h.cut_B),
@@ -84,6 +84,21 @@ def main(out: str) -> None:
     engine.sync()
     greedy_pair("after_step")
     res["after_step"]["changed"] = res["after_step"]["first_row"] != before
+    # a LoRA student: the engine gets the merged weights, and the learner keeps its own
+    from hopd.models import attach_lora
+
+    lora = attach_lora(load_model(str(path)), 8, 16.0, 0.0, ["all-linear"])
+    with torch.no_grad():
+        for name, w in lora.named_parameters():
+            if "lora_B" in name:
+                w.normal_(0, 0.1)
+    base = {n: w.detach().clone() for n, w in lora.named_parameters() if "base_layer" in n}
+    engine.model = lora
+    engine.sync()
+    greedy_pair("lora", hf_model=lora)
+    res["lora"]["changed"] = res["lora"]["first_row"] != res["greedy"]["first_row"]
+    res["lora"]["base_untouched"] = all(torch.equal(w, base[n]) for n, w in lora.named_parameters()
+                                  if n in base)
     with open(out, "w") as f:
         json.dump(res, f)
 
