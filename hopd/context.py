@@ -164,21 +164,32 @@ class RunContext:
         return {"probe_teacher_acc_by_cut": acc, "probe_time_s": time.perf_counter() - t0}
 
 
-def load_models(cfg: DistillConfig, inp: Inputs, ckpt: Path | None, device: str
-                ) -> tuple[PreTrainedModel, Teacher]:
-    """The student (from the checkpoint on resume; under LoRA the checkpoint holds the adapter
-    and the base comes from `student`) and the teacher (a model here, or the server)."""
+def load_student(cfg: DistillConfig, inp: Inputs, ckpt: Path | None, device: str
+                 ) -> PreTrainedModel:
+    """The student, from the checkpoint `ckpt` when there is one; under LoRA the checkpoint
+    holds the adapter and the base comes from `student`."""
     trust = cfg.trust_remote_code
     if cfg.lora.rank:
-        student = attach_lora(load_model(str(inp.s_path), device, cfg.dtype, trust),
-                              cfg.lora.rank, cfg.lora.alpha, cfg.lora.dropout,
-                              cfg.lora.target_modules, adapter=ckpt)
-    else:
-        student = load_model(str(ckpt or inp.s_path), device, cfg.dtype, trust)
+        return attach_lora(load_model(str(inp.s_path), device, cfg.dtype, trust), cfg.lora.rank,
+                           cfg.lora.alpha, cfg.lora.dropout, cfg.lora.target_modules,
+                           adapter=ckpt)
+    return load_model(str(ckpt or inp.s_path), device, cfg.dtype, trust)
+
+
+def last_accuracy(state: dict[str, Any]) -> float:
+    """The checkpoint's last full-budget accuracy (NaN before the first evaluation)."""
+    acc = state.get("eval_accuracy")
+    return math.nan if acc is None else float(acc)
+
+
+def load_models(cfg: DistillConfig, inp: Inputs, ckpt: Path | None, device: str
+                ) -> tuple[PreTrainedModel, Teacher]:
+    """The student (`load_student`) and the teacher (a model here, or the server)."""
+    student = load_student(cfg, inp, ckpt, device)
     if inp.remote is not None:
         return student, inp.remote
     model = load_model(str(inp.t_path), cfg.teacher_device or device,
-                       cfg.teacher_dtype or cfg.dtype, trust).eval()
+                       cfg.teacher_dtype or cfg.dtype, cfg.trust_remote_code).eval()
     return student, LocalTeacher(model.requires_grad_(False), inp.vocab)
 
 
@@ -253,8 +264,7 @@ def restore(ctx: RunContext, ckpt: Path, state: dict[str, Any]) -> None:
     ctx.dist.load_optimizer_state(ctx.student, ctx.opt, state["optimizer"])
     torch.set_rng_state(state["torch_rng"])
     ctx.start, ctx.totals = state["step"], {**ctx.totals, **state["totals"]}
-    acc = state.get("eval_accuracy")
-    ctx.acc = math.nan if acc is None else float(acc)
+    ctx.acc = last_accuracy(state)
     if "adaptive" in state:
         ctx.adaptive = AdaptiveState.from_dict(json.loads(state["adaptive"]))
     if ctx.dist.main:
@@ -281,7 +291,7 @@ def announce(ctx: RunContext) -> None:
 def finish_done_run(cfg: DistillConfig, run: Path, ckpt: Path, state: dict[str, Any],
                     inp: Inputs, dist: Dist) -> dict[str, Any]:
     """--resume of a run whose budget is spent: report it, or finish a final save a kill cut."""
-    result_path, s_path, tok = run / "result.json", inp.s_path, inp.tok
+    result_path, tok = run / "result.json", inp.tok
     if result_path.exists():
         try:
             result = json.loads(result_path.read_text())
@@ -295,15 +305,10 @@ def finish_done_run(cfg: DistillConfig, run: Path, ckpt: Path, state: dict[str, 
                       "max_steps to train further.", flush=True)
             return result
     # killed during the final save: the last checkpoint is the final state
-    if cfg.lora.rank:
-        student = attach_lora(load_model(str(s_path), "cpu", cfg.dtype, cfg.trust_remote_code),
-                              cfg.lora.rank, cfg.lora.alpha, cfg.lora.dropout,
-                              cfg.lora.target_modules, adapter=ckpt)
-        student = student.merge_and_unload() if cfg.lora.merge else student
-    else:
-        student = load_model(str(ckpt), "cpu", cfg.dtype, cfg.trust_remote_code)
-    acc = state.get("eval_accuracy")
-    result = {"final_eval_accuracy": math.nan if acc is None else float(acc),
+    student = load_student(cfg, inp, ckpt, "cpu")
+    if cfg.lora.rank and cfg.lora.merge:
+        student = student.merge_and_unload()
+    result = {"final_eval_accuracy": last_accuracy(state),
               "steps": state["step"], "stopped_by_signal": False, "signal": 0,
               **state["totals"]}
     if dist.main:
