@@ -19,11 +19,20 @@ from __future__ import annotations
 
 import contextlib
 import os
+import socket
 from collections.abc import Iterator
 
 import torch
 
 from hopd.config import ConfigError
+
+
+def free_port() -> int:
+    """A local TCP port nobody holds now (a fixed one may linger in TIME_WAIT or be taken by a
+    neighbouring run): for a process group's rendezvous or a test's server."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 class Dist:

@@ -15,7 +15,6 @@ uses this engine must guard its entry point (`if __name__ == "__main__":`).
 from __future__ import annotations
 
 import os
-import socket
 from collections.abc import Iterator
 from typing import Any
 
@@ -23,6 +22,7 @@ import torch
 from transformers import PreTrainedModel
 
 from hopd.config import ConfigError
+from hopd.dist import free_port
 from hopd.rollout import Rollout, left_pad
 
 INSTALL = ("install it: on a GPU `pip install 'hopd[vllm]'` (or `pip install vllm`); on a CPU "
@@ -67,18 +67,12 @@ def check_model(config: Any, device: str, max_len: int) -> None:
                           f"tokens, past the model's context of {context}: lower `budget`")
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _single_process_env() -> None:
     """vLLM's in-process engine reads the torch.distributed variables; a run without them (one
     process, not under torchrun) gets a world of one on a free local port."""
     if "RANK" not in os.environ:
         os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
-                          MASTER_PORT=str(_free_port()))
+                          MASTER_PORT=str(free_port()))
 
 
 def _hf_weights(model: PreTrainedModel) -> Iterator[tuple[str, torch.Tensor]]:

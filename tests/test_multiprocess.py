@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import socket
 import subprocess
 import sys
 
@@ -12,6 +11,7 @@ import pytest
 import torch
 
 from hopd.cli import main
+from hopd.dist import free_port
 from hopd.progress import read_metrics
 
 pytest.importorskip("accelerate")
@@ -24,16 +24,10 @@ def _args(run, pair, extra=()):
             "diag_every=0", "save_every=2", "threads=1", "optim.lr=3e-3", *extra]
 
 
-def _free_port() -> int:
-    with socket.socket() as s:  # a port nobody holds now (a fixed one may linger in TIME_WAIT)
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _torchrun(run, pair, extra, resume=False, env=()):
     torchrun = shutil.which("torchrun") or [sys.executable, "-m", "torch.distributed.run"]
     cmd = ([torchrun] if isinstance(torchrun, str) else torchrun) + [
-        "--nproc_per_node", "2", "--master_port", str(_free_port()),
+        "--nproc_per_node", "2", "--master_port", str(free_port()),
         "-m", "hopd", *_args(run, pair, extra), *(["--resume"] if resume else [])]
     out = subprocess.run(cmd, capture_output=True, text=True, timeout=300,
                          env={**os.environ, "OMP_NUM_THREADS": "1", **dict(env)})

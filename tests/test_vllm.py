@@ -14,7 +14,6 @@ import importlib.util
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -24,6 +23,7 @@ from pathlib import Path
 import pytest
 
 from hopd.cli import main
+from hopd.dist import free_port
 from hopd.progress import read_metrics
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -129,7 +129,8 @@ def test_distill_with_the_vllm_engine(tmp_path, student):
 def test_two_processes_each_run_their_own_engine(tmp_path, student):
     """torchrun with 2 CPU processes: one vLLM engine per rank, each sampling its own rows,
     each synced after the (all-reduced) update."""
-    launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2"]
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                "--master_port", str(free_port())]
     steps = _distill_with_vllm(tmp_path / "run", student, launcher)
     assert [r["step"] for r in steps] == [1, 2]
     assert all(abs(r["rho_mean"] - 1) < 1e-4 and r["grad_norm"] > 0 for r in steps)
@@ -147,18 +148,12 @@ def test_a_model_vllm_cannot_run_is_refused_before_any_work(tmp_path):
     assert not run.exists()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def vllm_server():
     """`vllm serve` of the bundled teacher on a free local port; stopped by its process id."""
     from hopd.models import resolve_model_path
 
-    port = _free_port()
+    port = free_port()
     cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server",
            "--model", str(resolve_model_path(TEACHER)), "--host", "127.0.0.1",
            "--port", str(port), "--dtype", "float32", "--max-model-len", "1024",
