@@ -7,6 +7,8 @@
     hopd report DIR...                              plots and report.md from run folders
     hopd demo [--quick] [--out DIR] [--device D]    the built-in comparison on the testbed
     hopd config show [CONFIG] [key=value ...]       every setting, its value and its meaning
+    hopd convert FILE.gguf --out DIR                a GGUF file as a Hugging Face folder
+    hopd prune MODEL --layers K --out DIR           a student: the teacher's K most useful layers
 
 Bad input (a `ConfigError`: config, data, models, run folder, teacher server) exits with code 2
 and one line that names the problem and the fix; any other exception is a bug and shows its
@@ -60,17 +62,38 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     name = _model_dir(args.model)
-    model = load_model(name, device=args.device, trust_remote_code=args.trust_remote_code)
     tok = load_tokenizer(name, trust_remote_code=args.trust_remote_code)
-    res = evaluate(model, tok, examples, source.is_correct, budget, batch_size=args.batch_size,
-                   samples=args.samples, temperature=args.temperature, seed=args.seed,
-                   keep_responses=args.show, progress=not args.quiet)
-    res.update({"model": args.model, "task": args.task})
+    teacher, vocab = _eval_teacher(args, tok)
+    model = load_model(name, device=args.device, trust_remote_code=args.trust_remote_code)
+    res = evaluate(model, tok, examples, source.is_correct if source.has_answers else None,
+                   budget, batch_size=args.batch_size, samples=args.samples,
+                   temperature=args.temperature, seed=args.seed, keep_responses=args.show,
+                   progress=not args.quiet, teacher=teacher, kl_n=args.kl_n, vocab=vocab)
+    res.update({"model": args.model, "task": args.task, "teacher": args.teacher or None})
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         write_json(Path(args.out), res)
     print(json.dumps(clean_json(res), indent=2))
     return 0
+
+
+def _eval_teacher(args: argparse.Namespace, tok: object) -> tuple[object, int | None]:
+    """hopd eval --teacher: the teacher that scores the held-out KL and NLL (checked to share
+    the student's tokenizer before either model loads)."""
+    if not args.teacher:
+        return None, None
+    from hopd.models import check_compatible, load_model, load_tokenizer, resolve_model_path
+    from hopd.teacher import LocalTeacher
+
+    t_path = resolve_model_path(_model_dir(args.teacher))
+    t_tok = load_tokenizer(str(t_path), trust_remote_code=args.trust_remote_code)
+    t_vocab = json.loads((t_path / "config.json").read_text()).get("vocab_size", len(t_tok))
+    s_vocab = len(tok)  # type: ignore[arg-type]
+    check_compatible(t_tok, tok, t_vocab, s_vocab)  # type: ignore[arg-type]
+    vocab = min(t_vocab, s_vocab)
+    model = load_model(str(t_path), device=args.device,
+                       trust_remote_code=args.trust_remote_code).eval().requires_grad_(False)
+    return LocalTeacher(model, vocab), vocab
 
 
 def _cmd_distill(args: argparse.Namespace) -> int:
@@ -190,6 +213,78 @@ def _cmd_serve_teacher(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_convert(args: argparse.Namespace) -> int:
+    from hopd.gguf_models import PACKAGED, convert_gguf, packaged_file
+
+    path = packaged_file(args.file) if args.file in PACKAGED else Path(args.file)
+    if path.suffix.lower() != ".gguf":
+        raise ConfigError(f"{args.file}: expected a .gguf file (or one of {', '.join(PACKAGED)})")
+    out = convert_gguf(path, Path(args.out))
+    print(f"hopd convert: wrote {out} (safetensors, tokenizer, chat template)")
+    return 0
+
+
+def _cmd_prune(args: argparse.Namespace) -> int:
+    import torch
+
+    from hopd.models import load_model, load_tokenizer, resolve_model_path
+    from hopd.prune import check_count, check_keep, parse_keep, print_influence, prune, save_pruned
+    from hopd.runstate import check_new_folder
+    from hopd.tasks import PromptSource, encode_prompts
+
+    keep = parse_keep(args.keep) if args.keep else None
+    if not keep and args.layers is None:
+        raise ConfigError("give --layers K (keep the K most influential layers) or --keep LIST")
+    if keep and args.layers is not None and args.layers != len(keep):
+        raise ConfigError(f"--layers {args.layers} and --keep with {len(keep)} layers disagree: "
+                          "give one of them")
+    out = Path(args.out)
+    check_new_folder(out, "--out")
+    n_layers = _layer_count(args.model)  # checked before a GGUF file is converted
+    if keep:
+        check_keep(keep, n_layers)
+    else:
+        check_count(args.layers, n_layers)
+    path = resolve_model_path(args.model)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    model = load_model(str(path), trust_remote_code=args.trust_remote_code).eval()
+    tok = load_tokenizer(str(path), trust_remote_code=args.trust_remote_code)
+    prompts = None
+    if not keep:
+        source = PromptSource(args.data)
+        rows = source.train_batch(0, args.n, seed=0)
+        prompts = encode_prompts(tok, [e.prompt for e in rows])
+    pruned, kept, influence = prune(model, tok, layers=args.layers, keep=keep, prompts=prompts)
+    if influence is not None:
+        print_influence(influence, kept)
+    save_pruned(pruned, tok, out, {"source": args.model, "kept_layers": kept,
+                                   "source_layers": len(influence or []) or n_layers,
+                                   "block_influence": influence,
+                                   "influence_prompts": args.n if influence else 0,
+                                   "influence_data": args.data if influence else ""})
+    params = sum(p.numel() for p in pruned.parameters())
+    print(f"hopd prune: kept layers {kept} of {n_layers}; {params / 1e6:.1f}M parameters; "
+          f"wrote {out}")
+    return 0
+
+
+def _layer_count(model: str) -> int:
+    """A model's decoder layers, from a GGUF header or a folder's config.json."""
+    from hopd.gguf_models import PACKAGED, gguf_info, is_gguf, packaged_file
+    from hopd.models import resolve_model_path
+
+    if is_gguf(model):
+        info = gguf_info(packaged_file(model) if model in PACKAGED else Path(model))
+        if info["layers"]:
+            return int(info["layers"])  # type: ignore[call-overload]
+    conf = json.loads((resolve_model_path(model) / "config.json").read_text())
+    if not conf.get("num_hidden_layers"):
+        raise ConfigError(f"{model}: its config names no num_hidden_layers; hopd prune handles "
+                          "decoder-only models laid out as Llama, Qwen2 or Mistral")
+    return int(conf["num_hidden_layers"])
+
+
 def _split_config(args: argparse.Namespace) -> None:
     """`hopd sft key=value` has no config file: the first positional is an override."""
     if args.config and "=" in args.config and not Path(args.config).exists():
@@ -302,10 +397,11 @@ def _add_serve_teacher(sub: argparse._SubParsersAction) -> None:
 def _add_eval(sub: argparse._SubParsersAction) -> None:
     e = sub.add_parser("eval", help="evaluate a model at the full response budget")
     e.add_argument("--model", required=True,
-                   help="checkpoint folder, a run folder (its final model), or testbed:teacher|"
-                   "student|student-fork")
+                   help="checkpoint folder, a run folder (its final model), a .gguf file, "
+                   "smollm2:135m-instruct, or testbed:teacher|student|student-fork")
     e.add_argument("--task", default="chain:default",
-                   help="chain:default|hard|tiny, or a JSONL file (its held-out split is used)")
+                   help="chain:default|hard|tiny, chat:prompts, or a JSONL file (its held-out "
+                   "split is used)")
     e.add_argument("--eval-data", default="", help="a JSONL file used whole as the eval set")
     e.add_argument("--n", type=int, default=500, help="held-out problems (default 500)")
     e.add_argument("--split", default="test", choices=["test", "val", "eval"],
@@ -319,6 +415,10 @@ def _add_eval(sub: argparse._SubParsersAction) -> None:
                    help="auto (a GPU when there is one), cpu, cuda or cuda:N")
     e.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: default)")
     e.add_argument("--show", type=int, default=0, help="keep N example responses in the output")
+    e.add_argument("--teacher", default="",
+                   help="a teacher that scores the held-out reverse KL and its NLL of the answers")
+    e.add_argument("--kl-n", type=int, default=64,
+                   help="prompts the teacher scores (default 64; needs --teacher)")
     e.add_argument("--trust-remote-code", action="store_true",
                    help="run Python code shipped in the model folder (off: such a folder fails)")
     e.add_argument("--out", help="write the JSON result here")
@@ -376,7 +476,29 @@ def build_parser() -> argparse.ArgumentParser:
 
     _add_serve_teacher(sub)
     _add_eval(sub)
+    _add_model_tools(sub)
     return p
+
+
+def _add_model_tools(sub: argparse._SubParsersAction) -> None:
+    """hopd convert (GGUF -> Hugging Face folder) and hopd prune (a student from the teacher)."""
+    c = sub.add_parser("convert", help="write a .gguf file as a Hugging Face folder")
+    c.add_argument("file", help="a .gguf file, or a packaged name such as smollm2:135m-instruct")
+    c.add_argument("--out", required=True, help="new folder for the converted model")
+    c.set_defaults(func=_cmd_convert)
+    p = sub.add_parser("prune", help="a student from a model by keeping some of its layers")
+    p.add_argument("model", help="a folder, a .gguf file or a packaged name")
+    p.add_argument("--layers", type=int, default=None,
+                   help="keep this many layers, those of largest block influence (ShortGPT)")
+    p.add_argument("--keep", default="", help="explicit layers to keep, e.g. 0,6,12,18,24,29")
+    p.add_argument("--out", required=True, help="new folder for the pruned student")
+    p.add_argument("--data", default="chat:prompts",
+                   help="prompts that block influence is measured on (default chat:prompts)")
+    p.add_argument("--n", type=int, default=16, help="prompts for block influence (default 16)")
+    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: default)")
+    p.add_argument("--trust-remote-code", action="store_true",
+                   help="run Python code shipped in the model folder")
+    p.set_defaults(func=_cmd_prune)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -27,7 +27,8 @@ from hopd.distill_config import DistillConfig, OptimConfig
 from hopd.evaluate import evaluate
 from hopd.models import attach_lora, load_model
 from hopd.preflight import Inputs
-from hopd.progress import MetricsLog
+from hopd.progress import MetricsLog, clean_json
+from hopd.quality import GuardReading, collapse_check
 from hopd.rollout import HFSampler, Sampler
 from hopd.runstate import (
     latest_checkpoint,
@@ -40,6 +41,12 @@ from hopd.schedules import describe, initial_horizon
 from hopd.tasks import Example, PromptSource, encode_prompts
 from hopd.teacher import LocalTeacher, Teacher
 from hopd.trackers import Trackers
+
+# what each evaluation record carries beside the accuracy, as eval_<key>
+QUALITY_KEYS = ("rkl", "rkl_se", "rkl_exact", "teacher_nll", "teacher_nll_se", "distinct_2",
+                "max_run_share", "max_run_share_max", "mostly_one_token", "eos_rate",
+                "mean_length", "student_entropy")
+GUARD_STEPS = 2  # the guard compares the mean loss of the first and of the latest 2 steps
 
 
 @dataclass
@@ -62,7 +69,11 @@ class RunContext:
     start: int = 0  # the step this process starts at (resume)
     totals: dict[str, float] = field(default_factory=lambda: {
         "train_time_s": 0.0, "sampled_tokens": 0, "skipped_steps": 0, "prompts": 0})
-    acc: float = math.nan  # the last full-budget evaluation
+    acc: float = math.nan  # the last full-budget evaluation's accuracy
+    last_eval: dict[str, Any] = field(default_factory=dict)  # its record (quality metrics too)
+    guard: dict[str, Any] = field(default_factory=dict)  # the collapse guard's baseline: the
+    # first evaluation's degeneration (`base`) and the first steps' losses (`losses`)
+    collapse: str | None = None  # the guard's warning, once it fired
 
     @property
     def source(self) -> PromptSource:
@@ -71,6 +82,11 @@ class RunContext:
     @property
     def budget(self) -> int:
         return self.inp.budget
+
+    @property
+    def metric(self) -> str:
+        """The evaluation's headline number (eval_metric; "" picks by the data)."""
+        return self.cfg.eval_metric or ("accuracy" if self.source.has_answers else "rkl")
 
     @property
     def teacher_system(self) -> str:
@@ -92,9 +108,13 @@ class RunContext:
         ev = None
         with self.dist.full_weights(self.student):
             if self.dist.main:
-                ev = evaluate(self.student, self.inp.tok, examples, self.source.is_correct,
+                n_kl = min(self.cfg.eval_kl_n, len(examples))
+                _, t_prompts = self.encode([e.prompt for e in examples[:n_kl]])
+                ev = evaluate(self.student, self.inp.tok, examples,
+                              self.source.is_correct if self.source.has_answers else None,
                               self.budget, seed=self.cfg.seed,
-                              system_prompt=self.cfg.system_prompt)
+                              system_prompt=self.cfg.system_prompt, teacher=self.teacher,
+                              teacher_prompts=t_prompts, kl_n=n_kl, vocab=self.inp.vocab)
             self.dist.barrier()
         return ev
 
@@ -103,11 +123,42 @@ class RunContext:
         ev = self.evaluated(self.eval_examples)
         if ev is None:
             return math.nan
-        self.write({"step": step, "eval_accuracy": ev["accuracy"],
-                    "eval_mean_response_tokens": ev["mean_response_tokens"],
-                    "eval_truncated_fraction": ev["truncated_fraction"],
-                    "eval_time_s": ev["eval_time_s"], **self.totals})
+        rec = {"step": step, "eval_accuracy": ev["accuracy"],
+               "eval_mean_response_tokens": ev["mean_response_tokens"],
+               "eval_truncated_fraction": ev["truncated_fraction"],
+               "eval_time_s": ev["eval_time_s"], "eval_metric": self.metric,
+               **{f"eval_{k}": ev[k] for k in QUALITY_KEYS if k in ev}, **self.totals}
+        warning = self.check_collapse(step, ev)
+        if warning:
+            rec["collapse"] = warning
+        self.last_eval = rec
+        self.write(rec)
         return ev["accuracy"]
+
+    def note_loss(self, loss: float) -> None:
+        """The guard's loss baseline: the first GUARD_STEPS steps' losses."""
+        losses = self.guard.setdefault("losses", [])
+        if len(losses) < GUARD_STEPS:
+            losses.append(loss)
+        recent = self.guard.setdefault("recent", [])
+        recent.append(loss)
+        del recent[:-GUARD_STEPS]
+
+    def check_collapse(self, step: int, ev: dict[str, Any]) -> str | None:
+        """The collapse guard at an evaluation (mode-seeking losses only: sft and fkl cover the
+        teacher's answers and cannot win by collapsing); prints its warning once."""
+        if "base" not in self.guard:
+            self.guard["base"] = {k: ev[k] for k in ("distinct_2", "mostly_one_token")}
+            return None
+        if self.cfg.loss.kind in ("sft", "fkl") or not self.guard.get("recent"):
+            return None
+        first, recent = self.guard["losses"], self.guard["recent"]
+        warning = collapse_check(GuardReading(sum(first) / len(first),
+                                              sum(recent) / len(recent), self.guard["base"], ev))
+        if warning and self.collapse is None:
+            print(f"distill: step {step}: {warning}", file=sys.stderr, flush=True)
+        self.collapse = warning or self.collapse
+        return warning
 
     def run_val(self, step: int) -> float:
         """The `val` half (disjoint from the test half), to choose settings on."""
@@ -115,7 +166,8 @@ class RunContext:
         ev = self.evaluated(val)
         if ev is None:
             return math.nan
-        self.write({"step": step, "val_accuracy": ev["accuracy"], "val_n": len(val)})
+        self.write({"step": step, "val_accuracy": ev["accuracy"], "val_n": len(val),
+                    **{f"val_{k}": ev[k] for k in QUALITY_KEYS if k in ev}})
         return ev["accuracy"]
 
     def save(self, step: int) -> None:
@@ -125,7 +177,9 @@ class RunContext:
         if self.dist.main:
             save_checkpoint(self.run, step, self.student, self.inp.tok, opt_state,
                             {"totals": self.totals, "adaptive": json.dumps(self.adaptive.to_dict()),
-                             "parallel": self.dist.parallel, "eval_accuracy": self.acc},
+                             "parallel": self.dist.parallel, "eval_accuracy": self.acc,
+                             "guard": json.dumps(clean_json(self.guard)),
+                             "last_eval": json.dumps(clean_json(self.last_eval))},
                             self.cfg.keep_last, weights)
 
     def save_final(self) -> None:
@@ -267,6 +321,8 @@ def restore(ctx: RunContext, ckpt: Path, state: dict[str, Any]) -> None:
     ctx.acc = last_accuracy(state)
     if "adaptive" in state:
         ctx.adaptive = AdaptiveState.from_dict(json.loads(state["adaptive"]))
+    ctx.guard = json.loads(state.get("guard", "{}"))
+    ctx.last_eval = json.loads(state.get("last_eval", "{}"))
     if ctx.dist.main:
         truncate_metrics(ctx.run / "metrics.jsonl", ctx.start)
         print(f"distill: resuming from {ckpt.name} (step {ctx.start})", flush=True)

@@ -197,6 +197,8 @@ def train(ctx: RunContext, bar: Bar) -> tuple[int, int]:
                     f"the teacher failed at step {step} ({e}); the run state is saved in "
                     f"{latest_checkpoint(ctx.run)}: resume with --resume once the teacher "
                     "answers") from None
+            if st.finite:
+                ctx.note_loss(st.loss)
             bad_in_row = 0 if st.finite else bad_in_row + 1
             ctx.totals["skipped_steps"] += 0 if st.finite else 1
             if st.finite and not weights_finite(ctx.student):
@@ -212,11 +214,17 @@ def train(ctx: RunContext, bar: Bar) -> tuple[int, int]:
             # evaluate and save (a signal: save at once, no evaluation; grace periods are short)
             stop_now = int(dist.max([float(flag.signum)])[0])  # one snapshot, agreed by all
             last = budget_spent(step, ctx.totals, cfg)
+            collapsed = False
             if not stop_now and (due(cfg.eval_every, step) or last):
                 ctx.acc = ctx.run_eval(step)
-            if due(cfg.save_every, step) or last or stop_now:
+                collapsed = cfg.collapse_stop and "collapse" in ctx.last_eval
+            if due(cfg.save_every, step) or last or stop_now or collapsed:
                 with flag.saving():
                     ctx.save(step)
+            if collapsed:
+                raise TrainingStopped(
+                    f"collapse_stop: {ctx.collapse}; the run state is saved in "
+                    f"{latest_checkpoint(ctx.run)}")
             dist.barrier()
             bar.update(1, H=batch.H, loss=st.loss, rkl=st.sampled_rkl, acc=ctx.acc)
             if bad_in_row >= cfg.max_bad_steps:
@@ -295,7 +303,10 @@ def before_training(ctx: RunContext, progress: bool) -> None:
 def finish(ctx: RunContext, step: int, stopped_by: int) -> dict[str, Any]:
     """The result: the last accuracy, the val accuracy, the final model, result.json."""
     result = {"final_eval_accuracy": ctx.acc, "steps": step,
-              "stopped_by_signal": bool(stopped_by), "signal": stopped_by, **ctx.totals}
+              "stopped_by_signal": bool(stopped_by), "signal": stopped_by, **ctx.totals,
+              "eval_metric": ctx.metric, "collapse": ctx.collapse,
+              **{f"final_{k}": v for k, v in ctx.last_eval.items()
+                 if k.startswith("eval_") and k not in ("eval_accuracy", "eval_metric")}}
     if ctx.cfg.val_n and not stopped_by:  # the held-out half that settings are chosen on
         result["final_val_accuracy"] = ctx.run_val(step)
     if ctx.log is not None:
@@ -306,8 +317,11 @@ def finish(ctx: RunContext, step: int, stopped_by: int) -> dict[str, Any]:
         return result
     write_json(ctx.run / "result.json", result)
     t = ctx.totals
+    quality = "".join(f", held-out {k} {ctx.last_eval[f'eval_{k}']:.3f}"
+                      for k in ("rkl", "teacher_nll", "distinct_2")
+                      if isinstance(ctx.last_eval.get(f"eval_{k}"), float))
     print(f"distill: {'stopped by a signal' if stopped_by else 'done'} at step {step}, "
-          f"full-budget accuracy {ctx.acc:.3f}, {t['train_time_s']:.0f}s training, "
+          f"full-budget accuracy {ctx.acc:.3f}{quality}, {t['train_time_s']:.0f}s training, "
           f"{t['sampled_tokens']} sampled tokens", flush=True)
     return result
 

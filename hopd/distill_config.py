@@ -18,6 +18,8 @@ from hopd.models import DTYPES
 from hopd.schedules import HorizonConfig
 
 LOSSES = ("sampled_rkl", "rkl", "fkl", "jsd", "sft")
+# what an evaluation's headline number is; accuracy is higher-is-better, the others lower
+EVAL_METRICS = ("accuracy", "rkl", "teacher_nll")
 
 
 class TrainingStopped(RuntimeError):
@@ -127,6 +129,10 @@ class DistillConfig:
     eval_n: int = 200  # held-out prompts per evaluation
     eval_split: str = "test"  # held-out half evaluated during the run: test | val | eval (both)
     val_n: int = 0  # at the end, also evaluate this many `val` prompts (to choose settings on)
+    eval_metric: str = ""  # what target/best/verdicts use: accuracy | rkl | teacher_nll ("":
+    # accuracy when the data has reference answers, else rkl)
+    eval_kl_n: int = 64  # held-out prompts per evaluation scored by the teacher (rkl, NLL; 0 off)
+    collapse_stop: bool = False  # stop (state saved) when the collapse guard fires
     diag_every: int = 10  # per-position diagnostics every N steps (0: off)
     diag_n: int = 16  # prompts sampled at the full budget for diagnostics
     diag_buckets: int = 16  # position buckets over [0, L)
@@ -187,6 +193,12 @@ class DistillConfig:
         C.check(self.eval_split in ("test", "val", "eval"),
                 f"eval_split={self.eval_split!r}: choose test, val or eval (both halves)")
         C.check(self.val_n >= 0, f"val_n={self.val_n}: must be >= 0 (0: no validation eval)")
+        C.check(self.eval_metric in ("",) + EVAL_METRICS,
+                f"eval_metric={self.eval_metric!r}: choose one of {', '.join(EVAL_METRICS)}")
+        C.check(self.eval_kl_n >= 0, f"eval_kl_n={self.eval_kl_n}: must be >= 0 (0: off)")
+        C.check(self.eval_metric in ("", "accuracy") or self.eval_kl_n > 0,
+                f"eval_metric={self.eval_metric} is measured on eval_kl_n prompts: set "
+                "eval_kl_n > 0 (e.g. 64)")
         C.check(self.diag_n >= 1 and self.diag_buckets >= 1, "diag_n and diag_buckets must be >= 1")
         C.check(self.lora.rank >= 0, f"lora.rank={self.lora.rank}: must be >= 0 (0: off)")
         C.check(self.lora.alpha > 0, f"lora.alpha={self.lora.alpha}: must be > 0")

@@ -6,6 +6,7 @@ whether a student trained on short rollouts is good at complete answers.
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable
 from typing import Any
@@ -14,8 +15,18 @@ import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from hopd.progress import Bar
+from hopd.quality import (
+    QualityAccumulator,
+    answers_of,
+    degeneration,
+    sampled_rkl,
+    student_entropy,
+    take_rows,
+    teacher_nll,
+)
 from hopd.rollout import sample
 from hopd.tasks import Example, encode_prompts
+from hopd.teacher import Teacher
 
 
 def decode_responses(tokenizer: PreTrainedTokenizerBase, ids_B_R: torch.Tensor,
@@ -33,7 +44,7 @@ def evaluate(
     model: PreTrainedModel,
     tokenizer: PreTrainedTokenizerBase,
     examples: list[Example],
-    check: Callable[[str, str], bool],
+    check: Callable[[str, str], bool] | None,
     budget: int,
     batch_size: int = 64,
     samples: int = 1,
@@ -42,13 +53,21 @@ def evaluate(
     keep_responses: int = 0,
     system_prompt: str = "",
     progress: bool = False,
+    teacher: Teacher | None = None,
+    teacher_prompts: list[list[int]] | None = None,
+    kl_n: int = 64,
+    vocab: int | None = None,
 ) -> dict[str, Any]:
-    """Accuracy of `model` on `examples`: greedy when `samples == 1`, else `samples` draws each.
+    """Accuracy of `model` on `examples`: greedy when `samples == 1`, else `samples` draws each,
+    and the quality metrics of `hopd.quality` on the first pass's answers.
 
-    `check(response, answer)` says whether a response is correct.
+    `check(response, answer)` says whether a response is correct (None: no checker, accuracy is
+    NaN). With a `teacher`, the first `kl_n` prompts also get the held-out reverse KL and the
+    teacher's NLL (`teacher_prompts`: the same prompts in the teacher's format, if it differs).
 
     Returns accuracy (mean over all generations), pass@k when sampling, mean response tokens
-    (EOS included), the fraction of generations cut by the budget, and decode tokens/s.
+    (EOS included), the fraction of generations cut by the budget, decode tokens/s, and the
+    quality metrics (distinct_2, max_run_share, eos_rate, student_entropy, rkl, teacher_nll...).
     """
     was_training = model.training
     model.eval()
@@ -57,15 +76,28 @@ def evaluate(
     t0 = time.perf_counter()
     prompts = encode_prompts(tokenizer, [e.prompt for e in examples], system_prompt)
     bar = Bar(samples * len(examples), "eval", enabled=progress)
-    for _ in range(samples):
+    answers, ended, acc = [], [], QualityAccumulator.empty()
+    eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
+    for k in range(samples):
         row = []
         for i in range(0, len(examples), batch_size):
             batch = examples[i:i + batch_size]
-            r = sample(model, prompts[i:i + batch_size], budget, eos_id=tokenizer.eos_token_id,
-                       pad_id=tokenizer.pad_token_id, temperature=temperature, greedy=samples == 1,
-                       generator=gen)
+            r = sample(model, prompts[i:i + batch_size], budget, eos_id=eos, pad_id=pad,
+                       temperature=temperature, greedy=samples == 1, generator=gen)
             texts = decode_responses(tokenizer, r.response_ids_B_R, r.response_mask_B_R)
-            row += [check(t, e.answer) for t, e in zip(texts, batch)]
+            row += [check(t, e.answer) if check else math.nan for t, e in zip(texts, batch)]
+            if k == 0:  # the quality metrics, on the first pass
+                a, e_ = answers_of(r.response_ids_B_R, r.response_mask_B_R, eos)
+                answers, ended = answers + a, ended + e_
+                student_entropy(model, r, vocab=vocab, acc=acc)
+                n_kl = max(0, min(len(batch), kl_n - i)) if teacher is not None else 0
+                if n_kl:  # the held-out KL and the teacher's NLL on the first kl_n prompts
+                    t_prompts = teacher_prompts[i:i + n_kl] if teacher_prompts else None
+                    teacher_nll(teacher, take_rows(r, n_kl), vocab=vocab, acc=acc,
+                                teacher_prompts=t_prompts)
+                    sampled_rkl(model, teacher, prompts[i:i + n_kl], budget=budget, vocab=vocab,
+                                eos=eos, pad=pad, seed=seed, acc=acc, teacher_prompts=t_prompts,
+                                first_row=i)
             tokens += r.num_tokens
             cut += int(r.cut_B.sum())
             bar.update(len(batch), acc=sum(row) / len(row))
@@ -78,7 +110,7 @@ def evaluate(
     model.train(was_training)
     n_gen = samples * len(examples)
     out: dict[str, Any] = {
-        "accuracy": sum(map(sum, correct)) / n_gen,
+        "accuracy": sum(map(sum, correct)) / n_gen if check else math.nan,
         "n": len(examples),
         "samples": samples,
         "mean_response_tokens": tokens / n_gen,
@@ -88,6 +120,8 @@ def evaluate(
         "budget": budget,
         "greedy": samples == 1,
     }
+    out.update(degeneration(answers, ended))
+    out.update(acc.result(with_teacher=teacher is not None and kl_n > 0))
     if samples > 1:
         out[f"pass@{samples}"] = sum(any(c) for c in zip(*correct)) / len(examples)
     if keep_responses:

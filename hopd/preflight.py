@@ -137,6 +137,8 @@ RESUMABLE_CHANGES = {
     "teacher_device", "teacher_url", "teacher_timeout_s", "teacher_retries",
     "grad_accum",  # the same gradient in more or fewer micro-batches
     "parallel",  # checked against the checkpoint itself (the optimizer formats differ)
+    # what is measured, not what is trained
+    "eval_n", "eval_split", "val_n", "eval_kl_n", "eval_metric", "collapse_stop",
 }
 
 

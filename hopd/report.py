@@ -30,8 +30,24 @@ import yaml  # noqa: E402
 from hopd.progress import read_metrics  # noqa: E402
 from hopd.runstate import write_json  # noqa: E402
 
-TARGET_FRACTION = 0.95  # target = 95% of full OPD's final accuracy
-MATCH_TOLERANCE = 0.95  # "matches OPD": final accuracy >= 95% of OPD's final accuracy
+TARGET_FRACTION = 0.95  # target = 95% of full OPD's final accuracy (for a KL or NLL metric:
+# 95% of the way from the start to OPD's final value)
+MATCH_TOLERANCE = 0.95  # "matches OPD": final accuracy >= 95% of OPD's (KL, NLL: <= 1/0.95 x)
+LOWER_IS_BETTER = ("rkl", "teacher_nll")
+
+
+def metric_of(cfg: dict[str, Any], evals: list[dict[str, Any]]) -> str:
+    """The metric a run is judged on: what its evaluations say they report (eval_metric), else
+    its config's choice, else accuracy (runs written before hopd measured anything else)."""
+    for e in evals:
+        if e.get("eval_metric"):
+            return str(e["eval_metric"])
+    return str(cfg.get("eval_metric") or "accuracy")
+
+
+def better(a: float, b: float, metric: str) -> bool:
+    """a is at least as good as b."""
+    return a <= b if metric in LOWER_IS_BETTER else a >= b
 
 
 @dataclass
@@ -43,6 +59,16 @@ class Run:
     evals: list[dict[str, Any]]
     config: dict[str, Any] = field(default_factory=dict)
     val: list[dict[str, Any]] = field(default_factory=list)
+    metric: str = "accuracy"  # what `value` reads: accuracy, rkl or teacher_nll
+
+    def value(self, e: dict[str, Any], prefix: str = "eval") -> float:
+        v = e.get(f"{prefix}_{self.metric}")
+        return math.nan if v is None else float(v)
+
+    @property
+    def collapse(self) -> str | None:
+        """The collapse guard's first warning in this run, if it fired."""
+        return next((e["collapse"] for e in self.evals if e.get("collapse")), None)
 
     @property
     def lr(self) -> float | None:
@@ -52,20 +78,24 @@ class Run:
     @property
     def val_accuracy(self) -> float | None:
         """The final accuracy on the `val` half (what a learning rate is chosen on), if run."""
-        return self.val[-1]["val_accuracy"] if self.val else None
+        return self.value(self.val[-1], "val") if self.val else None
 
     @property
     def final_accuracy(self) -> float:
-        return self.evals[-1]["eval_accuracy"] if self.evals else math.nan
+        """The last evaluation's value of the run's metric (named for the default, accuracy)."""
+        return self.value(self.evals[-1]) if self.evals else math.nan
 
     @property
     def best_accuracy(self) -> float:
-        return max((e["eval_accuracy"] for e in self.evals), default=math.nan)
+        vals = [v for v in map(self.value, self.evals) if not math.isnan(v)]
+        if not vals:
+            return math.nan
+        return min(vals) if self.metric in LOWER_IS_BETTER else max(vals)
 
     def first_reach(self, target: float) -> dict[str, Any] | None:
-        """The first evaluation at or above `target` (with the cost spent until then)."""
+        """The first evaluation at or past `target` (with the cost spent until then)."""
         for e in self.evals:
-            if e["eval_accuracy"] >= target:
+            if not math.isnan(self.value(e)) and better(self.value(e), target, self.metric):
                 return e
         return None
 
@@ -80,9 +110,10 @@ def load_run(path: Path) -> Run:
     cfg_file = path / "config.yaml"
     cfg = yaml.safe_load(cfg_file.read_text()) if cfg_file.exists() else {}
     strategy = meta.get("strategy") or _strategy_from_config(cfg) or path.name
+    evals = [r for r in lines if "eval_accuracy" in r]
     return Run(path, strategy, int(meta.get("seed", cfg.get("seed", 0) or 0)),
-               [r for r in lines if "loss" in r], [r for r in lines if "eval_accuracy" in r], cfg,
-               [r for r in lines if "val_accuracy" in r])
+               [r for r in lines if "loss" in r], evals, cfg,
+               [r for r in lines if "val_accuracy" in r], metric_of(cfg, evals))
 
 
 def _strategy_from_config(cfg: dict[str, Any]) -> str | None:
@@ -160,7 +191,7 @@ def choose_rates(groups: dict[str, list[Run]]) -> tuple[dict[str, list[Run]], li
     chosen fairly: every (strategy, rate) then stays its own group, named `strategy@lr`."""
     if all(len({r.lr for r in runs}) < 2 for runs in groups.values()):
         return groups, []
-    header = ["strategy", "lr", "seeds", "val accuracy", "test accuracy", "chosen"]
+    header = ["strategy", "lr", "seeds", "val", "test", "chosen"]
     table, chosen = [header], {}
     for name, runs in groups.items():
         by_lr: dict[float | None, list[Run]] = {}
@@ -168,10 +199,12 @@ def choose_rates(groups: dict[str, list[Run]]) -> tuple[dict[str, list[Run]], li
             by_lr.setdefault(r.lr, []).append(r)
         val = {lr: _mean([r.val_accuracy for r in rs]) for lr, rs in by_lr.items()}
         fair = all(v is not None for v in val.values())
-        best = max(by_lr, key=lambda lr: (val[lr], -(lr or 0))) if fair else None
+        sign = -1 if runs[0].metric in LOWER_IS_BETTER else 1
+        best = max(by_lr, key=lambda lr: (sign * val[lr], -(lr or 0))) if fair else None
         for lr, rs in sorted(by_lr.items(), key=lambda kv: kv[0] or 0):
             table.append([name, f"{lr:g}" if lr is not None else "?", str(len(rs)),
-                          _pct(val[lr]), _pct(_mean([r.final_accuracy for r in rs])),
+                          _val({"metric": rs[0].metric}, val[lr]),
+                          _val({"metric": rs[0].metric}, _mean([r.final_accuracy for r in rs])),
                           "yes" if lr == best else ""])
             if best is None:
                 chosen[f"{name}@{lr:g}" if lr is not None else name] = rs
@@ -194,8 +227,15 @@ def _sd(xs: list[float | None]) -> float | None:
 def summarize(groups: dict[str, list[Run]], baseline: str = "opd") -> dict[str, Any]:
     """Per-strategy numbers and the target; all verdicts are computed from these."""
     base = groups.get(baseline)
+    metric = next((r.metric for runs in groups.values() for r in runs), "accuracy")
     base_final = _mean([r.final_accuracy for r in base]) if base else None
-    target = TARGET_FRACTION * base_final if base_final is not None else None
+    base_start = _mean([r.value(r.evals[0]) for r in base if r.evals]) if base else None
+    target = None
+    if base_final is not None and metric in LOWER_IS_BETTER:
+        if base_start is not None:
+            target = base_start + TARGET_FRACTION * (base_final - base_start)
+    elif base_final is not None:
+        target = TARGET_FRACTION * base_final
     rows: dict[str, dict[str, Any]] = {}
     for name, runs in groups.items():
         reach = [r.first_reach(target) if target is not None else None for r in runs]
@@ -212,8 +252,9 @@ def summarize(groups: dict[str, list[Run]], baseline: str = "opd") -> dict[str, 
                                          if r.train else None for r in runs]),
             "step_time_spread": _mean([_spread([x["step_time_s"] for x in r.train])
                                        for r in runs]),
-            "initial_accuracy": _mean([r.evals[0]["eval_accuracy"] if r.evals else None
+            "initial_accuracy": _mean([r.value(r.evals[0]) if r.evals else None
                                        for r in runs]),
+            "collapsed": sum(r.collapse is not None for r in runs),
             "steps": _mean([r.train[-1]["step"] if r.train else 0 for r in runs]),
             "train_time_s": _mean([r.train[-1]["train_time_s"] if r.train else 0.0
                                    for r in runs]),
@@ -243,7 +284,8 @@ def summarize(groups: dict[str, list[Run]], baseline: str = "opd") -> dict[str, 
     n_eval = min((int(r.config.get("eval_n") or 0) for runs in groups.values() for r in runs),
                  default=0)
     return {"baseline": baseline, "baseline_final": base_final, "target": target, "rows": rows,
-            "n_eval": n_eval}
+            "n_eval": n_eval, "metric": metric,
+            "noise_se": _mean([r.evals[0].get(f"eval_{metric}_se") for r in base or [] if r.evals])}
 
 
 def opd_gain_is_noise(summary: dict[str, Any]) -> str | None:
@@ -253,13 +295,16 @@ def opd_gain_is_noise(summary: dict[str, Any]) -> str | None:
     with n the number of evaluation prompts (unknown n: no guard).
     """
     opd, n = summary["rows"].get(summary["baseline"]), summary.get("n_eval") or 0
-    if opd is None or not n or opd["initial_accuracy"] is None:
+    if opd is None or not n or opd["initial_accuracy"] is None or not noise_known(summary):
         return None
     noise = _eval_noise(summary, opd["initial_accuracy"])
     gain = opd["final_accuracy"] - opd["initial_accuracy"]
+    if summary.get("metric") in LOWER_IS_BETTER:
+        gain = -gain
     if gain < noise:
-        return (f"OPD itself moved from {_pct(opd['initial_accuracy'])} to "
-                f"{_pct(opd['final_accuracy'])}, within the evaluation noise (+-{_pct(noise)} "
+        return (f"OPD itself moved from {_val(summary, opd['initial_accuracy'])} to "
+                f"{_val(summary, opd['final_accuracy'])}, within the evaluation noise "
+                f"(+-{_val(summary, noise)} "
                 f"on {n} prompts), so a target relative to it means little; run longer or "
                 "evaluate on more prompts.")
     return None
@@ -285,17 +330,19 @@ def verdicts(summary: dict[str, Any]) -> list[str]:
             seeds = "its run" if r["seeds"] == 1 else \
                 f"{r['seeds'] - r['reached_target']} of its {r['seeds']} seeds"
             out.append(f"**POPD reaches OPD's accuracy sooner**: not supported here. `{n}` did not "
-                       f"reach the target ({_pct(target)}) in {seeds} "
-                       f"(final {_pct(r['final_accuracy'])}).")
+                       f"reach the target ({_val(summary, target)}) in {seeds} "
+                       f"(final {_val(summary, r['final_accuracy'])}).")
         elif opd["time_to_target_s"] is None or r["time_to_target_s"] < opd["time_to_target_s"]:
             sp = r["speedup_time"]
             out.append(f"**POPD reaches OPD's accuracy sooner**: supported here. `{n}` reached "
-                       f"{_pct(target)} after {r['time_to_target_s']:.0f}s of training against "
+                       f"{_val(summary, target)} after {r['time_to_target_s']:.0f}s of "
+                       "training against "
                        f"OPD's {opd['time_to_target_s']:.0f}s"
                        + (f" ({sp:.2f}x faster)." if sp else ".") + _timing_noise(opd, r))
         else:
             out.append(f"**POPD reaches OPD's accuracy sooner**: not supported here. `{n}` "
-                       f"reached {_pct(target)} after {r['time_to_target_s']:.0f}s, OPD after "
+                       f"reached {_val(summary, target)} after {r['time_to_target_s']:.0f}s, "
+                       "OPD after "
                        f"{opd['time_to_target_s']:.0f}s.")
     topd = [n for n in rows if n.startswith("topd")]
     t10 = [n for n in topd if n in ("topd10", "topd")] or topd[:1]
@@ -303,29 +350,39 @@ def verdicts(summary: dict[str, Any]) -> list[str]:
         out.append("**TOPD at 10% of L matches OPD**: not tested (no TOPD run).")
     for n in t10:
         r = rows[n]
-        bar = MATCH_TOLERANCE * summary["baseline_final"]
+        lower = summary.get("metric") in LOWER_IS_BETTER
+        bar = summary["baseline_final"] / MATCH_TOLERANCE if lower else \
+            MATCH_TOLERANCE * summary["baseline_final"]
         cost = r.get("cost_ratio_time")
         cost_txt = f" at {cost:.2f}x OPD's training time" if cost else ""
-        if r["final_accuracy"] >= bar:
+        if better(r["final_accuracy"], bar, summary.get("metric", "accuracy")):
             out.append(f"**TOPD at 10% of L matches OPD**: supported here. `{n}` ended at "
-                       f"{_pct(r['final_accuracy'])} against OPD's "
-                       f"{_pct(summary['baseline_final'])} (within 5%){cost_txt}.")
-        elif bar - r["final_accuracy"] < _eval_noise(summary, bar):
+                       f"{_val(summary, r['final_accuracy'])} against OPD's "
+                       f"{_val(summary, summary['baseline_final'])} (within 5%){cost_txt}.")
+        elif abs(bar - r["final_accuracy"]) < _eval_noise(summary, bar):
             out.append(f"**TOPD at 10% of L matches OPD**: inconclusive here. `{n}` ended at "
-                       f"{_pct(r['final_accuracy'])}, just below 95% of OPD's "
-                       f"{_pct(summary['baseline_final'])}, a gap within the evaluation noise "
-                       f"(+-{_pct(_eval_noise(summary, bar))} on {summary['n_eval']} prompts)"
+                       f"{_val(summary, r['final_accuracy'])}, just short of the bar set by OPD's "
+                       f"{_val(summary, summary['baseline_final'])}, a gap within the "
+                       f"evaluation noise (+-{_val(summary, _eval_noise(summary, bar))} on "
+                       f"{summary['n_eval']} prompts)"
                        f"{cost_txt}.")
         else:
             out.append(f"**TOPD at 10% of L matches OPD**: not supported here. `{n}` ended at "
-                       f"{_pct(r['final_accuracy'])}, below 95% of OPD's "
-                       f"{_pct(summary['baseline_final'])}{cost_txt}.")
+                       f"{_val(summary, r['final_accuracy'])}, short of the bar set by OPD's (5%) "
+                       f"{_val(summary, summary['baseline_final'])}{cost_txt}.")
     return out
 
 
+def noise_known(summary: dict[str, Any]) -> bool:
+    return summary.get("metric", "accuracy") == "accuracy" or summary.get("noise_se") is not None
+
+
 def _eval_noise(summary: dict[str, Any], p: float) -> float:
-    """Two binomial standard errors of an accuracy near `p` on the report's evaluation size (0
-    when the size is unknown)."""
+    """Two standard errors of the metric near `p`: binomial for an accuracy on the report's
+    evaluation size, the measured standard error of OPD's first evaluation for a KL or NLL (0
+    when unknown)."""
+    if summary.get("metric", "accuracy") != "accuracy":
+        return 2 * (summary.get("noise_se") or 0.0)
     n = summary.get("n_eval") or 0
     p = min(max(p, 0.05), 0.95)
     return 2 * math.sqrt(p * (1 - p) / n) if n else 0.0
@@ -352,6 +409,13 @@ def _timing_noise(opd: dict[str, Any], r: dict[str, Any]) -> str:
     return (f" The difference is within timing noise: OPD's own step times spread by "
             f"{100 * spread:.0f}% (interquartile range over median), enough to change this "
             f"verdict on a rerun.{tok}")
+
+
+def _val(summary: dict[str, Any], x: float | None) -> str:
+    """A value of the report's metric: a percentage for accuracy, else three decimals."""
+    if summary.get("metric", "accuracy") == "accuracy":
+        return _pct(x)
+    return "n/a" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.3f}"
 
 
 def _pct(x: float | None) -> str:
@@ -381,32 +445,39 @@ def _series(runs: list[Run], xkey: str) -> Series:
     for i in range(n):
         pts = [r.evals[i] for r in runs]
         xs.append(statistics.fmean(p.get(xkey, 0) for p in pts))
-        accs = [p["eval_accuracy"] for p in pts]
+        accs = [r.value(p) for r, p in zip(runs, pts)]
         mean.append(statistics.fmean(accs))
         lo.append(min(accs))
         hi.append(max(accs))
     return xs, mean, lo, hi
 
 
+METRIC_LABELS = {"accuracy": "full-budget accuracy, greedy (%)",
+                 "rkl": "held-out reverse KL per token (lower is better)",
+                 "teacher_nll": "teacher NLL of greedy answers per token (lower is better)"}
+
+
 def plot_accuracy(groups: dict[str, list[Run]], target: float | None, path: Path) -> None:
     fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
+    metric, scale = next((r.metric for rs in groups.values() for r in rs), "accuracy"), 100
     for ax, (xkey, label) in zip(axes, (("train_time_s", "training wall-clock (s)"),
                                         ("sampled_tokens", "sampled tokens"),
                                         ("step", "optimizer step"))):
         for name, runs in groups.items():
             xs, mean, lo, hi = _series(runs, xkey)
-            pct = [[100 * v for v in ys] for ys in (mean, lo, hi)]  # percent, as in the tables
+            scale = 100 if metric == "accuracy" else 1  # percent, as in the tables
+            pct = [[scale * v for v in ys] for ys in (mean, lo, hi)]
             n = f" ({len(runs)} seeds, min-max band)" if len(runs) > 1 else ""
             (line,) = ax.plot(xs, pct[0], marker="o", ms=3, label=name + n)
             if len(runs) > 1:
                 ax.fill_between(xs, pct[1], pct[2], alpha=0.15, color=line.get_color())
         if target is not None:
-            ax.axhline(100 * target, ls="--", color="gray", lw=1, label="target (95% of OPD)")
+            ax.axhline(scale * target, ls="--", color="gray", lw=1, label="target (95% of OPD)")
         ax.set_xlabel(label)
-        ax.set_ylabel("full-budget accuracy, greedy (%)")
+        ax.set_ylabel(METRIC_LABELS.get(metric, metric))
         ax.grid(alpha=0.3)
     axes[0].legend(fontsize=8)
-    fig.suptitle("Accuracy at the full budget L against cost")
+    fig.suptitle(f"{metric} at the full budget L against cost")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -531,16 +602,20 @@ def plot_horizon(groups: dict[str, list[Run]], path: Path) -> None:
 
 
 def table_rows(summary: dict[str, Any]) -> list[list[str]]:
-    header = ["strategy", "seeds", "start acc", "final acc", "best acc", "steps", "train time (s)",
+    m = summary.get("metric", "accuracy")
+    short = "acc" if m == "accuracy" else m
+    header = ["strategy", "seeds", f"start {short}", f"final {short}", f"best {short}", "steps",
+              "train time (s)",
               "sampled tokens", "time to target (s)", "tokens to target", "speed-up vs OPD",
               "act. mem (MiB)", "peak RSS/alloc (MiB)", "median step (s)"]
     out = [header]
     for name, r in summary["rows"].items():
         n = r["seeds"]
         reached = "" if r["reached_target"] == n or n == 1 else f" ({r['reached_target']}/{n})"
-        out.append([name, str(n), _pct(r["initial_accuracy"]),
-                    _pct_sd(r["final_accuracy"], r.get("final_accuracy_sd")),
-                    _pct_sd(r["best_accuracy"], r.get("best_accuracy_sd")),
+        out.append([name + (" (collapse flagged)" if r.get("collapsed") else ""), str(n),
+                    _val(summary, r["initial_accuracy"]),
+                    _val_sd(summary, r["final_accuracy"], r.get("final_accuracy_sd")),
+                    _val_sd(summary, r["best_accuracy"], r.get("best_accuracy_sd")),
                     _num(r["steps"], "{:.0f}"), _num(r["train_time_s"]),
                     _num(r["total_tokens"], "{:.0f}"),
                     (_num(r["time_to_target_s"]) if r["time_to_target_s"] is not None else
@@ -549,6 +624,12 @@ def table_rows(summary: dict[str, Any]) -> list[list[str]]:
                     _num(r["peak_act_mem_mb"], "{:.1f}"), _num(r["peak_mem_mb"], "{:.0f}"),
                     _num(r.get("median_step_time_s"), "{:.3f}")])
     return out
+
+
+def _val_sd(summary: dict[str, Any], mean: float | None, sd: float | None) -> str:
+    if summary.get("metric", "accuracy") == "accuracy":
+        return _pct_sd(mean, sd)
+    return _val(summary, mean) + (f" +- {sd:.3f}" if sd is not None else "")
 
 
 def _pct_sd(mean: float | None, sd: float | None) -> str:
@@ -570,6 +651,19 @@ def markdown_table(rows: list[list[str]]) -> str:
     lines = ["| " + " | ".join(rows[0]) + " |", "|" + "---|" * len(rows[0])]
     lines += ["| " + " | ".join(r) + " |" for r in rows[1:]]
     return "\n".join(lines)
+
+
+METRIC_TEXT = {
+    "accuracy": "Accuracy is greedy, at the full response budget L, on held-out prompts. Target = "
+                f"{int(TARGET_FRACTION * 100)}% of full OPD's final accuracy",
+    "rkl": "The metric is the held-out reverse KL per token (lower is better): the student samples "
+           "held-out prompts at the full budget L and the teacher scores them. Target = "
+           f"{int(TARGET_FRACTION * 100)}% of the way from OPD's start to its final KL",
+    "teacher_nll": "The metric is the teacher's NLL per token of the student's greedy answers at "
+                   "the "
+                   f"full budget L (lower is better). Target = {int(TARGET_FRACTION * 100)}% of "
+                   "the way from OPD's start to its final value",
+}
 
 
 def write_report(paths: list[Path], out: Path) -> dict[str, Any]:
@@ -595,9 +689,11 @@ def write_report(paths: list[Path], out: Path) -> dict[str, Any]:
     lines = [
         "# hopd report: how much rollout horizon does on-policy distillation need?", "",
         f"{len(runs)} run(s), {len(groups)} strateg{'y' if len(groups) == 1 else 'ies'}. "
-        "Accuracy is greedy, at the full response budget L, on held-out prompts. Target = "
-        f"{int(TARGET_FRACTION * 100)}% of full OPD's final accuracy"
-        + (f" = {_pct(summary['target'])}." if summary["target"] is not None else " (no OPD run)."),
+        + METRIC_TEXT.get(summary["metric"], summary["metric"])
+        + (f" = {_val(summary, summary['target'])}." if summary["target"] is not None
+           else " (no OPD run)."),
+        *[f"**Collapse flagged** in `{r.path.name}` ({r.strategy}): {r.collapse}"
+          for r in runs if r.collapse],
         f"Budget L: {', '.join(map(str, budgets))}. Times are training time only (sampling, "
         "teacher scoring, learning), without evaluation or diagnostics.", "",
         *[f"**Warning**: {w}" for w in summary["warnings"]],

@@ -107,6 +107,14 @@ def check_out(out: Path, *, kind: str, overwrite: bool = False, resume: bool = F
                               "or a folder above it; choose a subfolder for --out")
 
 
+def check_new_folder(out: Path, flag: str) -> None:
+    """A folder a command is about to create must not exist yet (or be empty): hopd never writes
+    a model into a folder that holds anything."""
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise ConfigError(f"{flag} {out} already exists and is not an empty folder: give a new "
+                          "folder")
+
+
 def prepare_out(out: Path, *, kind: str, overwrite: bool = False, resume: bool = False
                 ) -> RunLock:
     """Checks `out` again, locks it, empties it if --overwrite, and marks it as hopd's.

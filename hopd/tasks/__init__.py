@@ -17,7 +17,7 @@ from pathlib import Path
 from transformers import PreTrainedTokenizerBase
 
 from hopd.config import ConfigError
-from hopd.tasks import chain, jsonl
+from hopd.tasks import chain, chat_prompts, jsonl
 
 Prompt = str | list[dict[str, str]]
 
@@ -56,12 +56,14 @@ class PromptSource:
         self.train_rows: list[Example] = []
         self.eval_rows: list[Example] = []
         self._orders: dict[tuple[int, int, int], list[int]] = {}
+        self._warned: set[str] = set()
         if self.chain is None:
             if source.startswith("chain"):
                 chain_spec(source)  # raises with the list of presets
+            source = str(chat_prompts.PATH) if source == chat_prompts.NAME else source
             if not Path(source).exists():
                 raise ConfigError(f"data {source!r}: no such file; give chain:default|hard|tiny, "
-                                 "a JSONL file or a saved dataset folder")
+                                 f"{chat_prompts.NAME}, a JSONL file or a saved dataset folder")
             rows = [Example(p, a, where=w) for p, a, w in
                     jsonl.load_located_rows(source, prompt_field, answer_field)]
             if eval_source:
@@ -77,9 +79,14 @@ class PromptSource:
                                  "evaluation split; give more rows or a separate eval_data file")
             self._warn_unparsable_answers()
 
+    @property
+    def has_answers(self) -> bool:
+        """Whether accuracy means anything here: the testbed, or a file with reference answers."""
+        return self.chain is not None or any(e.answer for e in self.all_rows())
+
     def _warn_unparsable_answers(self) -> None:
         """A prose reference answer never matches: say so now rather than report 0% later."""
-        answers = [e.answer for e in self.eval_rows]
+        answers = [e.answer for e in self.eval_rows if e.answer]
         if answers and not any(jsonl.looks_like_final_answer(a) for a in answers):
             print(f"warning: none of the {len(answers)} evaluation answers in "
                   f"{self.eval_rows[0].where.rsplit(':', 1)[0]} looks like a final answer (e.g. "
@@ -141,9 +148,14 @@ class PromptSource:
             raise ConfigError(f"data {self.source}: no evaluation rows; give eval_data")
         rows = self.eval_rows if part == "eval" else [
             e for e in self.eval_rows if chain.heldout_part(_prompt_text(e.prompt)) == part]
-        if not rows:
-            raise ConfigError(f"data {self.source}: no {part} rows among the {len(self.eval_rows)}"
-                             " evaluation rows; give more evaluation rows")
+        if not rows:  # a small file: both halves are the held-out rows, said once
+            if part not in self._warned:
+                self._warned.add(part)
+                print(f"warning: data {self.source}: no {part} rows among its "
+                      f"{len(self.eval_rows)} held-out rows; evaluating on all of them (val and "
+                      "test are then the same rows: give more rows or eval_data to keep them "
+                      "apart)", file=sys.stderr)
+            rows = self.eval_rows
         return rows[:n]
 
     def is_correct(self, response: str, answer: str) -> bool:

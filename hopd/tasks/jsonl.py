@@ -1,6 +1,7 @@
 """Prompt sets from JSONL files (and Hugging Face datasets saved to disk), and math answer checks.
 
-Each row needs a prompt and, for evaluation, a reference answer:
+Each row needs a prompt and, for accuracy, a reference answer (a file without one is free text,
+measured by KL and teacher NLL instead):
 - the prompt is a string field (`prompt`, or `question` as in GSM8K) or a chat `messages` list
   (the user turns; a trailing assistant turn, if any, is dropped from the prompt);
 - the answer is a string or number field (`answer`); a GSM8K answer ("...#### 42") is reduced to
@@ -80,10 +81,7 @@ def detect_fields(row: dict[str, Any], prompt_field: str, answer_field: str, whe
     if not pf:
         raise DataError(f"{where}: no prompt field; rows need one of {', '.join(PROMPT_FIELDS)} "
                         f"(found {', '.join(row) or 'no fields'}), or set data_prompt_field")
-    if not af:
-        raise DataError(f"{where}: no answer field; rows need one of {', '.join(ANSWER_FIELDS)} "
-                        f"(found {', '.join(row)}), or set data_answer_field")
-    return pf, af
+    return pf, af  # af "": no reference answers (free text: measured by KL, not accuracy)
 
 
 def _prompt_of(row: dict[str, Any], field: str, where: str) -> str | list[dict[str, str]]:
@@ -142,8 +140,8 @@ def load_located_rows(path: str | Path, prompt_field: str = "", answer_field: st
     rows = _load_disk_dataset(path) if path.is_dir() else _rows(path)
     first_line, first = rows[0]
     pf, af = detect_fields(first, prompt_field, answer_field, f"{path}:{first_line}")
-    return [(_prompt_of(r, pf, f"{path}:{i}"), _answer_of(r, af, f"{path}:{i}"), f"{path}:{i}")
-            for i, r in rows]
+    return [(_prompt_of(r, pf, f"{path}:{i}"), _answer_of(r, af, f"{path}:{i}") if af else "",
+             f"{path}:{i}") for i, r in rows]
 
 
 def looks_like_final_answer(answer: str) -> bool:
