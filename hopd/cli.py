@@ -26,6 +26,7 @@ from hopd.config import ConfigError
 
 
 def _cmd_sft(args: argparse.Namespace) -> int:
+    _quiet_hf()
     from hopd import config as C
     from hopd.sft import SFTConfig, train_sft
 
@@ -36,6 +37,7 @@ def _cmd_sft(args: argparse.Namespace) -> int:
 
 
 def _cmd_eval(args: argparse.Namespace) -> int:
+    _quiet_hf()
     import torch
 
     from hopd.evaluate import evaluate
@@ -96,17 +98,29 @@ def _eval_teacher(args: argparse.Namespace, tok: object) -> tuple[object, int | 
     return LocalTeacher(model, vocab), vocab
 
 
+def _quiet_hf() -> None:
+    """hopd shows its own progress: no transformers download/loading bars."""
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+
+
 def _cmd_distill(args: argparse.Namespace) -> int:
-    from hopd.distill import distill, load_config
+    from hopd.distill_config import check_paths, load_config
 
     _split_config(args)
-    cfg = load_config(args.config, args.overrides)
+    cfg = load_config(args.config, args.overrides)  # before torch: a typo is reported at once
+    check_paths(cfg)
+    _quiet_hf()
+    from hopd.distill import distill
+
     result = distill(cfg, Path(args.out), resume=args.resume, progress=not args.quiet,
                      overwrite=args.overwrite, force_config=args.force_config)
     return _signal_status(result.get("signal", 0))
 
 
 def _cmd_compare(args: argparse.Namespace) -> int:
+    _quiet_hf()
     from hopd.compare import DEFAULT, budget_overrides, compare, parse_lrs, parse_strategies
     from hopd.report import write_report
 
@@ -137,6 +151,7 @@ def _cmd_report(args: argparse.Namespace) -> int:
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
+    _quiet_hf()
     from hopd.demo import run_demo
 
     default = "runs/demo" + ("-fork" if args.regime == "fork" else "") + \
@@ -188,6 +203,7 @@ def _print_summary(summary: dict, report: Path) -> None:
 
 
 def _cmd_serve_teacher(args: argparse.Namespace) -> int:
+    _quiet_hf()
     import os
 
     from hopd.models import load_model, load_tokenizer
@@ -214,6 +230,7 @@ def _cmd_serve_teacher(args: argparse.Namespace) -> int:
 
 
 def _cmd_convert(args: argparse.Namespace) -> int:
+    _quiet_hf()
     from hopd.gguf_models import PACKAGED, convert_gguf, packaged_file
 
     path = packaged_file(args.file) if args.file in PACKAGED else Path(args.file)
@@ -225,6 +242,7 @@ def _cmd_convert(args: argparse.Namespace) -> int:
 
 
 def _cmd_prune(args: argparse.Namespace) -> int:
+    _quiet_hf()
     import torch
 
     from hopd.models import load_model, load_tokenizer, resolve_model_path
@@ -511,10 +529,7 @@ def main(argv: list[str] | None = None) -> int:
             args.overrides = [*(args.overrides or []), *extra]
         else:
             parser.error(f"unrecognized arguments: {' '.join(extra)}")
-    from transformers.utils import logging as hf_logging
-
-    hf_logging.disable_progress_bar()  # hopd shows its own progress
-    from hopd.runstate import DiskFull, is_disk_full
+    from hopd.config import DiskFull, is_disk_full
 
     try:
         return args.func(args)
@@ -531,7 +546,7 @@ def main(argv: list[str] | None = None) -> int:
               "free space, then continue with --resume", file=sys.stderr)
         return 1
     except RuntimeError as e:
-        from hopd.distill import TrainingStopped
+        from hopd.distill_config import TrainingStopped
 
         if not isinstance(e, TrainingStopped):
             raise

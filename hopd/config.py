@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import errno
 import types
 import typing
 from pathlib import Path
@@ -24,9 +25,25 @@ class ConfigError(ValueError):
     """A bad config, override or input file: the message names the problem and the fix."""
 
 
-def _suggest(key: str, options: list[str]) -> str:
+class DiskFull(RuntimeError):
+    """Writing a checkpoint or result failed for lack of space; the message says what is intact."""
+
+
+def is_disk_full(e: BaseException) -> bool:
+    """ENOSPC, or torch's serializer failing to write (what a full disk looks like through it)."""
+    if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
+        return True
+    text = str(e)
+    return isinstance(e, RuntimeError) and ("unexpected pos" in text or "failed writing" in text
+                                            or "No space left" in text)
+
+
+def _suggest(key: str, options: list[str], prefix: str = "") -> str:
+    """A close key, written in full (`optim.lr`, as an override would name it)."""
     close = difflib.get_close_matches(key, options, n=1)
-    return f" (did you mean '{close[0]}'?)" if close else f" (valid keys: {', '.join(options)})"
+    if close:
+        return f" (did you mean '{prefix}{close[0]}'?)"
+    return f" (valid keys: {', '.join(prefix + o for o in options)})"
 
 
 def _coerce(value: Any, tp: Any, where: str) -> Any:
@@ -89,7 +106,8 @@ def from_dict(cls: type[T], data: dict[str, Any], prefix: str = "") -> T:
     for key, value in data.items():
         where = f"{prefix}{key}"
         if key not in fields:
-            raise ConfigError(f"unknown config key '{where}'{_suggest(key, list(fields))}")
+            raise ConfigError(f"unknown config key '{where}'"
+                              f"{_suggest(key, list(fields), prefix)}")
         tp = hints[key]
         if dataclasses.is_dataclass(tp):
             kwargs[key] = from_dict(tp, value or {}, prefix=f"{where}.")

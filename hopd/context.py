@@ -128,9 +128,12 @@ class RunContext:
                "eval_truncated_fraction": ev["truncated_fraction"],
                "eval_time_s": ev["eval_time_s"], "eval_metric": self.metric,
                **{f"eval_{k}": ev[k] for k in QUALITY_KEYS if k in ev}, **self.totals}
+        first = "base" not in self.guard
         warning = self.check_collapse(step, ev)
         if warning:
             rec["collapse"] = warning
+        if first:  # what the guard will hold later answers against
+            rec["guard_reference"] = self.guard["base"]
         self.last_eval = rec
         self.write(rec)
         return ev["accuracy"]
@@ -144,11 +147,21 @@ class RunContext:
         recent.append(loss)
         del recent[:-GUARD_STEPS]
 
+    def reference(self, first: dict[str, Any]) -> dict[str, Any]:
+        """What the guard holds answers against: the teacher's own greedy answers to the
+        evaluation prompts (a model here), else the student's first evaluation."""
+        if self.teacher.model is None:
+            return {"of": "student", **{k: first[k] for k in ("distinct_2", "mostly_one_token")}}
+        ev = evaluate(self.teacher.model, self.inp.t_tok, self.eval_examples, None, self.budget,
+                      seed=self.cfg.seed, system_prompt=self.teacher_system, kl_n=0)
+        return {"of": "teacher", **{k: ev[k] for k in ("distinct_2", "mostly_one_token",
+                                                       "eos_rate", "mean_length")}}
+
     def check_collapse(self, step: int, ev: dict[str, Any]) -> str | None:
         """The collapse guard at an evaluation (mode-seeking losses only: sft and fkl cover the
         teacher's answers and cannot win by collapsing); prints its warning once."""
         if "base" not in self.guard:
-            self.guard["base"] = {k: ev[k] for k in ("distinct_2", "mostly_one_token")}
+            self.guard["base"] = self.reference(ev)
             return None
         if self.cfg.loss.kind in ("sft", "fkl") or not self.guard.get("recent"):
             return None

@@ -10,14 +10,17 @@ import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import torch
-
 from hopd import config as C
-from hopd.losses import NORMALIZERS
-from hopd.models import DTYPES
 from hopd.schedules import HorizonConfig
 
 LOSSES = ("sampled_rkl", "rkl", "fkl", "jsd", "sft")
+NORMALIZERS = {
+    "token_mean": "sum over tokens / tokens in the step (every token counts the same)",
+    "seq_mean": "mean over each sequence's tokens, then over sequences (short answers weigh more)",
+    "constant": "sum over tokens / (sequences x L), fixed for the run whatever H is",
+    "sum": "plain sum over tokens (the tinker recipe; scale grows with batch and H)",
+}
+DTYPES = ("float32", "bfloat16", "float16")  # names; hopd.models maps them to torch dtypes
 # what an evaluation's headline number is; accuracy is higher-is-better, the others lower
 EVAL_METRICS = ("accuracy", "rkl", "teacher_nll")
 
@@ -218,6 +221,8 @@ class DistillConfig:
         for name in ("device", "teacher_device"):
             v = getattr(self, name)
             if v.startswith("cuda"):
+                import torch  # only here: a config is checked before torch is imported
+
                 C.check(torch.cuda.is_available(), f"{name}={v!r}: CUDA is not available here; "
                         "use device=cpu")
             else:
@@ -231,8 +236,49 @@ class DistillConfig:
 def resolve_device(device: str) -> str:
     """`auto`: the GPU when there is one, else the CPU (the rule of every hopd command)."""
     if device == "auto":
+        import torch
+
         return "cuda" if torch.cuda.is_available() else "cpu"
     return device
+
+
+def check_paths(cfg: DistillConfig) -> None:
+    """The named files and folders exist: checked before torch or transformers is imported, so
+    a typo in a path is reported at once (everything else about them is checked later)."""
+    from hopd.gguf_models import PACKAGED, is_gguf, packaged_file
+    from hopd.tasks import chat_prompts, is_chain
+
+    for key in ("data", "eval_data"):
+        value = getattr(cfg, key)
+        if value and not is_chain(value) and value != chat_prompts.NAME and \
+                not Path(value).exists():
+            raise C.ConfigError(f"{key}={value!r}: no such file; give chain:default|hard|tiny, "
+                                f"{chat_prompts.NAME}, a JSONL file or a saved dataset folder")
+    for key in ("student", "teacher", "teacher_tokenizer"):
+        value = getattr(cfg, key)
+        if not value or (key == "teacher" and cfg.teacher_url):
+            continue
+        if value in PACKAGED:
+            packaged_file(value)
+        elif is_gguf(value) and not Path(value).is_file():
+            raise C.ConfigError(f"{key}={value!r}: no such .gguf file")
+        elif not value.startswith("testbed:") and not Path(value).is_dir():
+            raise missing_model(value, key)
+
+
+def missing_model(name: str, key: str = "model") -> C.ConfigError:
+    """The error for a model name that is no folder here: a Hub id gets the way to get it."""
+    parts = name.split("/")
+    if len(parts) == 2 and all(parts) and not name.startswith((".", "~")) and \
+            not Path(parts[0]).exists():
+        return C.ConfigError(
+            f"{key}={name!r} looks like a Hugging Face Hub id, and hopd never downloads: "
+            f"download it where you have access (huggingface-cli download {name} --local-dir "
+            "DIR) and pass the folder DIR, or pass a .gguf file")
+    return C.ConfigError(
+        f"{key}={name!r} is none of a bundled name (testbed:teacher|student|student-fork), a "
+        "packaged GGUF name (smollm2:135m-instruct), a .gguf file or a folder with a Hugging "
+        "Face checkpoint")
 
 
 ALIASES = {"steps": "max_steps", "lr": "optim.lr", "H": "horizon.tokens",

@@ -20,12 +20,7 @@ import torch
 # loss.normalizer: how the per-token terms of one optimizer step are weighted. Under AdamW the
 # choice barely changes the size of an update (Adam divides by the gradient's running scale), so
 # it decides how positions and sequences share the update, not how large it is.
-NORMALIZERS = {
-    "token_mean": "sum over tokens / tokens in the step (every token counts the same)",
-    "seq_mean": "mean over each sequence's tokens, then over sequences (short answers weigh more)",
-    "constant": "sum over tokens / (sequences x L), fixed for the run whatever H is",
-    "sum": "plain sum over tokens (the tinker recipe; scale grows with batch and H)",
-}
+from hopd.distill_config import NORMALIZERS  # noqa: E402  (names and meanings)
 
 
 def token_weights(mask_B_R: torch.Tensor, normalizer: str, step_tokens: float,

@@ -24,6 +24,7 @@ from transformers import (
 )
 
 from hopd.config import ConfigError
+from hopd.distill_config import missing_model
 from hopd.tasks.chain import VARIABLES
 
 SPECIALS = ["<pad>", "<bos>", "<eos>", "<unk>"]
@@ -103,7 +104,7 @@ def tiny_llama(size: str, tokenizer: PreTrainedTokenizerBase, max_positions: int
 def resolve_model_path(name: str) -> Path:
     """A local path for a model name: a bundled `testbed:*` name, a directory, a `.gguf` file or
     a packaged GGUF name such as `smollm2:135m-instruct` (converted once into hopd's cache)."""
-    from hopd.gguf_models import PACKAGED, cached_folder, is_gguf
+    from hopd.gguf_models import cached_folder, is_gguf
 
     if is_gguf(name):
         return cached_folder(name)
@@ -119,26 +120,10 @@ def resolve_model_path(name: str) -> Path:
         raise ConfigError(f"unknown bundled model {name!r}: choose one of {sorted(BUNDLED)}")
     path = Path(name)
     if not path.is_dir():
-        if looks_like_hub_id(name):
-            raise ConfigError(
-                f"model {name!r} looks like a Hugging Face Hub id, and hopd never downloads: "
-                "download it where you have access (huggingface-cli download "
-                f"{name} --local-dir DIR) and pass the folder DIR, or pass a .gguf file")
-        raise FileNotFoundError(
-            f"model {name!r} is none of a bundled name ({', '.join(sorted(BUNDLED))}), a "
-            f"packaged GGUF name ({', '.join(sorted(PACKAGED))}), a .gguf file or a directory "
-            "with a Hugging Face checkpoint"
-        )
+        raise missing_model(name)
     if not (path / "config.json").exists():
         raise FileNotFoundError(f"model directory {path} has no config.json: not an HF checkpoint")
     return path
-
-
-def looks_like_hub_id(name: str) -> bool:
-    """`org/name` with no such path here: what a user copies from a model card."""
-    parts = name.split("/")
-    return len(parts) == 2 and all(parts) and not name.startswith((".", "~")) and \
-        not Path(parts[0]).exists()
 
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}

@@ -15,8 +15,10 @@ die. So every evaluation also measures:
   student's mean entropy at its own greedy positions.
 
 The guard (`collapse_check`) fires when the loss has fallen while the greedy answers have
-collapsed: distinct-2 at most half of the first evaluation's, or at least half of the answers
-mostly one repeated token.
+collapsed: distinct-2 at most half of the reference's, or at least half of the answers mostly one
+repeated token. The reference is the teacher's own greedy answers to the same prompts (with a
+teacher server, the student's first evaluation): a pruned student starts out degenerate, so its
+own start is no yardstick.
 """
 
 from __future__ import annotations
@@ -196,22 +198,25 @@ class GuardReading:
 
     first_loss: float  # mean loss of the run's first steps
     recent_loss: float  # mean loss of the latest steps
-    base: dict[str, float]  # the first evaluation's degeneration metrics
+    base: dict[str, float]  # the reference's degeneration metrics (the teacher's answers)
     now: dict[str, float]  # this evaluation's
 
 
 def collapse_check(g: GuardReading) -> str | None:
     """A one-line warning when the loss fell while the greedy answers collapsed, else None."""
     fell = math.isfinite(g.first_loss) and math.isfinite(g.recent_loss) and \
-        g.recent_loss < 0.9 * g.first_loss
+        g.first_loss - g.recent_loss > 0.1 * abs(g.first_loss)  # (a sampled KL can be < 0)
     if not fell:
         return None
     d0, d1 = g.base.get("distinct_2", math.nan), g.now.get("distinct_2", math.nan)
     halved = math.isfinite(d0) and math.isfinite(d1) and d1 <= 0.5 * d0
     mostly = g.now.get("mostly_one_token", 0.0)
-    if not (halved or mostly >= 0.5):
+    # answers mostly one token count when the reference's are not (a teacher may repeat too)
+    if not (halved or (mostly >= 0.5 and g.base.get("mostly_one_token", 0.0) < 0.5)):
         return None
+    who = g.base.get("of", "reference")
     return (f"collapse: the loss fell {g.first_loss:.3g} -> {g.recent_loss:.3g} while the greedy "
-            f"answers degenerated (distinct-2 {d0:.2f} -> {d1:.2f}; {mostly:.0%} of answers "
+            f"answers degenerated (distinct-2 {d1:.2f} against the {who}'s {d0:.2f}; "
+            f"{mostly:.0%} of answers "
             f"mostly one repeated token). Look at the answers; warm-start the student first "
             f"(loss.kind=sft or fkl) or lower optim.lr; collapse_stop=true stops here")

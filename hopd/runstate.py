@@ -14,7 +14,6 @@ line and leaves the previous checkpoint as it was.
 
 from __future__ import annotations
 
-import errno
 import json
 import math
 import os
@@ -29,7 +28,7 @@ from typing import Any
 import torch
 from transformers import PreTrainedModel
 
-from hopd.config import ConfigError
+from hopd.config import ConfigError, DiskFull, is_disk_full  # noqa: F401
 from hopd.progress import clean_json, read_metrics
 
 MARKER = ".hopd-run"
@@ -37,10 +36,6 @@ LOCK = ".hopd-lock"
 # layouts written by hopd before the marker existed: still ours to resume or replace
 _LEGACY = {"distill": [("config.yaml", "metrics.jsonl")], "sft": [("sft_config.json",)],
            "compare": [("summary.json",), ("report.md",)]}
-
-
-class DiskFull(RuntimeError):
-    """Writing a checkpoint or result failed for lack of space; the message says what is intact."""
 
 
 def write_json(path: Path, obj: Any) -> None:
@@ -217,15 +212,6 @@ def write_folder(final: Path, tmp: Path, write: Callable[[Path], None],
     make_readable(tmp)
     shutil.rmtree(final, ignore_errors=True)
     os.replace(tmp, final)
-
-
-def is_disk_full(e: BaseException) -> bool:
-    """ENOSPC, or torch's serializer failing to write (what a full disk looks like through it)."""
-    if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
-        return True
-    text = str(e)
-    return isinstance(e, RuntimeError) and ("unexpected pos" in text or "failed writing" in text
-                                            or "No space left" in text)
 
 
 def free_mb(path: Path) -> float:

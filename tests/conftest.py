@@ -27,3 +27,19 @@ def micro_pair(tmp_path_factory, tokenizer):
     save_checkpoint(tiny_llama("micro", tokenizer, seed=1), tokenizer, s)
     save_checkpoint(tiny_llama("micro", tokenizer, seed=2), tokenizer, t)
     return s, t
+
+
+# Two tiers. `python -m pytest -q` runs the fast tier (minutes); `--slow` adds the tests marked
+# slow (recipes, vLLM, several processes, the real SmolLM2 pair), which CI also runs. Slow tests
+# are deselected, not skipped, so the fast tier's summary counts only what it ran.
+def pytest_addoption(parser):
+    parser.addoption("--slow", action="store_true", help="also run the tests marked slow")
+
+
+def pytest_collection_modifyitems(config, items):
+    if config.getoption("--slow"):
+        return
+    slow = [item for item in items if item.get_closest_marker("slow")]
+    if slow:
+        config.hook.pytest_deselected(items=slow)
+        items[:] = [item for item in items if not item.get_closest_marker("slow")]

@@ -62,7 +62,7 @@ def test_two_step_distill(tmp_path, micro_pair):
 
 
 @pytest.mark.parametrize("args,needle", [
-    (["distill", "--out", "X", "horizon.knd=full"], "did you mean 'kind'"),
+    (["distill", "--out", "X", "horizon.knd=full"], "did you mean 'horizon.kind'"),
     (["distill", "--out", "X", "max_step=3"], "did you mean 'max_steps'"),
     (["distill", "--out", "X", "batch_size=abc"], "batch_size='abc': expected an integer"),
     (["distill", "--out", "X", "horizon.kind=truncated", "horizon.fraction=1.5"],
@@ -359,3 +359,26 @@ def test_tracker_names_and_an_empty_position_bucket_keeps_its_place():
     assert values == {"train/loss": 0.5, "train/learning_rate": 1e-4, "eval/accuracy": 0.25,
                       "train/horizon": 16.0, "probe/teacher_acc_from_0.5": 0.75}
     assert hists == {"diag/rkl_by_position": [0.5, 0.0, 0.2]}  # bucket 2 stays bucket 2
+
+
+@pytest.mark.parametrize("args, words", [
+    (["distill", "--out", "{tmp}/r", "optim.lrr=3e-4"], "did you mean 'optim.lr'"),
+    (["distill", "--out", "{tmp}/r", "data={tmp}/missing.jsonl"], "no such file"),
+    (["distill", "--out", "{tmp}/r", "optim.lr=-1"], "optim.lr=-1.0"),
+    (["distill", "--out", "{tmp}/r", "student=Qwen/Qwen2.5-0.5B-Instruct"], "never downloads"),
+])
+def test_config_mistakes_are_reported_in_under_a_second(tmp_path, args, words):
+    """The real command in a fresh interpreter: the config and paths are checked before torch
+    or transformers is imported."""
+    import time
+
+    argv = [a.replace("{tmp}", str(tmp_path)) for a in args]
+    code = "import sys; from hopd.cli import main; sys.exit(main(sys.argv[1:]))"
+    best = math.inf
+    for _ in range(2):  # the faster of two: a busy machine can stall one start
+        t0 = time.perf_counter()
+        p = subprocess.run([sys.executable, "-c", code, *argv], capture_output=True, text=True)
+        best = min(best, time.perf_counter() - t0)
+    assert p.returncode == 2 and words in p.stderr, p.stderr
+    assert best < 1.0, f"{best:.2f} s"
+    assert not (tmp_path / "r").exists()

@@ -14,6 +14,8 @@ from hopd.cli import main
 from hopd.dist import free_port
 from hopd.progress import read_metrics
 
+pytestmark = pytest.mark.slow  # the full tier: python -m pytest --slow
+
 pytest.importorskip("accelerate")
 
 

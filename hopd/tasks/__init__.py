@@ -13,11 +13,13 @@ import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-
-from transformers import PreTrainedTokenizerBase
+from typing import TYPE_CHECKING
 
 from hopd.config import ConfigError
 from hopd.tasks import chain, chat_prompts, jsonl
+
+if TYPE_CHECKING:  # transformers is not imported to check a config
+    from transformers import PreTrainedTokenizerBase
 
 Prompt = str | list[dict[str, str]]
 

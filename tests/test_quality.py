@@ -1,0 +1,154 @@
+"""The quality metrics against hand-computed cases and float64 brute force, and the collapse guard
+on synthetic runs and inside `hopd distill`."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+
+from hopd import context
+from hopd.cli import main
+from hopd.quality import (
+    GuardReading,
+    QualityAccumulator,
+    answers_of,
+    collapse_check,
+    degeneration,
+    distinct_n,
+    longest_run_share,
+    ratio_se,
+    sampled_rkl,
+    teacher_nll,
+)
+from hopd.rollout import row_seeds, sample
+from hopd.teacher import LocalTeacher
+
+
+def test_degeneration_metrics_by_hand():
+    answers = [[1, 2, 3, 1, 2], [7, 7, 7, 7, 5], []]
+    # bigrams: (1,2) (2,3) (3,1) (1,2) | (7,7) x3 (7,5): 8 bigrams, 5 distinct
+    assert distinct_n(answers, 2) == pytest.approx(5 / 8)
+    assert longest_run_share([7, 7, 7, 7, 5]) == pytest.approx(4 / 5)
+    assert longest_run_share([1, 2, 3]) == pytest.approx(1 / 3)
+    assert longest_run_share([]) == 0.0
+    d = degeneration(answers, [True, False, True])
+    assert d["mostly_one_token"] == pytest.approx(1 / 3)  # only the 7777 answer
+    assert d["max_run_share_max"] == pytest.approx(0.8)
+    assert d["max_run_share"] == pytest.approx((0.2 + 0.8 + 0.0) / 3)
+    assert d["eos_rate"] == pytest.approx(2 / 3) and d["mean_length"] == pytest.approx(10 / 3)
+    assert math.isnan(distinct_n([[1], []], 2))
+
+
+def test_answers_drop_eos_and_padding():
+    ids = torch.tensor([[5, 6, 2, 0], [7, 7, 7, 7]])
+    mask = torch.tensor([[1, 1, 1, 0], [1, 1, 1, 1]])
+    answers, ended = answers_of(ids, mask, eos_id=2)
+    assert answers == [[5, 6], [7, 7, 7, 7]] and ended == [True, False]
+
+
+def test_ratio_se_by_hand():
+    # two prompts: sums 2 and 6 over 1 and 3 tokens; mean 8/4 = 2; residuals 0 and 0
+    assert ratio_se([2.0, 6.0], [1.0, 3.0]) == (2.0, 0.0)
+    mean, se = ratio_se([1.0, 5.0], [1.0, 1.0])  # plain mean 3, sd of the two = sqrt(8)
+    assert mean == 3.0 and se == pytest.approx(math.sqrt(8) / math.sqrt(2))
+
+
+def _brute_rkl(student, teacher, ids_B_T, P, mask_B_R):
+    """KL(s || t) per response position from full float64 forward passes, no response_logits."""
+    with torch.no_grad():
+        s = student.double()(ids_B_T).logits[:, P - 1:-1].log_softmax(-1)
+        t = teacher.double()(ids_B_T).logits[:, P - 1:-1].log_softmax(-1)
+    student.float(), teacher.float()
+    return ((s.exp() * (s - t)).sum(-1) * mask_B_R.double())
+
+
+def test_held_out_rkl_and_teacher_nll_equal_float64_brute_force(micro_pair, tokenizer):
+    from hopd.models import load_model
+
+    s_dir, t_dir = micro_pair
+    student, teacher = load_model(str(s_dir)).eval(), load_model(str(t_dir)).eval()
+    prompts = [[1, 10, 11, 12], [1, 13, 14]]  # equal-length rows need no padding
+    prompts = [[1, 10, 11, 12], [1, 13, 14, 15]]
+    acc = QualityAccumulator.empty()
+    sampled_rkl(student, LocalTeacher(teacher), prompts, budget=9, vocab=None, eos=-1, pad=0,
+                seed=3, acc=acc)
+    r = sample(student, prompts, 9, eos_id=-1, pad_id=0, temperature=1.0,
+               row_seeds=row_seeds(3, 0, range(2), stream="diag"))
+    kl = _brute_rkl(student, teacher, r.ids_B_T, r.prompt_len, r.response_mask_B_R)
+    mean, _ = ratio_se(acc.rkl_sums, acc.rkl_counts)
+    assert mean == pytest.approx(float(kl.sum() / r.response_mask_B_R.sum()), rel=1e-5)
+    teacher_nll(LocalTeacher(teacher), r, vocab=None, acc=acc)
+    with torch.no_grad():
+        t = teacher.double()(r.ids_B_T).logits[:, r.prompt_len - 1:-1].log_softmax(-1)
+    teacher.float()
+    want = -t.gather(-1, r.response_ids_B_R.unsqueeze(-1)).squeeze(-1).mean()
+    assert sum(acc.nll_sums) / sum(acc.nll_counts) == pytest.approx(float(want), rel=1e-5)
+
+
+TEACHER = {"of": "teacher", "distinct_2": 0.6, "mostly_one_token": 0.0}
+
+
+def _reading(losses, answers):
+    now = degeneration(answers, [True] * len(answers))
+    return GuardReading(sum(losses[:2]) / 2, sum(losses[-2:]) / 2, TEACHER, now)
+
+
+def test_the_guard_fires_on_a_collapsing_run_and_stays_quiet_on_a_healthy_one():
+    varied = [[i, i + 1, i + 2, i + 3, i + 5, i + 8] for i in range(0, 60, 6)]
+    spaces = [[220] * 40 + [198] for _ in range(10)]  # a row of spaces per answer
+    # collapse: the loss falls while the answers become a row of spaces
+    warning = collapse_check(_reading([4.9, 4.8, 2.0, 0.6], spaces))
+    assert warning is not None and "0.60" in warning and "100%" in warning
+    # healthy: the loss falls and the answers stay varied
+    assert collapse_check(_reading([4.9, 4.8, 2.0, 0.6], varied)) is None
+    # degenerate answers, but the loss did not fall: nothing claims progress, no warning
+    assert collapse_check(_reading([4.9, 4.8, 4.9, 4.7], spaces)) is None
+    # repetitive without one token filling the answers: distinct-2 at a fifth of the teacher's
+    loop = [[5, 6, 7] * 10 for _ in range(10)]
+    assert collapse_check(_reading([3.0, 3.0, 1.0, 1.0], loop)) is not None
+
+
+def _distill(tmp_path, pair, *extra):
+    s, t = pair
+    run = tmp_path / "run"
+    code = main(["distill", "--out", str(run), "--quiet", f"student={s}", f"teacher={t}",
+                 "data=chain:tiny", "batch_size=2", "max_steps=4", "eval_every=2", "eval_n=4",
+                 "eval_kl_n=2", "diag_every=0", "save_every=0", *extra])
+    return code, run
+
+
+def test_collapse_stop_saves_the_state_and_stops(tmp_path, micro_pair, monkeypatch, capsys):
+    monkeypatch.setattr(context, "collapse_check", lambda g: "collapse: synthetic")
+    code, run = _distill(tmp_path, micro_pair, "collapse_stop=true")
+    assert code == 3
+    assert "collapse_stop: collapse: synthetic" in capsys.readouterr().err
+    lines = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [x["step"] for x in lines if x.get("collapse")] == [2]
+    assert (run / "checkpoints" / "step_0000002").is_dir()  # saved where it stopped
+    assert not any(x.get("step", 0) > 2 for x in lines)
+
+
+def test_without_collapse_stop_the_guard_warns_once_and_the_report_flags_it(
+        tmp_path, micro_pair, monkeypatch, capsys):
+    monkeypatch.setattr(context, "collapse_check", lambda g: "collapse: synthetic")
+    code, run = _distill(tmp_path, micro_pair)
+    assert code == 0
+    err = capsys.readouterr().err
+    assert err.count("collapse: synthetic") == 1
+    lines = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    first = next(x for x in lines if "eval_accuracy" in x)
+    assert first["guard_reference"]["of"] == "teacher"  # the teacher's answers, measured
+    assert 0 <= first["eval_distinct_2"] <= 1 and first["eval_rkl"] >= 0
+    assert main(["report", str(run)]) == 0
+    assert "Collapse flagged" in (run / "report.md").read_text()
+
+
+def test_a_healthy_run_is_not_flagged(tmp_path, micro_pair, capsys):
+    code, run = _distill(tmp_path, micro_pair)
+    assert code == 0 and "collapse" not in capsys.readouterr().err
+    result = json.loads((run / "result.json").read_text())
+    assert result["collapse"] is None and result["eval_metric"] == "accuracy"
+    assert result["final_eval_rkl"] >= 0 and result["final_eval_teacher_nll"] > 0
