@@ -105,10 +105,38 @@ def _quiet_hf() -> None:
     hf_logging.disable_progress_bar()
 
 
+def _resume_target(args: argparse.Namespace) -> None:
+    """`--resume RUN`: the run folder is RUN, and its own config.yaml is the config unless one
+    is given beside it."""
+    if isinstance(args.resume, str) and "=" in args.resume and not Path(args.resume).exists():
+        args.overrides = [args.resume, *(args.overrides or [])]  # `--resume key=value ...`
+        args.resume = True
+    if not isinstance(args.resume, str):
+        if not args.out:
+            raise ConfigError("give --out RUN (a new run folder), or --resume RUN to continue one")
+        if args.resume and not Path(args.out).is_dir():
+            raise ConfigError(f"--resume: there is no run folder {args.out} to continue; start "
+                              "the run without --resume")
+        return
+    if args.resume.endswith((".yaml", ".yml")) and Path(args.resume).is_file():
+        args.config, args.resume = args.resume, True  # `--resume CONFIG --out RUN`, as before
+        return _resume_target(args)
+    run = Path(args.resume)
+    if args.out and Path(args.out).resolve() != run.resolve():
+        raise ConfigError(f"--resume {run} and --out {args.out} name different folders: give one")
+    if not (run / "config.yaml").is_file():
+        raise ConfigError(f"--resume {run}: no run to continue there (no config.yaml); start it "
+                          "with hopd distill CONFIG --out RUN")
+    args.out, args.resume = str(run), True
+    if not args.config:
+        args.config = str(run / "config.yaml")
+
+
 def _cmd_distill(args: argparse.Namespace) -> int:
     from hopd.distill_config import check_paths, load_config
 
     _split_config(args)
+    _resume_target(args)
     cfg = load_config(args.config, args.overrides)  # before torch: a typo is reported at once
     check_paths(cfg)
     _quiet_hf()
@@ -363,10 +391,11 @@ def _run_flags(p: argparse.ArgumentParser, resume_help: str) -> None:
     p.add_argument("--quiet", action="store_true", help="no progress output")
 
 
-def _config_and_out(p: argparse.ArgumentParser, config_help: str, out_help: str) -> None:
+def _config_and_out(p: argparse.ArgumentParser, config_help: str, out_help: str,
+                    required: bool = True) -> None:
     """CONFIG, --out, --overwrite and --quiet, shared by sft and distill."""
     p.add_argument("config", nargs="?", help=config_help)
-    p.add_argument("--out", required=True, help=out_help)
+    p.add_argument("--out", required=required, help=out_help)
     p.add_argument("--overwrite", action="store_true",
                    help="replace an existing --out (only a folder hopd made)")
     p.add_argument("--quiet", action="store_true", help="no progress output")
@@ -465,8 +494,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(func=_cmd_sft)
 
     d = sub.add_parser("distill", help="on-policy distillation with a horizon schedule")
-    _config_and_out(d, "YAML config, e.g. configs/popd.yaml", "run folder")
-    d.add_argument("--resume", action="store_true", help="continue the run in --out")
+    _config_and_out(d, "YAML config, e.g. configs/popd.yaml", "run folder", required=False)
+    d.add_argument("--resume", nargs="?", const=True, default=False, metavar="RUN",
+                   help="continue a run: --resume RUN alone continues RUN with its own "
+                   "config.yaml; with --out, the run in --out")
     d.add_argument("--force-config", action="store_true",
                    help="with --resume: accept config changes that make it a different run")
     d.add_argument("overrides", nargs="*",

@@ -176,6 +176,26 @@ class _UniqueKeyLoader(yaml.SafeLoader):
         return super().construct_mapping(node, deep=deep)
 
 
+def yaml_error(e: yaml.YAMLError) -> str:
+    """Where a YAML error is and what it is, in plain words: ', line L, column C: reason'."""
+    problem = (getattr(e, "problem", None) or str(e).splitlines()[0]).strip()
+    context = getattr(e, "context", None) or ""
+    mark = getattr(e, "problem_mark", None) or getattr(e, "context_mark", None)
+    if "quoted scalar" in context and getattr(e, "context_mark", None) is not None:
+        mark = e.context_mark  # where the quote opened, not where the file ended
+    where = f", line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+    if "\\t" in problem or "'\t'" in problem or "tab" in problem:
+        reason = "a tab character; YAML indents with spaces only: replace the tab with spaces"
+    elif "quoted scalar" in context:
+        reason = "a quote that is never closed: close it on the same line"
+    elif "mapping values are not allowed" in problem:
+        reason = "a ':' where a value was expected (a missing space after a key's ':' or a " \
+            "value that needs quotes)"
+    else:
+        reason = f"{context + ': ' if context else ''}{problem}"
+    return f" is not valid YAML{where}: {reason}"
+
+
 def read_yaml(path: str | Path) -> dict[str, Any]:
     path = Path(path)
     if not path.is_file():
@@ -184,8 +204,11 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
         data = yaml.load(path.read_text(encoding="utf-8-sig"), Loader=_UniqueKeyLoader)  # noqa: S506
     except ConfigError as e:
         raise ConfigError(f"config file {path}: {e}") from None
-    except (yaml.YAMLError, UnicodeDecodeError) as e:
-        raise ConfigError(f"config file {path} is not valid YAML: {str(e).splitlines()[0]}") from e
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"config file {path} is not UTF-8 text (byte {e.start}): save it as "
+                          "UTF-8") from None
+    except yaml.YAMLError as e:
+        raise ConfigError(f"config file {path}{yaml_error(e)}") from None
     if data is None:
         return {}
     if not isinstance(data, dict):

@@ -39,7 +39,7 @@ from hopd.runstate import (
 )
 from hopd.schedules import describe, initial_horizon
 from hopd.tasks import Example, PromptSource, encode_prompts
-from hopd.teacher import LocalTeacher, Teacher
+from hopd.teacher import LocalTeacher, Teacher, TeacherUnavailable
 from hopd.trackers import Trackers
 
 # what each evaluation record carries beside the accuracy, as eval_<key>
@@ -110,11 +110,17 @@ class RunContext:
             if self.dist.main:
                 n_kl = min(self.cfg.eval_kl_n, len(examples))
                 _, t_prompts = self.encode([e.prompt for e in examples[:n_kl]])
-                ev = evaluate(self.student, self.inp.tok, examples,
-                              self.source.is_correct if self.source.has_answers else None,
-                              self.budget, seed=self.cfg.seed,
-                              system_prompt=self.cfg.system_prompt, teacher=self.teacher,
-                              teacher_prompts=t_prompts, kl_n=n_kl, vocab=self.inp.vocab)
+                check = self.source.is_correct if self.source.has_answers else None
+                args = (self.student, self.inp.tok, examples, check, self.budget)
+                kw = {"seed": self.cfg.seed, "system_prompt": self.cfg.system_prompt,
+                      "vocab": self.inp.vocab}
+                try:
+                    ev = evaluate(*args, teacher=self.teacher, teacher_prompts=t_prompts,
+                                  kl_n=n_kl, **kw)
+                except TeacherUnavailable as e:  # the step after will stop, with state saved
+                    print(f"distill: the teacher failed during evaluation ({e}); evaluating "
+                          "without the teacher's metrics", file=sys.stderr, flush=True)
+                    ev = evaluate(*args, kl_n=0, **kw)
             self.dist.barrier()
         return ev
 

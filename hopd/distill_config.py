@@ -260,8 +260,9 @@ def check_paths(cfg: DistillConfig) -> None:
             continue
         if value in PACKAGED:
             packaged_file(value)
-        elif is_gguf(value) and not Path(value).is_file():
-            raise C.ConfigError(f"{key}={value!r}: no such .gguf file")
+        elif is_gguf(value):
+            if not Path(value).is_file():
+                raise C.ConfigError(f"{key}={value!r}: no such .gguf file")
         elif not value.startswith("testbed:") and not Path(value).is_dir():
             raise missing_model(value, key)
 

@@ -177,6 +177,7 @@ def check_resume_config(cfg: DistillConfig, run: Path, force: bool) -> bool:
     if blocking and not force:
         raise C.ConfigError(
             f"--resume: this config differs from the run's own ({path}): {'; '.join(blocking)}. "
-            "That makes it a different experiment: drop those overrides, start a new run with "
+            "That makes it a different experiment: give those settings as the run had them (or "
+            "resume with --resume RUN alone, which uses its config.yaml), start a new run with "
             "another --out, or pass --force-config to continue anyway")
     return bool(changes)

@@ -382,3 +382,15 @@ def test_config_mistakes_are_reported_in_under_a_second(tmp_path, args, words):
     assert p.returncode == 2 and words in p.stderr, p.stderr
     assert best < 1.0, f"{best:.2f} s"
     assert not (tmp_path / "r").exists()
+
+
+@pytest.mark.parametrize("text, words", [
+    ("max_steps: 3\n\tbatch_size: 4\n", "line 2, column 1: a tab character"),
+    ("max_steps: 3\ndata: \"abc\nbatch_size: 4\n", "line 2, column 7: a quote that is never closed"),
+])
+def test_a_yaml_error_names_the_line_the_column_and_the_reason(tmp_path, capsys, text, words):
+    path = tmp_path / "bad.yaml"
+    path.write_text(text)
+    assert main(["distill", str(path), "--out", str(tmp_path / "r")]) == 2
+    err = capsys.readouterr().err
+    assert words in err and "bad.yaml" in err and len(err.strip().splitlines()) == 1

@@ -406,3 +406,40 @@ def test_a_signal_to_a_parallel_compare_saves_the_running_runs_and_starts_no_mor
         assert result["stopped_by_signal"] and result["steps"] < 400
         assert (run / "checkpoints" / f"step_{result['steps']:07d}").is_dir()
     assert not runs[2].exists()
+
+
+def test_resume_run_alone_continues_with_the_runs_own_config(tmp_path, micro_pair, capsys):
+    """`hopd distill --resume RUN`, no config and no overrides: the run's config.yaml is used,
+    and the continued run equals one that was never stopped."""
+    ref, run = tmp_path / "ref", tmp_path / "run"
+    same = ["horizon.kind=full", "optim.warmup_steps=0", "optim.min_lr_ratio=1.0"]  # nothing
+    # that depends on max_steps, so 2 steps then 2 more equal 4 steps
+    assert main(_run_args(ref, micro_pair, 4, same)) == 0
+    assert main(_run_args(run, micro_pair, 2, same)) == 0  # the same run, stopped after 2
+    cfg = (run / "config.yaml").read_text().replace("max_steps: 2", "max_steps: 4")
+    (run / "config.yaml").write_text(cfg)  # the user raises the budget in the run's own file
+    assert main(["distill", "--resume", str(run), "--quiet"]) == 0
+    assert _deterministic(read_metrics(run / "metrics.jsonl")) == \
+        _deterministic(read_metrics(ref / "metrics.jsonl"))
+    # a folder that does not exist is an error, not a new run
+    capsys.readouterr()
+    assert main(["distill", "--resume", str(tmp_path / "nowhere")]) == 2
+    assert main(["distill", "--out", str(tmp_path / "nowhere"), "--resume",
+                 f"student={micro_pair[0]}"]) == 2
+    assert "no run" in capsys.readouterr().err and not (tmp_path / "nowhere").exists()
+
+
+def test_a_32_row_jsonl_file_trains_and_evaluates_with_no_new_flags(tmp_path, micro_pair, capsys):
+    rows = [{"question": f"What is {i} plus {i + 1}?", "answer": f"#### {2 * i + 1}"}
+            for i in range(32)]
+    data = tmp_path / "small.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    s, t = micro_pair
+    run = tmp_path / "run"
+    assert main(["distill", "--out", str(run), "--quiet", f"student={s}", f"teacher={t}",
+                 f"data={data}", "budget=8", "batch_size=4", "max_steps=2", "eval_every=0",
+                 "diag_every=0", "val_n=4", "eval_kl_n=2"]) == 0
+    result = json.loads((run / "result.json").read_text())
+    assert result["steps"] == 2 and "final_val_accuracy" in result
+    err = capsys.readouterr().err
+    assert err.count("evaluating on all of them") <= 2  # said once per half, not per evaluation
