@@ -386,7 +386,8 @@ def test_config_mistakes_are_reported_in_under_a_second(tmp_path, args, words):
 
 @pytest.mark.parametrize("text, words", [
     ("max_steps: 3\n\tbatch_size: 4\n", "line 2, column 1: a tab character"),
-    ("max_steps: 3\ndata: \"abc\nbatch_size: 4\n", "line 2, column 7: a quote that is never closed"),
+    ("max_steps: 3\ndata: \"abc\nbatch_size: 4\n",
+     "line 2, column 7: a quote that is never closed"),
 ])
 def test_a_yaml_error_names_the_line_the_column_and_the_reason(tmp_path, capsys, text, words):
     path = tmp_path / "bad.yaml"
