@@ -58,7 +58,7 @@ def make_readable(folder: Path) -> None:
 def folder_kind(out: Path) -> str | None:
     """What hopd command made `out` ("distill", "sft", "compare"), or None if not hopd."""
     marker = out / MARKER
-    if marker.is_file():
+    if _regular(marker):
         try:
             return str(json.loads(marker.read_text())["kind"])
         except (ValueError, KeyError, TypeError):
@@ -81,8 +81,8 @@ def check_out(out: Path, *, kind: str, overwrite: bool = False, resume: bool = F
     if out.exists() and not out.is_dir():
         raise ConfigError(f"--out {out} is a file, not a folder: give the path of a folder "
                           "(it is created if missing)")
-    if not out.exists() or not any(p.name != LOCK for p in out.iterdir()):
-        return
+    if not out.exists() or not any(p.name != LOCK or not _regular(p) for p in out.iterdir()):
+        return  # new or empty (an ordinary lock file left by a killed run counts as empty)
     if not (overwrite or resume):
         raise ConfigError(f"output folder {out} exists and is not empty: pass --overwrite to "
                           "replace it, --resume to continue it, or choose another --out")
@@ -130,6 +130,16 @@ def prepare_out(out: Path, *, kind: str, overwrite: bool = False, resume: bool =
     return lock
 
 
+def _regular(path: Path) -> bool:
+    """A regular file itself, not a link to one (lstat)."""
+    import stat
+
+    try:
+        return stat.S_ISREG(path.lstat().st_mode)
+    except OSError:
+        return False
+
+
 class RunLock:
     """An exclusive lock on a run folder for the life of a run (fcntl.flock on `.hopd-lock`).
 
@@ -138,7 +148,20 @@ class RunLock:
 
     def __init__(self, out: Path):
         self.path = out / LOCK
-        self.f = open(self.path, "a+")  # noqa: SIM115 (held open for the run's life)
+        # never through a symlink (a link planted as the lock would have hopd write its pid into
+        # whatever file it points to), and only into a regular file
+        flags = os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0)
+        try:
+            fd = os.open(self.path, flags, 0o644)
+        except OSError as e:
+            raise ConfigError(f"run folder {out}: its lock {self.path} is not a regular file "
+                              f"({e.strerror}); hopd does not write through links: remove it or "
+                              "choose another --out") from None
+        if not _regular(self.path):
+            os.close(fd)
+            raise ConfigError(f"run folder {out}: its lock {self.path} is not a regular file; "
+                              "remove it or choose another --out")
+        self.f = os.fdopen(fd, "r+")  # held open for the run's life
         try:
             import fcntl
         except ImportError:  # not POSIX: no lock

@@ -235,6 +235,30 @@ def test_a_second_run_on_a_locked_folder_fails_naming_the_holder(tmp_path, micro
                  "eval_every=0", *_pair_args(micro_pair)]) == 0
 
 
+def test_a_lock_file_planted_as_a_symlink_is_never_written_through(tmp_path, micro_pair,
+                                                                    capsys):
+    """A folder holding only `.hopd-lock` as a link to a user's file is not an empty folder,
+    and the user's file keeps its contents, with --overwrite and --resume too."""
+    precious = tmp_path / "precious.txt"
+    precious.write_text("the user's data")
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / ".hopd-lock").symlink_to(precious)
+    for flags in ([], ["--overwrite"], ["--resume"]):
+        rc = main(["distill", "--out", str(run), *flags, "--quiet", "max_steps=1",
+                   *_pair_args(micro_pair)])
+        assert rc == 2, flags
+        assert precious.read_text() == "the user's data"
+    err = capsys.readouterr().err
+    assert "is not empty" in err and "was not made by hopd" in err
+    # with a hopd marker the folder is hopd's, and the link still is not followed
+    (run / ".hopd-run").write_text('{"kind": "distill"}')
+    rc = main(["distill", "--out", str(run), "--resume", "--quiet", "max_steps=1",
+               *_pair_args(micro_pair)])
+    assert rc == 2 and "not a regular file" in capsys.readouterr().err
+    assert precious.read_text() == "the user's data"
+
+
 # ---------------------------------------------------------------------------------------------
 # 6. Resuming a finished run touches nothing; every JSON file is standard JSON
 
