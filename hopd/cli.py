@@ -108,7 +108,7 @@ def _quiet_hf() -> None:
 def _resume_target(args: argparse.Namespace) -> None:
     """`--resume RUN`: the run folder is RUN, and its own config.yaml is the config unless one
     is given beside it."""
-    if isinstance(args.resume, str) and "=" in args.resume and not Path(args.resume).exists():
+    if isinstance(args.resume, str) and "=" in args.resume and not _exists(args.resume):
         args.overrides = [args.resume, *(args.overrides or [])]  # `--resume key=value ...`
         args.resume = True
     if not isinstance(args.resume, str):
@@ -331,9 +331,17 @@ def _layer_count(model: str) -> int:
     return int(conf["num_hidden_layers"])
 
 
+def _exists(path: str) -> bool:
+    """Path.exists, False for a text no file can have (too long, NUL bytes)."""
+    try:
+        return Path(path).exists()
+    except (OSError, ValueError):
+        return False
+
+
 def _split_config(args: argparse.Namespace) -> None:
     """`hopd sft key=value` has no config file: the first positional is an override."""
-    if args.config and "=" in args.config and not Path(args.config).exists():
+    if args.config and "=" in args.config and not _exists(args.config):
         args.overrides = [args.config, *args.overrides]
         args.config = None
 

@@ -133,8 +133,9 @@ def parse_overrides(overrides: list[str], aliases: dict[str, str] | None = None
         key = (aliases or {}).get(key, key)
         try:
             value = yaml.safe_load(raw) if raw.strip() else ""
-        except yaml.YAMLError:
+        except (yaml.YAMLError, RecursionError):
             value = raw
+        check_size(value, f"override {key}")
         if isinstance(value, bool) and raw.strip().lower() not in ("true", "false"):
             value = raw  # YAML 1.1 reads yes/no/on/off as booleans: system_prompt=no is text
         node = out
@@ -168,12 +169,41 @@ class _UniqueKeyLoader(yaml.SafeLoader):
     def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
         seen: set[Any] = set()
         for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":  # `<<: *base`: merged by SafeLoader,
+                continue  # whose explicit keys override the merged ones
             key = self.construct_object(key_node, deep=deep)
             if key in seen:
                 line = key_node.start_mark.line + 1
                 raise ConfigError(f"key '{key}' is given twice (line {line}): keep one of them")
             seen.add(key)
         return super().construct_mapping(node, deep=deep)
+
+
+_UniqueKeyLoader.add_constructor("tag:yaml.org,2002:merge", _UniqueKeyLoader.construct_yaml_map)
+
+MAX_VALUES = 10_000  # a config, an override or a data row holds at most this many values...
+MAX_DEPTH = 32  # ...nested at most this deep, counted with every alias expanded
+
+
+def check_size(value: Any, where: str) -> Any:
+    """Refuses input whose aliases expand past MAX_VALUES values or that nests past MAX_DEPTH
+    (a 300-byte YAML alias bomb otherwise becomes hundreds of MB in an error message)."""
+    count = 0
+    stack = [(value, 0)]
+    while stack:
+        v, depth = stack.pop()
+        count += 1
+        if count > MAX_VALUES:
+            raise ConfigError(f"{where}: more than {MAX_VALUES:,} values once its aliases are "
+                              "expanded; a config is a few dozen settings: remove the aliases")
+        if depth > MAX_DEPTH:
+            raise ConfigError(f"{where}: nested more than {MAX_DEPTH} levels deep; a config "
+                              "nests two levels (section.key)")
+        if isinstance(v, dict):
+            stack += [(x, depth + 1) for x in v.values()]
+        elif isinstance(v, list):
+            stack += [(x, depth + 1) for x in v]
+    return value
 
 
 def yaml_error(e: yaml.YAMLError) -> str:
@@ -207,10 +237,14 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
     except UnicodeDecodeError as e:
         raise ConfigError(f"config file {path} is not UTF-8 text (byte {e.start}): save it as "
                           "UTF-8") from None
+    except RecursionError:
+        raise ConfigError(f"config file {path}: nested too deeply to read; a config nests two "
+                          "levels (section.key)") from None
     except yaml.YAMLError as e:
         raise ConfigError(f"config file {path}{yaml_error(e)}") from None
     if data is None:
         return {}
+    check_size(data, f"config file {path}")
     if not isinstance(data, dict):
         raise ConfigError(f"config file {path}: the top level must be a mapping of keys")
     return data

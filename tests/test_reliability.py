@@ -443,3 +443,37 @@ def test_a_32_row_jsonl_file_trains_and_evaluates_with_no_new_flags(tmp_path, mi
     assert result["steps"] == 2 and "final_val_accuracy" in result
     err = capsys.readouterr().err
     assert err.count("evaluating on all of them") <= 2  # said once per half, not per evaluation
+
+
+def test_bounded_parsing_refuses_bombs_and_deep_nesting_and_accepts_merge_keys(tmp_path, capsys):
+    from hopd.config import ConfigError, read_yaml
+    from hopd.distill_config import load_config
+    from hopd.tasks import jsonl
+
+    levels = ['a: &a ["lol","lol","lol","lol","lol","lol","lol","lol","lol"]']
+    for name, prev in zip("bcde", "abcd"):
+        levels.append(f"{name}: &{name} [" + ",".join([f"*{prev}"] * 9) + "]")
+    bomb = tmp_path / "bomb.yaml"
+    bomb.write_text("\n".join(levels) + "\nsystem_prompt: [" + ",".join(["*e"] * 9) + "]\n")
+    t0 = time.perf_counter()
+    assert main(["distill", str(bomb), "--out", str(tmp_path / "r")]) == 2
+    err = capsys.readouterr().err
+    assert "aliases" in err and len(err) < 500 and time.perf_counter() - t0 < 5
+    deep = tmp_path / "deep.yaml"
+    deep.write_text("system_prompt: " + "[" * 2000 + "]" * 2000 + "\n")
+    with pytest.raises(ConfigError, match="nested"):
+        read_yaml(deep)
+    assert main(["distill", "--out", str(tmp_path / "r"), "system_prompt=" + "[" * 5000]) == 2
+    rows = tmp_path / "deep.jsonl"
+    rows.write_text('{"prompt": "hi", "answer": "1", "x": ' + "[" * 100000 + "]" * 100000 + "}\n")
+    with pytest.raises(ConfigError, match="nested too deeply"):
+        jsonl.load_rows(rows)
+    # valid input that was refused: merge keys, and U+2028 inside a JSON string
+    merged = tmp_path / "merge.yaml"
+    merged.write_text("optim:\n  <<: &base {lr: 2.0e-4, warmup_steps: 3}\n  warmup_steps: 1\n")
+    cfg = load_config(str(merged), [])
+    assert (cfg.optim.lr, cfg.optim.warmup_steps) == (2e-4, 1)  # the explicit key wins
+    text = tmp_path / "u2028.jsonl"
+    text.write_text("".join(json.dumps({"question": f"a\u2028b {i}?", "answer": str(i)},
+                                       ensure_ascii=False) + "\n" for i in range(3)))
+    assert [a for _, a in jsonl.load_rows(text)] == ["0", "1", "2"]

@@ -43,7 +43,10 @@ def _rows(path: Path) -> list[tuple[int, dict[str, Any]]]:
         raise DataError(f"{path}:{line}: not valid UTF-8 (byte {e.start}); save the file as "
                         "UTF-8") from None
     rows = []
-    for i, line in enumerate(text.splitlines(), start=1):
+    # lines end at \n only: JSON strings may hold U+2028 and other characters that
+    # str.splitlines() would also split at (json.dumps(ensure_ascii=False) writes them raw)
+    for i, line in enumerate(text.split("\n"), start=1):
+        line = line.removesuffix("\r")
         if not line.strip():
             continue
         try:
@@ -51,6 +54,9 @@ def _rows(path: Path) -> list[tuple[int, dict[str, Any]]]:
         except json.JSONDecodeError as e:
             raise DataError(f"{path}:{i}: invalid JSON ({e.msg} at column {e.colno}); each line "
                             "must be one JSON object") from None
+        except RecursionError:
+            raise DataError(f"{path}:{i}: nested too deeply to read; a row is an object of "
+                            "strings (or chat messages)") from None
         if not isinstance(row, dict):
             raise DataError(f"{path}:{i}: expected a JSON object, got {type(row).__name__}")
         rows.append((i, row))
