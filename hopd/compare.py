@@ -10,14 +10,15 @@ import contextlib
 import multiprocessing
 import os
 import signal
+import sys
 import time
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from pathlib import Path
 from typing import Any
 
 from hopd import config as C
-from hopd.distill import check_inputs, distill, load_config
-from hopd.runstate import StopFlag, check_out, prepare_out, write_json
+from hopd.distill import TrainingStopped, check_inputs, distill, load_config
+from hopd.runstate import StopFlag, check_out, prepare_out, run_finished, write_json
 
 # name -> overrides on the base config: the paper's three strategies plus TOPD at 25%, then the
 # adaptive horizon and TOPD with token-budget batching (hopd.adaptive)
@@ -115,14 +116,17 @@ def compare(config: str | Path | None, out: Path, strategies: list[str], seeds: 
                 cfg = load_config(config, [*overrides, *budget, *known[name], *lr_over,
                                            f"seed={seed}"])
                 plan.append((name, seed, lr, cfg))
+    runs = [out / name / (lr_tag(lr) if lr is not None else "") / f"seed{seed}"
+            for name, seed, lr, _ in plan]
+    if len(set(runs)) < len(runs):  # e.g. --lrs 1e-4,1.00e-4: one folder for two runs
+        twice = sorted({str(r) for r in runs if runs.count(r) > 1})
+        raise C.ConfigError(f"two runs of the plan would share the folder {twice[0]}: give each "
+                            "strategy, rate and seed once (--lrs rates that differ as numbers)")
     check_out(out, kind="compare", overwrite=overwrite, resume=resume)
     check_inputs(plan[0][3])  # data, models, context: shared by every run
-    runs: list[Path] = []
     todo = []  # (index, name, seed, lr, cfg, run folder) still to run
-    for i, (name, seed, lr, cfg) in enumerate(plan):
-        run = out / name / (lr_tag(lr) if lr is not None else "") / f"seed{seed}"
-        runs.append(run)
-        if not (resume and (run / "result.json").exists()):
+    for i, ((name, seed, lr, cfg), run) in enumerate(zip(plan, runs)):
+        if not (resume and run_finished(run)):  # a run stopped early is resumed, not skipped
             todo.append((i, name, seed, lr, cfg, run))
     t0 = time.perf_counter()
     with prepare_out(out, kind="compare", overwrite=overwrite, resume=resume):
@@ -152,10 +156,25 @@ def _run_one(name: str, seed: int, lr: float | None, cfg: Any, run: Path, overri
 
 def _worker_init() -> None:
     """A worker's own process group (the terminal's Ctrl-C reaches only the parent, which
-    forwards it once); an idle worker ignores signals, a running one's distill handles them."""
+    forwards it once); an idle worker ignores signals, a running one's distill handles them.
+    On Linux the worker is killed when its parent dies (even by kill -9), so no run goes on
+    training for a compare that is gone."""
     os.setpgrp()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, signal.SIG_IGN)
+    _die_with_parent()
+
+
+def _die_with_parent() -> None:
+    """prctl(PR_SET_PDEATHSIG, SIGKILL), where the C library has it."""
+    if not sys.platform.startswith("linux"):
+        return
+    import ctypes
+
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # 1: PR_SET_PDEATHSIG
+    if os.getppid() == 1:  # the parent died before the call: do not outlive it
+        os._exit(1)
 
 
 def _label(name: str, seed: int, lr: float | None) -> str:
@@ -189,13 +208,15 @@ def _run_parallel(todo: list, out: Path, n_plan: int, known: dict, jobs: int,
     logs.mkdir(exist_ok=True)
     t0 = time.perf_counter()
     pending, running, finished = list(todo), {}, 0
+    stopped: list[tuple[str, int]] = []  # runs that a signal stopped early
     ctx = multiprocessing.get_context("spawn")  # CUDA cannot be forked
     print(f"compare: {len(todo)} runs, {jobs} at a time; logs in {logs}", flush=True)
     with StopFlag() as flag, ProcessPoolExecutor(max_workers=jobs, mp_context=ctx,
                                                  initializer=_worker_init) as pool:
         forwarded, failure = False, None
         while pending or running:
-            while pending and len(running) < jobs and not flag.stop and failure is None:
+            while pending and len(running) < jobs and not flag.stop and failure is None \
+                    and not stopped:
                 i, name, seed, lr, cfg, run = pending.pop(0)
                 tag = f"{name}_{lr_tag(lr)}" if lr is not None else name
                 log = logs / f"{tag}_seed{seed}.log"
@@ -215,9 +236,14 @@ def _run_parallel(todo: list, out: Path, n_plan: int, known: dict, jobs: int,
                 try:
                     result = fut.result()
                 except Exception as e:  # start no further run; the running ones finish
-                    failure = failure or RuntimeError(
-                        f"run {i + 1}/{n_plan} ({_label(name, seed, lr)}) failed: {e}; its "
+                    first = str(e).strip().splitlines()[0] if str(e).strip() else \
+                        type(e).__name__  # a dead worker (BrokenProcessPool) says little
+                    failure = failure or TrainingStopped(
+                        f"run {i + 1}/{n_plan} ({_label(name, seed, lr)}) failed: {first}; its "
                         f"output is in {log}")
+                    continue
+                if result.get("signal"):  # this worker alone was stopped: not a finished run
+                    stopped.append((_label(name, seed, lr), int(result["signal"])))
                     continue
                 finished += 1
                 print(f"compare: {finished}/{len(todo)} done after "
@@ -225,4 +251,7 @@ def _run_parallel(todo: list, out: Path, n_plan: int, known: dict, jobs: int,
                       f"accuracy {result.get('final_eval_accuracy')}", flush=True)
     if failure is not None:
         raise failure
-    return flag.signum if flag.stop else 0
+    if stopped and not flag.stop:
+        print("compare: stopped early by a signal: " + "; ".join(n for n, _ in stopped)
+              + "; no report is written. Continue with --resume", file=sys.stderr, flush=True)
+    return flag.signum if flag.stop else (stopped[0][1] if stopped else 0)

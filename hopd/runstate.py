@@ -299,6 +299,17 @@ class _Saving:
         self.flag.in_save = False
 
 
+def run_finished(run: Path) -> bool:
+    """A run is finished only when its budget was spent: result.json says it ended without a
+    signal, and its final model is there (a stopped run writes result.json too)."""
+    try:
+        result = json.loads((run / "result.json").read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(result, dict) and not result.get("stopped_by_signal") and \
+        (run / "model" / "config.json").is_file()
+
+
 def load_trainer_state(ckpt: Path) -> dict[str, Any]:
     """Optimizer, step and RNG state, loaded with weights_only=True (no code runs)."""
     try:

@@ -406,6 +406,79 @@ def test_a_signal_to_a_parallel_compare_saves_the_running_runs_and_starts_no_mor
         assert result["stopped_by_signal"] and result["steps"] < 400
         assert (run / "checkpoints" / f"step_{result['steps']:07d}").is_dir()
     assert not runs[2].exists()
+    # --resume continues the two stopped runs (they are not finished) and runs the third
+    again = [*cmd[3:], "--resume"]
+    again[again.index("--steps") + 1] = "3"  # a smaller budget: the stopped ones are done
+    assert main(again) == 0
+    for run in runs:
+        result = json.loads((run / "result.json").read_text())
+        assert not result["stopped_by_signal"] and (run / "model" / "config.json").is_file()
+    assert (out / "report.md").is_file()
+
+
+def _children(pid: int) -> list[int]:
+    """The compare's worker processes: children of `pid` started by multiprocessing's spawn
+    (not its resource tracker), from /proc."""
+    out = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+            cmdline = (stat.parent / "cmdline").read_bytes()
+        except OSError:
+            continue
+        if int(fields[1]) == pid and fields[0] != "Z" and b"spawn_main" in cmdline:
+            out.append(int(stat.parent.name))
+    return out
+
+
+def _alive(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
+def test_one_stopped_worker_fails_the_compare_and_workers_die_with_their_parent(tmp_path,
+                                                                               micro_pair):
+    s, t = micro_pair
+    out = tmp_path / "cmp"
+    cmd = [sys.executable, "-m", "hopd", "compare", "--out", str(out), "--jobs", "2",
+           "--strategies", "opd", "--seeds", "0,1", "--steps", "400", "--quiet",
+           f"student={s}", f"teacher={t}", "data=chain:tiny", "batch_size=2", "eval_n=2",
+           "eval_every=0", "diag_every=0", "save_every=0", "threads=1"]
+    runs = [out / "opd" / f"seed{k}" for k in range(2)]
+
+    def started(proc):
+        deadline = time.time() + 120
+        while time.time() < deadline and not all(
+                any("loss" in r for r in read_metrics(run / "metrics.jsonl")) for run in runs):
+            time.sleep(0.1)
+        while time.time() < deadline and len(_children(proc.pid)) < 2:  # both workers up
+            time.sleep(0.1)
+        return _children(proc.pid)
+
+    # SIGTERM to one worker: the compare is not finished, says which run stopped, no report
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    workers = started(proc)
+    assert workers
+    os.kill(workers[0], signal.SIGTERM)  # the other run goes on to its end
+    log, _ = proc.communicate(timeout=600)
+    assert proc.returncode == 128 + signal.SIGTERM and not (out / "report.md").exists(), log
+    assert "stopped early by a signal: opd, seed" in log
+    # kill -9 of the parent: its workers do not outlive it
+    out, runs = tmp_path / "cmp2", [tmp_path / "cmp2" / "opd" / f"seed{k}" for k in range(2)]
+    cmd[cmd.index("--out") + 1] = str(out)
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    workers = started(proc)
+    assert workers
+    proc.kill()
+    proc.wait()
+    deadline = time.time() + 30
+    while time.time() < deadline and any(_alive(w) for w in workers):
+        time.sleep(0.2)
+    assert not any(_alive(w) for w in workers)
 
 
 def test_resume_run_alone_continues_with_the_runs_own_config(tmp_path, micro_pair, capsys):
