@@ -12,6 +12,7 @@ from columns P - 1 .. T - 2 (`logits_to_keep = R + 1` skips the prompt's other l
 
 from __future__ import annotations
 
+import http.client
 import json
 import math
 import os
@@ -31,6 +32,18 @@ from hopd.rollout import Rollout, left_pad
 
 TOKEN_ENV = "HOPD_TEACHER_TOKEN"  # a bearer token the client sends (and the server may require)
 PROBE = "The teacher and the student must share a tokenizer: 0123456789 =+-*;"
+
+
+RETRY_STATUS = {429, 500, 502, 503, 504}  # busy, overloaded or restarting: worth a retry
+
+
+def retry_after(value: str | None) -> float:
+    """Seconds a Retry-After header asks for (a number of seconds; dates count as 1 s), at most
+    60; 0 when absent."""
+    try:
+        return min(60.0, max(0.0, float(value))) if value else 0.0
+    except ValueError:
+        return 1.0
 
 
 class TeacherUnavailable(ConfigError):
@@ -136,24 +149,34 @@ class RemoteTeacher:
         self.model_name: str | None = None
 
     def _request(self, path: str, body: dict[str, Any] | None = None) -> Any:
-        """POST (or GET) with retries on connection errors; the answer parsed as JSON."""
+        """POST (or GET) with retries and backoff on what a busy or restarting server does: a
+        refused or reset connection, a timeout, a reply cut short or that is not HTTP, and HTTP
+        429/500/502/503/504 (waiting as long as its Retry-After asks, up to a minute). Other HTTP
+        errors are answers: no retry. The answer is parsed as JSON."""
         data = json.dumps(body).encode() if body is not None else None
-        last: Exception | None = None
+        last: Exception | str | None = None
         for attempt in range(self.retries + 1):
             headers = {"Content-Type": "application/json"}
             if self.token:
                 headers["Authorization"] = f"Bearer {self.token}"
             req = urllib.request.Request(self.url + path, data=data, headers=headers)
+            wait = min(8.0, 0.25 * 2 ** attempt)
             try:
                 with urllib.request.urlopen(req, timeout=self.timeout_s) as resp:
                     raw = resp.read()
-            except urllib.error.HTTPError as e:  # the server answered: no point retrying
+            except urllib.error.HTTPError as e:
                 detail = e.read().decode(errors="replace")[:200]
-                raise TeacherRefused(f"teacher server {self.url}{path} answered HTTP "
-                                     f"{e.code}: {detail}") from None
-            except (urllib.error.URLError, TimeoutError, ConnectionError, OSError) as e:
-                last = e
-                time.sleep(min(2.0, 0.2 * 2 ** attempt))
+                if e.code not in RETRY_STATUS or attempt == self.retries:
+                    raise TeacherRefused(f"teacher server {self.url}{path} answered HTTP "
+                                         f"{e.code}: {detail}") from None
+                last = f"HTTP {e.code}"
+                wait = max(wait, retry_after(e.headers.get("Retry-After")))
+                time.sleep(wait)
+                continue
+            except (urllib.error.URLError, TimeoutError, ConnectionError, OSError,
+                    http.client.HTTPException) as e:  # HTTPException: cut short, or not HTTP
+                last = e if str(e) else type(e).__name__
+                time.sleep(wait)
                 continue
             try:
                 return json.loads(raw)

@@ -179,10 +179,23 @@ class _BadTeacher:
                                        ["input_ids"]}).encode()
                 else:
                     data = answer(body["prompt"])
-                self.send_response(200)
-                self.send_header("Content-Length", str(len(data)))
+                status, length = 200, None
+                if isinstance(data, tuple):  # (status, body) or ("raw", bytes) or ("cut", body)
+                    status, data = data
+                if status == "raw":  # not HTTP at all
+                    self.wfile.write(data)
+                    self.close_connection = True
+                    return
+                if status == "cut":  # a Content-Length the body never reaches
+                    status, length = 200, len(data) + 100
+                self.send_response(status)
+                if status in (429, 503):
+                    self.send_header("Retry-After", "0")
+                self.send_header("Content-Length", str(length or len(data)))
                 self.end_headers()
                 self.wfile.write(data)
+                if length:
+                    self.close_connection = True
 
         self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
@@ -215,6 +228,46 @@ def test_a_bad_teacher_server_stops_the_run_with_its_state_saved(tmp_path, micro
                                                       "1 choices" not in err)
     assert "--resume" in err
     assert not [r for r in read_metrics(run / "metrics.jsonl") if "loss" in r]  # no step taken
+    assert (run / "checkpoints" / "step_0000000" / "trainer_state.pt").exists()
+
+
+def test_the_client_rides_out_busy_and_failing_answers(tmp_path, micro_pair, tokenizer):
+    """503, 429, 500, a reset and a reply that is not HTTP, each once: the client retries with
+    backoff and the run trains as if the server had answered at once."""
+    faults = iter([(503, b'{"error": "busy"}'), (429, b"{}"), (500, b"{}"), ("raw", b"\x00junk"),
+                   ("cut", b'{"choices": [')])
+
+    def answer(seqs):
+        return next(faults, None) or json.dumps(_good_answer(seqs)).encode()
+
+    server = _BadTeacher(tokenizer, answer)
+    try:
+        s, _ = micro_pair
+        run = tmp_path / "run"
+        rc = main(["distill", "--out", str(run), "--quiet", f"student={s}", "eval_kl_n=0",
+                   f"teacher_url={server.url}", "teacher_retries=5", *TINY, "max_steps=2"])
+    finally:
+        server.close()
+    assert rc == 0
+    assert len([r for r in read_metrics(run / "metrics.jsonl") if "loss" in r]) == 2
+
+
+@pytest.mark.parametrize("fault", ["raw", "cut", 503])
+def test_a_teacher_that_keeps_failing_stops_the_run_with_its_state_saved(
+        tmp_path, micro_pair, tokenizer, capsys, fault):
+    def answer(seqs):
+        return (fault, b"\x00 not http" if fault == "raw" else b'{"choices": [')
+
+    server = _BadTeacher(tokenizer, answer)
+    try:
+        s, _ = micro_pair
+        run = tmp_path / "run"
+        rc = main(["distill", "--out", str(run), "--quiet", f"student={s}", "eval_kl_n=0",
+                   f"teacher_url={server.url}", "teacher_retries=1", *TINY, "max_steps=2"])
+    finally:
+        server.close()
+    err = capsys.readouterr().err
+    assert rc == 3 and "Traceback" not in err and "--resume" in err, err
     assert (run / "checkpoints" / "step_0000000" / "trainer_state.pt").exists()
 
 

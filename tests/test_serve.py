@@ -130,6 +130,10 @@ def _post(url, path, body: bytes, headers=None):
     (('{"prompt": [[' + ",".join(["1"] * 1100) + "]]}").encode(), {}, 413, "context"),
     (b'{"prompt": [[1, 2]]}', {"Authorization": "Bearer wrong"}, 401, "bearer token"),
     (b"{}", {"Content-Length": "999999999999"}, 413, "at most"),
+    (('{"prompt": [' + ",".join(["[" + ",".join(["1"] * 1000) + "]"] * 70) + "]}").encode(),
+     {}, 413, "65536"),  # 70,000 tokens: past the per-request token cap
+    (('{"prompt": [' + ",".join(["[" + ",".join(["1"] * 1000) + "]"] * 40)
+      + '], "prompt_logprobs": 64}').encode(), {}, 413, "log-prob entries"),  # the work cap
 ])
 def test_the_server_refuses_bad_requests_with_a_json_error(guarded, body, headers, code, needle):
     status, answer = _post(guarded, "/v1/completions", body, headers)
@@ -153,3 +157,71 @@ def test_a_skipped_probe_is_announced(server, micro_pair, tmp_path, capsys):
                f"teacher_url={server}", "data=chain:tiny", "steps=1", "batch_size=2",
                "eval_n=2", "diag_every=0", "probe_every=1", "eval_every=0"])
     assert rc == 0 and "the probe is skipped" in capsys.readouterr().err
+
+
+def test_tokenize_has_a_length_cap(guarded):
+    status, answer = _post(guarded, "/tokenize", ('{"prompt": "' + "a" * 300_000 + '"}').encode())
+    assert status == 413 and "at most 200000" in answer["error"]
+
+
+def _raw(url: str, data: bytes, wait: float = 30.0) -> bytes:
+    """Sends raw bytes on one connection and returns what comes back until it closes."""
+    import socket
+
+    host, port = url.rsplit(":", 1)
+    with socket.create_connection((host.split("//")[1], int(port)), timeout=wait) as sock:
+        sock.sendall(data)
+        chunks = []
+        while True:
+            try:
+                chunk = sock.recv(65536)
+            except (ConnectionResetError, TimeoutError):
+                break
+            if not chunk:
+                break
+            chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def test_slow_clients_do_not_starve_the_server_and_a_burst_is_answered(micro_pair, tokenizer):
+    """Clients that trickle header lines are cut after the header deadline, /health answers
+    while they hang, and 100 concurrent clients each get 200 or 503, never a reset."""
+    import socket
+    import threading
+    from concurrent.futures import ThreadPoolExecutor
+
+    from hopd import serve
+
+    _, teacher = micro_pair
+    server = serve.make_server(load_model(str(teacher)).eval(), tokenizer, "t", "127.0.0.1", 0,
+                               workers=12)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    url = f"http://127.0.0.1:{server.server_address[1]}"
+    slow = []
+    try:
+        for _ in range(8):  # 8 clients that send a header line and then nothing for long
+            sock = socket.create_connection(("127.0.0.1", server.server_address[1]))
+            sock.sendall(b"POST /v1/completions HTTP/1.1\r\nX-Slow: 1\r\n")
+            slow.append(sock)
+        time.sleep(0.5)
+        t0 = time.perf_counter()
+        assert b"200 OK" in _raw(url, b"GET /health HTTP/1.0\r\n\r\n")[:40]
+        assert time.perf_counter() - t0 < 5
+        # the slow ones are dropped once the header deadline has passed
+        time.sleep(serve.HEADER_TIMEOUT_S + 1)
+        for sock in slow:
+            sock.settimeout(5)
+            assert sock.recv(100) == b""  # closed by the server
+        body = b'{"prompt": [[1, 5, 6]], "prompt_logprobs": 2}'
+        request = (b"POST /v1/completions HTTP/1.0\r\nContent-Type: application/json\r\n"
+                   b"Content-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body)
+        with ThreadPoolExecutor(100) as pool:
+            answers = list(pool.map(lambda _: _raw(url, request)[:12], range(100)))
+        statuses = [a.split(b" ")[1] if a.startswith(b"HTTP/") else a for a in answers]
+        assert all(s in (b"200", b"503") for s in statuses), statuses
+        assert statuses.count(b"200") >= 12
+    finally:
+        for sock in slow:
+            sock.close()
+        server.shutdown()
+        server.server_close()
