@@ -18,7 +18,9 @@ traceback.
 from __future__ import annotations
 
 import argparse
+import errno
 import json
+import math
 import sys
 from pathlib import Path
 
@@ -54,6 +56,13 @@ def _cmd_eval(args: argparse.Namespace) -> int:
         raise ConfigError(f"--batch-size {args.batch_size}: must be >= 1")
     if args.threads < 0:
         raise ConfigError(f"--threads {args.threads}: must be >= 0 (0: torch's default)")
+    if args.budget < 0:
+        raise ConfigError(f"--budget {args.budget}: must be >= 1 (0: the task's default)")
+    if not (args.temperature > 0 and math.isfinite(args.temperature)):
+        raise ConfigError(f"--temperature {args.temperature}: must be a number > 0 (greedy "
+                          "decoding is --samples 1)")
+    if args.kl_n < 0:
+        raise ConfigError(f"--kl-n {args.kl_n}: must be >= 0")
     if args.out and Path(args.out).is_dir():
         raise ConfigError(f"--out {args.out} is a folder: give a file name, e.g. "
                           f"{Path(args.out) / 'eval.json'}")
@@ -579,11 +588,16 @@ def main(argv: list[str] | None = None) -> int:
         print(f"hopd {args.command}: error: {e}", file=sys.stderr)
         return 1
     except OSError as e:
-        if not is_disk_full(e):
-            raise
-        print(f"hopd {args.command}: error: no space left on the device ({e.filename or e}); "
-              "free space, then continue with --resume", file=sys.stderr)
-        return 1
+        if is_disk_full(e):
+            print(f"hopd {args.command}: error: no space left on the device ({e.filename or e})"
+                  "; free space, then continue with --resume", file=sys.stderr)
+            return 1
+        if isinstance(e, PermissionError) or e.errno == errno.EROFS:  # the environment's
+            print(f"hopd {args.command}: error: cannot write {e.filename or ''} ({e.strerror})"
+                  "; make the folder writable or choose another --out (checkpoints already "
+                  "written are intact: continue with --resume)", file=sys.stderr)
+            return 1
+        raise
     except RuntimeError as e:
         from hopd.distill_config import TrainingStopped
 

@@ -205,6 +205,8 @@ class DistillConfig:
         C.check(self.diag_n >= 1 and self.diag_buckets >= 1, "diag_n and diag_buckets must be >= 1")
         C.check(self.lora.rank >= 0, f"lora.rank={self.lora.rank}: must be >= 0 (0: off)")
         C.check(self.lora.alpha > 0, f"lora.alpha={self.lora.alpha}: must be > 0")
+        C.check(0 <= self.lora.dropout < 1,
+                f"lora.dropout={self.lora.dropout}: must be in [0, 1) (e.g. 0.05)")
         C.check(self.max_batch >= self.batch_size,
                 f"max_batch={self.max_batch} is below batch_size={self.batch_size}")
         C.check(self.probe_every >= 0 and self.probe_n >= 1,

@@ -174,6 +174,13 @@ def check_resume_config(cfg: DistillConfig, run: Path, force: bool) -> bool:
                            C.to_dict(DistillConfig()))
     changes = config_changes(saved, C.to_dict(cfg))
     blocking = [c for c in changes if c.split(":")[0] not in RESUMABLE_CHANGES]
+    never = [c for c in changes if c.split(":")[0] in ("lora.rank", "lora.target_modules")]
+    if never:  # the checkpoint holds full weights or an adapter of this shape: no forcing
+        raise C.ConfigError(
+            f"--resume: {'; '.join(never)}: the checkpoints in {run} hold "
+            + ("full weights" if not (saved.get("lora") or {}).get("rank") else "LoRA adapters "
+               "of the run's shape") + ", which cannot be continued with another LoRA setup, "
+            "even with --force-config; start a new run with another --out")
     if blocking and not force:
         raise C.ConfigError(
             f"--resume: this config differs from the run's own ({path}): {'; '.join(blocking)}. "

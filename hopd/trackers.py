@@ -38,6 +38,26 @@ def check_trackers(names: list[str]) -> None:
         if importlib.util.find_spec(module) is None:
             raise ConfigError(f"log_to={name} needs the {module} package, which is not "
                               f"installed: {install}")
+        if name == "wandb" and not _wandb_can_log():
+            raise ConfigError("log_to=wandb needs a W&B account on this machine: run `wandb "
+                              "login`, set WANDB_API_KEY, or log offline with WANDB_MODE=offline "
+                              "(then `wandb sync` the run later)")
+
+
+def _wandb_can_log() -> bool:
+    """An API key (environment or ~/.netrc), or a mode that needs none; read without importing
+    wandb, so the check is instant and comes before any model loads."""
+    import netrc
+    import os
+
+    if os.environ.get("WANDB_MODE", "").lower() in ("offline", "disabled", "dryrun") or \
+            os.environ.get("WANDB_API_KEY"):
+        return True
+    host = os.environ.get("WANDB_BASE_URL", "https://api.wandb.ai").split("://")[-1]
+    try:
+        return netrc.netrc().authenticators(host.split("/")[0]) is not None
+    except (OSError, netrc.NetrcParseError):
+        return False
 
 
 def scalars(record: dict[str, Any]) -> tuple[dict[str, float], dict[str, list[float]]]:

@@ -550,3 +550,41 @@ def test_bounded_parsing_refuses_bombs_and_deep_nesting_and_accepts_merge_keys(t
     text.write_text("".join(json.dumps({"question": f"a\u2028b {i}?", "answer": str(i)},
                                        ensure_ascii=False) + "\n" for i in range(3)))
     assert [a for _, a in jsonl.load_rows(text)] == ["0", "1", "2"]
+
+
+@pytest.mark.parametrize("argv, words", [
+    (["eval", "--model", "testbed:student", "--n", "2", "--samples", "2", "--temperature", "0"],
+     "--temperature 0.0"),
+    (["eval", "--model", "testbed:student", "--n", "2", "--budget", "-5"], "--budget -5"),
+    (["distill", "--out", "{tmp}/r", "lora.rank=4", "lora.dropout=5"], "lora.dropout=5.0"),
+    (["distill", "--out", "{tmp}/r", "log_to=wandb"], "wandb login"),
+])
+def test_former_tracebacks_are_one_line(tmp_path, monkeypatch, capsys, argv, words):
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    monkeypatch.delenv("WANDB_MODE", raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path))  # no ~/.netrc
+    assert main([a.replace("{tmp}", str(tmp_path)) for a in argv]) == 2
+    err = capsys.readouterr().err
+    assert words in err and "Traceback" not in err and len(err.strip().splitlines()) == 1, err
+    assert not (tmp_path / "r").exists()
+
+
+def test_a_lora_change_cannot_be_forced_on_resume(tmp_path, micro_pair, capsys):
+    run = tmp_path / "run"
+    args = ["distill", "--out", str(run), "--quiet", *_run_args(run, micro_pair, 1)[4:]]
+    assert main(args) == 0
+    assert main([*args, "--resume", "--force-config", "lora.rank=4", "max_steps=2"]) == 2
+    assert "even with --force-config" in capsys.readouterr().err
+
+
+def test_a_run_folder_that_becomes_unwritable_is_one_line(tmp_path, micro_pair, capsys,
+                                                           monkeypatch):
+    from hopd import context
+
+    def denied(*a, **k):
+        raise PermissionError(13, "Permission denied", str(tmp_path / "run" / "checkpoints"))
+
+    monkeypatch.setattr(context, "save_checkpoint", denied)
+    rc = main(_run_args(tmp_path / "run", micro_pair, 2))
+    err = capsys.readouterr().err
+    assert rc == 1 and "cannot write" in err and "Traceback" not in err
