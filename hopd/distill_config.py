@@ -84,18 +84,20 @@ class OptimConfig:
     weight_decay: float = 0.0  # AdamW weight decay
     grad_clip: float = 1.0  # max global gradient norm
 
-    def validate(self) -> None:
+    def validate(self, prefix: str = "optim.") -> None:
+        """Also `hopd sft`'s check of the same settings (prefix ""): one validator for both."""
         C.check(math.isfinite(self.lr) and self.lr > 0,
-                f"optim.lr={self.lr}: must be a finite number > 0 (e.g. 1e-3)")
-        C.check(self.lr <= 100, f"optim.lr={self.lr} is far too large: an AdamW "
+                f"{prefix}lr={self.lr}: must be a finite number > 0 (e.g. 1e-3)")
+        C.check(self.lr <= 100, f"{prefix}lr={self.lr} is far too large: an AdamW "
                 "step moves each weight by about lr; use e.g. 1e-3")
         C.check(math.isfinite(self.weight_decay) and self.weight_decay >= 0,
-                f"optim.weight_decay={self.weight_decay}: must be >= 0")
+                f"{prefix}weight_decay={self.weight_decay}: must be >= 0")
         C.check(self.warmup_steps >= 0,
-                f"optim.warmup_steps={self.warmup_steps}: must be >= 0")
-        C.check(self.grad_clip > 0, f"optim.grad_clip={self.grad_clip}: must be > 0")
+                f"{prefix}warmup_steps={self.warmup_steps}: must be >= 0")
+        C.check(math.isfinite(self.grad_clip) and self.grad_clip > 0,
+                f"{prefix}grad_clip={self.grad_clip}: must be a finite number > 0")
         C.check(0 <= self.min_lr_ratio <= 1,
-                f"optim.min_lr_ratio={self.min_lr_ratio}: must be in [0, 1]")
+                f"{prefix}min_lr_ratio={self.min_lr_ratio}: must be in [0, 1]")
 
 
 @dataclass

@@ -14,6 +14,7 @@ import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from hopd import config as C
+from hopd.distill_config import OptimConfig
 from hopd.evaluate import evaluate
 from hopd.models import (
     DTYPES,
@@ -57,10 +58,10 @@ class SFTConfig:
     def validate(self) -> None:
         C.check(self.steps >= 1, f"steps={self.steps}: must be >= 1")
         C.check(self.batch_size >= 1, f"batch_size={self.batch_size}: must be >= 1")
-        C.check(self.lr > 0, f"lr={self.lr}: must be > 0")
-        C.check(0 <= self.warmup_steps, f"warmup_steps={self.warmup_steps}: must be >= 0")
-        C.check(0 <= self.min_lr_ratio <= 1, f"min_lr_ratio={self.min_lr_ratio}: must be in [0, 1]")
-        C.check(self.grad_clip > 0, f"grad_clip={self.grad_clip}: must be > 0")
+        OptimConfig(lr=self.lr, warmup_steps=self.warmup_steps, min_lr_ratio=self.min_lr_ratio,
+                    weight_decay=self.weight_decay, grad_clip=self.grad_clip).validate(prefix="")
+        C.check(self.threads >= 0, f"threads={self.threads}: must be >= 0 (0: torch's default)")
+        check_trackers(self.log_to)
         C.check(self.eval_every >= 0, f"eval_every={self.eval_every}: must be >= 0")
         C.check(self.eval_n >= 1, f"eval_n={self.eval_n}: must be >= 1")
         C.check(self.save_every >= 0, f"save_every={self.save_every}: must be >= 0")

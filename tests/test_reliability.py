@@ -588,3 +588,13 @@ def test_a_run_folder_that_becomes_unwritable_is_one_line(tmp_path, micro_pair, 
     rc = main(_run_args(tmp_path / "run", micro_pair, 2))
     err = capsys.readouterr().err
     assert rc == 1 and "cannot write" in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize("override, words", [
+    ("lr=nan", "finite number > 0"), ("lr=inf", "finite number > 0"),
+    ("grad_clip=inf", "grad_clip=inf"), ("weight_decay=-1", "weight_decay=-1.0"),
+    ("threads=-2", "threads=-2"), ("log_to=nope", "unknown tracker"),
+])
+def test_hopd_sft_validates_as_strictly_as_distill(tmp_path, capsys, override, words):
+    assert main(["sft", "--out", str(tmp_path / "m"), override]) == 2
+    assert words in capsys.readouterr().err and not (tmp_path / "m").exists()
