@@ -15,8 +15,9 @@ die. So every evaluation also measures:
   student's mean entropy at its own greedy positions.
 
 The guard (`collapse_check`) fires when the loss has fallen while the greedy answers have
-collapsed: distinct-2 at most half of the reference's, or at least half of the answers mostly one
-repeated token. The reference is the teacher's own greedy answers to the same prompts (with a
+collapsed: distinct-2 at most half of the reference's, at least half of the answers mostly one
+repeated token, or answers under a quarter of the reference's mean length (a student that stops
+at once). The reference is the teacher's own greedy answers to the same prompts (with a
 teacher server, the student's first evaluation): a pruned student starts out degenerate, so its
 own start is no yardstick.
 """
@@ -212,11 +213,14 @@ def collapse_check(g: GuardReading) -> str | None:
     halved = math.isfinite(d0) and math.isfinite(d1) and d1 <= 0.5 * d0
     mostly = g.now.get("mostly_one_token", 0.0)
     # answers mostly one token count when the reference's are not (a teacher may repeat too)
-    if not (halved or (mostly >= 0.5 and g.base.get("mostly_one_token", 0.0) < 0.5)):
+    repeats = mostly >= 0.5 and g.base.get("mostly_one_token", 0.0) < 0.5
+    n0, n1 = g.base.get("mean_length", math.nan), g.now.get("mean_length", math.nan)
+    emptied = math.isfinite(n0) and math.isfinite(n1) and n1 < 0.25 * n0  # stops at once
+    if not (halved or repeats or emptied):
         return None
     who = g.base.get("of", "reference")
     return (f"collapse: the loss fell {g.first_loss:.3g} -> {g.recent_loss:.3g} while the greedy "
-            f"answers degenerated (distinct-2 {d1:.2f} against the {who}'s {d0:.2f}; "
-            f"{mostly:.0%} of answers "
+            f"answers degenerated (distinct-2 {d1:.2f} against the {who}'s {d0:.2f}; mean "
+            f"length {n1:.0f} against {n0:.0f} tokens; {mostly:.0%} of answers "
             f"mostly one repeated token). Look at the answers; warm-start the student first "
             f"(loss.kind=sft or fkl) or lower optim.lr; collapse_stop=true stops here")

@@ -109,6 +109,15 @@ def test_the_guard_fires_on_a_collapsing_run_and_stays_quiet_on_a_healthy_one():
     # repetitive without one token filling the answers: distinct-2 at a fifth of the teacher's
     loop = [[5, 6, 7] * 10 for _ in range(10)]
     assert collapse_check(_reading([3.0, 3.0, 1.0, 1.0], loop)) is not None
+    # answers that stop at once: distinct-2 of what little is left says nothing, the length does
+    teacher = {**TEACHER, "mean_length": 70.0}
+    empty = degeneration([[9]] * 9 + [[3, 4]], [True] * 10)
+    assert empty["distinct_2"] == 1.0
+    fired = collapse_check(GuardReading(3.0, 1.0, teacher, empty))
+    assert fired is not None and "mean length 1 against 70" in fired
+    short_teacher = {**TEACHER, "mean_length": 8.0}  # answers of about the teacher's length
+    assert collapse_check(GuardReading(3.0, 1.0, short_teacher,
+                                       degeneration(varied, [True] * 10))) is None
 
 
 def _distill(tmp_path, pair, *extra):
