@@ -395,3 +395,27 @@ def test_a_yaml_error_names_the_line_the_column_and_the_reason(tmp_path, capsys,
     assert main(["distill", str(path), "--out", str(tmp_path / "r")]) == 2
     err = capsys.readouterr().err
     assert words in err and "bad.yaml" in err and len(err.strip().splitlines()) == 1
+
+
+def test_the_demo_says_what_it_will_do_and_how_long_it_will_take(monkeypatch, capsys):
+    from hopd import demo
+
+    monkeypatch.setattr(demo, "calibrate", lambda settings: (0.5, 4.0))  # a fast machine
+    demo.announce(demo.DEMO, quick=False, regime="spread")
+    out = capsys.readouterr()
+    # 4 strategies x 60 steps at their horizon shares, plus 7 evaluations each
+    want = demo.estimate_s(demo.DEMO, 0.5, 4.0) / 60
+    assert f"about {want:.0f} min on this machine" in out.out and "--quick" not in out.err
+    assert demo.estimate_s(demo.DEMO, 1.0, 0.0) == pytest.approx(
+        60 * (4 * 0.2 + 0.8 * (1 + 0.6 + 0.1 + 0.25)))
+    monkeypatch.setattr(demo, "calibrate", lambda settings: (12.0, 60.0))  # a busy one
+    demo.announce(demo.DEMO, quick=False, regime="spread")
+    assert "hopd demo --quick` takes about" in capsys.readouterr().err
+
+
+def test_the_demo_calibration_measures_this_machine(tmp_path, monkeypatch):
+    from hopd import demo
+
+    step_s, eval_s = demo.calibrate([*demo.QUICK, "device=cpu", "student=testbed:student",
+                                     "eval_n=8", "batch_size=4"])
+    assert 0 < step_s < 60 and 0 < eval_s < 60
