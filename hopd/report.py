@@ -556,17 +556,33 @@ def plot_heatmap(groups: dict[str, list[Run]], path: Path) -> bool:
     return True
 
 
+def probe_lines(rows: list[dict[str, Any]]) -> list[tuple[str, list[float], list[float]]]:
+    """(label, steps, accuracies) per cut; cuts whose lines coincide are one line whose label
+    names them all, so the legend never names a line the reader cannot see."""
+    xs = [x["step"] for x in rows]
+    by_values: dict[tuple[float, ...], list[str]] = {}
+    for cut in rows[0]["probe_teacher_acc_by_cut"]:
+        ys = tuple(x["probe_teacher_acc_by_cut"][cut] for x in rows)
+        by_values.setdefault(ys, []).append(f"{float(cut):.0%}")
+    out = []
+    for ys, cuts in by_values.items():
+        label = (f"cut at {cuts[0]} of L" if len(cuts) == 1 else
+                 f"cuts at {', '.join(cuts)} of L (identical)")
+        out.append((label, xs, list(ys)))
+    return out
+
+
 def plot_probe(groups: dict[str, list[Run]], path: Path) -> bool:
     """Teacher-recovery probe: the teacher's accuracy finishing student prefixes cut at p * L."""
     panels = _panels(groups, "probe_teacher_acc_by_cut")
     if not panels:
         return False
     fig, axes = _panel_row(len(panels), 3.8)
+    styles = [("o", "-"), ("s", "--"), ("^", "-."), ("D", ":"), ("v", "-")]
     for i, (ax, (name, rows)) in enumerate(zip(axes[0], panels)):
-        for cut in rows[0]["probe_teacher_acc_by_cut"]:
-            ax.plot([x["step"] for x in rows],
-                    [x["probe_teacher_acc_by_cut"][cut] for x in rows], marker="o", ms=3,
-                    label=f"cut at {float(cut):.0%} of L")
+        for j, (label, xs, ys) in enumerate(probe_lines(rows)):
+            marker, line = styles[j % len(styles)]
+            ax.plot(xs, ys, marker=marker, ls=line, ms=4, label=label)
         ax.set_title(name)
         ax.set_xlabel("step")
         ax.set_ylim(-0.05, 1.05)

@@ -201,3 +201,14 @@ def test_a_topd_gap_within_evaluation_noise_is_inconclusive(tmp_path):
     near = make(tmp_path / "near", 0.755)  # the bar is 0.95 x 0.8 = 0.76
     assert "inconclusive here" in near and "200 prompts" in near
     assert "not supported here" in make(tmp_path / "far", 0.6)
+
+
+def test_probe_lines_that_coincide_are_one_line_naming_every_cut():
+    from hopd.report import probe_lines
+
+    rows = [{"step": 0, "probe_teacher_acc_by_cut": {"0": 1.0, "0.1": 1.0, "0.5": 0.5}},
+            {"step": 10, "probe_teacher_acc_by_cut": {"0": 1.0, "0.1": 1.0, "0.5": 0.75}}]
+    lines = probe_lines(rows)
+    assert [label for label, _, _ in lines] == ["cuts at 0%, 10% of L (identical)",
+                                                "cut at 50% of L"]
+    assert lines[1][1:] == ([0, 10], [0.5, 0.75])
