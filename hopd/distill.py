@@ -209,6 +209,8 @@ def train(ctx: RunContext, bar: Bar) -> tuple[int, int]:
             ctx.sampler.sync()
             # one record; diagnostics and the adaptive horizon's move every diag_every steps
             rec = record(ctx, batch, st, time.perf_counter() - batch.t0)
+            if due(cfg.diag_every, step) or due(cfg.probe_every, step):
+                bar.note(f"step {step}: per-position diagnostics at L={ctx.budget}")
             rec.update(diagnose_and_adapt(ctx, step))
             ctx.write(rec)
             # evaluate and save (a signal: save at once, no evaluation; grace periods are short)
@@ -216,9 +218,12 @@ def train(ctx: RunContext, bar: Bar) -> tuple[int, int]:
             last = budget_spent(step, ctx.totals, cfg)
             collapsed = False
             if not stop_now and (due(cfg.eval_every, step) or last):
+                bar.note(f"step {step}: evaluating {len(ctx.eval_examples)} prompts at "
+                         f"L={ctx.budget}")
                 ctx.acc = ctx.run_eval(step)
                 collapsed = cfg.collapse_stop and "collapse" in ctx.last_eval
             if due(cfg.save_every, step) or last or stop_now or collapsed:
+                bar.note(f"step {step}: saving a checkpoint")
                 with flag.saving():
                     ctx.save(step)
             if collapsed:

@@ -68,6 +68,17 @@ class Bar:
             print(f"{self.desc} {self.done}/{self.total} [{now:.0f}s, {rate:.2f} it/s, "
                   f"ETA {eta:.0f}s] {info}", file=sys.stderr, flush=True)
 
+    def note(self, label: str) -> None:
+        """What is running between two updates (an evaluation, a save), shown on the bar (or
+        printed once without a terminal), so a long pause never looks like a hang."""
+        if not self.enabled:
+            return
+        if self.progress is not None:
+            self.progress.update(self.task, info=escape(label + "..."))
+        else:
+            print(f"{self.desc} {self.done}/{self.total}: {label}...", file=sys.stderr,
+                  flush=True)
+
     def close(self) -> None:
         if self.progress is not None:
             self.progress.stop()
