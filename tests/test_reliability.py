@@ -598,3 +598,13 @@ def test_a_run_folder_that_becomes_unwritable_is_one_line(tmp_path, micro_pair, 
 def test_hopd_sft_validates_as_strictly_as_distill(tmp_path, capsys, override, words):
     assert main(["sft", "--out", str(tmp_path / "m"), override]) == 2
     assert words in capsys.readouterr().err and not (tmp_path / "m").exists()
+
+
+def test_compare_rates_that_share_a_folder_are_refused_up_front(tmp_path, micro_pair, capsys):
+    s, t = micro_pair
+    out = tmp_path / "grid"
+    rc = main(["compare", "--out", str(out), "--strategies", "opd", "--lrs", "1e-4,1.0000001e-4",
+               "--steps", "1", f"student={s}", f"teacher={t}", "data=chain:tiny"])
+    err = capsys.readouterr().err
+    assert rc == 2 and "share the folder" in err and "Traceback" not in err
+    assert not out.exists()
