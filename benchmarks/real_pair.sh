@@ -14,7 +14,7 @@ COMMON=(teacher=$T data=chat:prompts budget=128 batch_size=8 optim.warmup_steps=
 /usr/bin/time -f "warm start: %e s" hopd distill --out "$OUT/warm" student="$OUT/student" \
     loss.kind=sft max_steps=40 optim.lr=1e-4 "${COMMON[@]}"
 /usr/bin/time -f "opd: %e s" hopd distill --out "$OUT/opd" student="$OUT/warm/model" \
-    loss.kind=rkl max_steps=40 optim.lr=5e-5 "${COMMON[@]}"
+    loss.kind=rkl max_steps=40 optim.lr=2e-4 "${COMMON[@]}"
 python - "$OUT" <<'EOF'
 import json, sys
 from pathlib import Path
