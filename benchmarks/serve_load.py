@@ -114,7 +114,8 @@ def main() -> None:
     print(f"| clients | 200 | 503 (Retry-After) | reset | slowest (s) |\n|---|---|---|---|---|\n"
           f"| {res['clients']} | {res['ok_200']} | {res['busy_503']} | {res['reset']} | "
           f"{res['slowest_s']:.2f} |\n")
-    print(f"| 8 slow clients: /health | answered in (s) | slow ones cut after (s) |\n|---|---|---|\n"
+    print("| 8 slow clients: /health | answered in (s) | slow ones cut after (s) |\n"
+          "|---|---|---|\n"
           f"| {res['health_status']} | {res['health_s']:.3f} | "
           f"{res['slow_clients_cut_after_s']:.1f} |\n")
     print(f"| request | tokens | k | status | time (s) |\n|---|---|---|---|---|\n"
