@@ -382,16 +382,21 @@ def test_a_second_signal_never_corrupts_the_run(tmp_path, micro_pair):
                  ]) == 0  # every checkpoint left behind loads and the run goes on
 
 
+def _parallel_compare(out: Path, pair, seeds: str) -> list[str]:
+    """`hopd compare --jobs 2` of long OPD runs (400 steps) on the micro pair, one per seed."""
+    s, t = pair
+    return [sys.executable, "-m", "hopd", "compare", "--out", str(out), "--jobs", "2",
+            "--strategies", "opd", "--seeds", seeds, "--steps", "400", "--quiet",
+            f"student={s}", f"teacher={t}", "data=chain:tiny", "batch_size=2", "eval_n=2",
+            "eval_every=0", "diag_every=0", "save_every=0", "threads=1"]
+
+
 def test_a_signal_to_a_parallel_compare_saves_the_running_runs_and_starts_no_more(
         tmp_path, micro_pair):
     """`hopd compare --jobs 2` killed with SIGTERM: the signal is forwarded once to the running
     runs, which save and stop; the third run never starts; the exit status is 143."""
-    s, t = micro_pair
     out = tmp_path / "cmp"
-    cmd = [sys.executable, "-m", "hopd", "compare", "--out", str(out), "--jobs", "2",
-           "--strategies", "opd", "--seeds", "0,1,2", "--steps", "400", "--quiet",
-           f"student={s}", f"teacher={t}", "data=chain:tiny", "batch_size=2", "eval_n=2",
-           "eval_every=0", "diag_every=0", "save_every=0", "threads=1"]
+    cmd = _parallel_compare(out, micro_pair, "0,1,2")
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     runs = [out / "opd" / f"seed{k}" for k in range(3)]
     deadline = time.time() + 120
@@ -442,12 +447,8 @@ def _alive(pid: int) -> bool:
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
 def test_one_stopped_worker_fails_the_compare_and_workers_die_with_their_parent(tmp_path,
                                                                                micro_pair):
-    s, t = micro_pair
     out = tmp_path / "cmp"
-    cmd = [sys.executable, "-m", "hopd", "compare", "--out", str(out), "--jobs", "2",
-           "--strategies", "opd", "--seeds", "0,1", "--steps", "400", "--quiet",
-           f"student={s}", f"teacher={t}", "data=chain:tiny", "batch_size=2", "eval_n=2",
-           "eval_every=0", "diag_every=0", "save_every=0", "threads=1"]
+    cmd = _parallel_compare(out, micro_pair, "0,1")
     runs = [out / "opd" / f"seed{k}" for k in range(2)]
 
     def started(proc):

@@ -231,6 +231,19 @@ def test_a_bad_teacher_server_stops_the_run_with_its_state_saved(tmp_path, micro
     assert (run / "checkpoints" / "step_0000000" / "trainer_state.pt").exists()
 
 
+def _distill_against(tmp_path, micro_pair, tokenizer, answer, retries: int):
+    """A 2-step distill whose teacher is a `_BadTeacher` answering with `answer`."""
+    server = _BadTeacher(tokenizer, answer)
+    run = tmp_path / "run"
+    try:
+        rc = main(["distill", "--out", str(run), "--quiet", f"student={micro_pair[0]}",
+                   "eval_kl_n=0", f"teacher_url={server.url}", f"teacher_retries={retries}",
+                   *TINY, "max_steps=2"])
+    finally:
+        server.close()
+    return rc, run
+
+
 def test_the_client_rides_out_busy_and_failing_answers(tmp_path, micro_pair, tokenizer):
     """503, 429, 500, a reset and a reply that is not HTTP, each once: the client retries with
     backoff and the run trains as if the server had answered at once."""
@@ -240,14 +253,7 @@ def test_the_client_rides_out_busy_and_failing_answers(tmp_path, micro_pair, tok
     def answer(seqs):
         return next(faults, None) or json.dumps(_good_answer(seqs)).encode()
 
-    server = _BadTeacher(tokenizer, answer)
-    try:
-        s, _ = micro_pair
-        run = tmp_path / "run"
-        rc = main(["distill", "--out", str(run), "--quiet", f"student={s}", "eval_kl_n=0",
-                   f"teacher_url={server.url}", "teacher_retries=5", *TINY, "max_steps=2"])
-    finally:
-        server.close()
+    rc, run = _distill_against(tmp_path, micro_pair, tokenizer, answer, retries=5)
     assert rc == 0
     assert len([r for r in read_metrics(run / "metrics.jsonl") if "loss" in r]) == 2
 
@@ -258,14 +264,7 @@ def test_a_teacher_that_keeps_failing_stops_the_run_with_its_state_saved(
     def answer(seqs):
         return (fault, b"\x00 not http" if fault == "raw" else b'{"choices": [')
 
-    server = _BadTeacher(tokenizer, answer)
-    try:
-        s, _ = micro_pair
-        run = tmp_path / "run"
-        rc = main(["distill", "--out", str(run), "--quiet", f"student={s}", "eval_kl_n=0",
-                   f"teacher_url={server.url}", "teacher_retries=1", *TINY, "max_steps=2"])
-    finally:
-        server.close()
+    rc, run = _distill_against(tmp_path, micro_pair, tokenizer, answer, retries=1)
     err = capsys.readouterr().err
     assert rc == 3 and "Traceback" not in err and "--resume" in err, err
     assert (run / "checkpoints" / "step_0000000" / "trainer_state.pt").exists()
