@@ -94,15 +94,12 @@ def _eval_teacher(args: argparse.Namespace, tok: object) -> tuple[object, int | 
     the student's tokenizer before either model loads)."""
     if not args.teacher:
         return None, None
-    from hopd.models import check_compatible, load_model, load_tokenizer, resolve_model_path
+    from hopd.models import load_model, matched_teacher
     from hopd.teacher import LocalTeacher
 
-    t_path = resolve_model_path(_model_dir(args.teacher))
-    t_tok = load_tokenizer(str(t_path), trust_remote_code=args.trust_remote_code)
-    t_vocab = json.loads((t_path / "config.json").read_text()).get("vocab_size", len(t_tok))
-    s_vocab = len(tok)  # type: ignore[arg-type]
-    check_compatible(t_tok, tok, t_vocab, s_vocab)  # type: ignore[arg-type]
-    vocab = min(t_vocab, s_vocab)
+    t_path, _, _, vocab = matched_teacher(_model_dir(args.teacher), tok,  # type: ignore[arg-type]
+                                          len(tok),  # type: ignore[arg-type]
+                                          args.trust_remote_code)
     model = load_model(str(t_path), device=args.device,
                        trust_remote_code=args.trust_remote_code).eval().requires_grad_(False)
     return LocalTeacher(model, vocab), vocab

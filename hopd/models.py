@@ -251,6 +251,19 @@ def check_compatible(teacher_tok: PreTrainedTokenizerBase, student_tok: PreTrain
         )
 
 
+def matched_teacher(name: str, student_tok: PreTrainedTokenizerBase, student_vocab: int,
+                    trust_remote_code: bool = False
+                    ) -> tuple[Path, PreTrainedTokenizerBase, dict, int]:
+    """The teacher's folder, tokenizer and config, checked to share the student's tokenizer
+    before any weights load; and the vocabulary the two compare on, min(V_teacher, V_student)."""
+    path = resolve_model_path(name)
+    tok = load_tokenizer(str(path), trust_remote_code)
+    conf = json.loads((path / "config.json").read_text())
+    vocab = conf.get("vocab_size", len(tok))
+    check_compatible(tok, student_tok, vocab, student_vocab)
+    return path, tok, conf, min(vocab, student_vocab)
+
+
 def positions_from_mask(attn_B_T: torch.Tensor) -> torch.Tensor:
     """Position ids that start at 0 on each row's first real token (left padding)."""
     return (attn_B_T.cumsum(-1) - 1).clamp(min=0)

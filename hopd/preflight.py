@@ -16,7 +16,7 @@ import yaml
 
 from hopd import config as C
 from hopd.distill_config import DistillConfig
-from hopd.models import check_compatible, load_tokenizer, resolve_model_path
+from hopd.models import check_compatible, load_tokenizer, matched_teacher, resolve_model_path
 from hopd.tasks import PromptSource, encode_prompts
 from hopd.teacher import RemoteTeacher
 from hopd.trackers import check_trackers
@@ -57,12 +57,8 @@ def check_inputs(cfg: DistillConfig) -> Inputs:
             t_tok = load_tokenizer(cfg.teacher_tokenizer, cfg.trust_remote_code)
             check_compatible(t_tok, tok, s_vocab, s_vocab)
     else:
-        t_path = resolve_model_path(cfg.teacher)
-        t_tok = load_tokenizer(str(t_path), cfg.trust_remote_code)
-        t_conf = json.loads((t_path / "config.json").read_text())
-        t_vocab = t_conf.get("vocab_size", len(t_tok))
-        check_compatible(t_tok, tok, t_vocab, s_vocab)
-        vocab = min(s_vocab, t_vocab)
+        t_path, t_tok, t_conf, vocab = matched_teacher(cfg.teacher, tok, s_vocab,
+                                                       cfg.trust_remote_code)
     C.check(cfg.loss.top_k <= vocab, f"loss.top_k={cfg.loss.top_k} exceeds the vocabulary "
             f"({vocab} tokens): use a smaller k, or 0 for the full vocabulary")
     separate = bool(cfg.teacher_system_prompt) or t_tok.chat_template != tok.chat_template

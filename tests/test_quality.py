@@ -161,3 +161,13 @@ def test_a_healthy_run_is_not_flagged(tmp_path, micro_pair, capsys):
     result = json.loads((run / "result.json").read_text())
     assert result["collapse"] is None and result["eval_metric"] == "accuracy"
     assert result["final_eval_rkl"] >= 0 and result["final_eval_teacher_nll"] > 0
+
+
+def test_hopd_eval_with_a_teacher_reports_the_held_out_kl(micro_pair, tmp_path, capsys):
+    s, t = micro_pair
+    out = tmp_path / "eval.json"
+    assert main(["eval", "--model", str(s), "--teacher", str(t), "--task", "chain:tiny",
+                 "--n", "4", "--kl-n", "2", "--budget", "8", "--quiet", "--out", str(out)]) == 0
+    res = json.loads(out.read_text())
+    assert res["kl_n"] == 2 and res["rkl"] >= 0 and res["teacher_nll"] > 0
+    assert res["rkl_exact"] is True and 0 <= res["distinct_2"] <= 1
