@@ -51,10 +51,14 @@ def checks(tmp_path_factory) -> dict:
 
 @pytest.mark.parametrize("tag", ["greedy", "after_step"])
 def test_greedy_rollouts_equal_hopds_token_for_token(checks, tag):
-    """16 chain prompts (4 with a system turn, so prompts differ in length) x L = 160."""
+    """16 chain prompts (4 with a system turn, so prompts differ in length) x L = 160. Both kinds
+    of rows are compared: the teacher ends all 16 with EOS; after a step at lr 3e-3 on its own
+    temperature-1.5 samples it rambles on some (7 of 16 end on this model), and the count moves
+    with the platform's float rounding, so that check asks for a few of each."""
     c = checks[tag]
     assert c["ids_equal"] and c["mask_equal"] and c["attn_equal"] and c["cut_equal"]
-    assert c["prompt_len_equal"] and c["eos_rows"] >= 8 and c["tokens"] > 1000
+    ended = (16,) if tag == "greedy" else range(4, 13)
+    assert c["prompt_len_equal"] and c["eos_rows"] in ended and c["tokens"] > 1000
     assert c["logp_max_diff"] < 2e-4
 
 
