@@ -34,8 +34,12 @@ def is_disk_full(e: BaseException) -> bool:
     if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
         return True
     text = str(e)
-    return isinstance(e, RuntimeError) and ("unexpected pos" in text or "failed writing" in text
-                                            or "No space left" in text)
+    # safetensors' own error (not an OSError) carries the errno in its text: "IoError(Os {
+    # code: 28, kind: StorageFull, message: "No space left on device" })"
+    wrapped = isinstance(e, RuntimeError) or type(e).__name__ == "SafetensorError"
+    return wrapped and any(s in text for s in ("unexpected pos", "failed writing",
+                                                "No space left", "StorageFull",
+                                                "Disk quota exceeded"))
 
 
 def _suggest(key: str, options: list[str], prefix: str = "") -> str:

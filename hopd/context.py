@@ -21,6 +21,7 @@ from transformers import PreTrainedModel
 
 from hopd import config as C
 from hopd.adaptive import AdaptiveRule, AdaptiveState, PositionReading
+from hopd.compute import forward_flops_per_token
 from hopd.diagnostics import position_diagnostics, recovery_probe
 from hopd.dist import Dist
 from hopd.distill_config import DistillConfig, OptimConfig
@@ -68,7 +69,11 @@ class RunContext:
     log: MetricsLog | None  # rank 0 only
     start: int = 0  # the step this process starts at (resume)
     totals: dict[str, float] = field(default_factory=lambda: {
-        "train_time_s": 0.0, "sampled_tokens": 0, "skipped_steps": 0, "prompts": 0})
+        "train_time_s": 0.0, "sampled_tokens": 0, "skipped_steps": 0, "prompts": 0,
+        "train_flops": 0.0, "train_cpu_s": 0.0})
+    # forward FLOPs per token of the student and of the teacher (0: behind a server); the
+    # load-independent cost the report's verdicts use (hopd.compute)
+    flops_per_token: tuple[float, float] = (0.0, 0.0)
     acc: float = math.nan  # the last full-budget evaluation's accuracy
     last_eval: dict[str, Any] = field(default_factory=dict)  # its record (quality metrics too)
     guard: dict[str, Any] = field(default_factory=dict)  # the collapse guard's baseline: the
@@ -316,7 +321,8 @@ def setup(cfg: DistillConfig, run: Path, inp: Inputs, dist: Dist, *, ckpt: Path 
         teacher=teacher, sampler=make_sampler(cfg, inp, student, teacher), rule=rule,
         adaptive=AdaptiveState(initial_horizon(h, inp.budget)),
         eval_examples=inp.source.eval_set(cfg.eval_n, seed=cfg.seed, part=cfg.eval_split),
-        log=None)
+        log=None, flops_per_token=(forward_flops_per_token(student),
+                                   forward_flops_per_token(teacher.model)))
     if ckpt is not None and state is not None:
         restore(ctx, ckpt, state)
     elif resume and (run / "metrics.jsonl").exists() and dist.main:

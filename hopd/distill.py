@@ -9,6 +9,7 @@ Setup lives in `hopd.context`, the step in `hopd.step`.
 
 from __future__ import annotations
 
+import os
 import sys
 import time
 from collections.abc import Iterator
@@ -21,6 +22,7 @@ import torch
 
 from hopd import config as C
 from hopd.adaptive import adaptive_update, token_budget_batch
+from hopd.compute import step_flops
 from hopd.context import RunContext, finish_done_run, setup
 from hopd.diagnostics import peak_memory_mb
 from hopd.dist import Dist
@@ -137,6 +139,7 @@ class Batch:
     """One step's prompts, as this process sees them."""
 
     step: int  # optimizer steps done before this one
+    cpu0: float  # the process's CPU time when the step began
     t0: float  # when the step began (its time counts from here)
     H: int
     lr: float
@@ -151,7 +154,7 @@ def batches(ctx: RunContext) -> Iterator[Batch]:
     so the schedules (H, LR) and the budget see every step before it."""
     cfg, dist, step = ctx.cfg, ctx.dist, ctx.start
     while not budget_spent(step, ctx.totals, cfg):
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         if dist.device.startswith("cuda"):
             torch.cuda.reset_peak_memory_stats(dist.device)
         k = schedule_step(step, ctx.totals, cfg)
@@ -168,7 +171,7 @@ def batches(ctx: RunContext) -> Iterator[Batch]:
         per_rank = n_prompts // dist.world
         rows = range(dist.rank * per_rank, (dist.rank + 1) * per_rank)  # this rank's slice
         prompts, teacher_prompts = ctx.encode([examples[i].prompt for i in rows])
-        yield Batch(step, t0, H, lr, n_prompts, prompts, teacher_prompts,
+        yield Batch(step, c0, t0, H, lr, n_prompts, prompts, teacher_prompts,
                     row_seeds(cfg.seed, step, rows))
         step += 1
 
@@ -254,10 +257,17 @@ def record(ctx: RunContext, batch: Batch, st: StepStats, step_time: float) -> di
     ctx.totals["train_time_s"] += ctx.dist.max([step_time])[0]
     ctx.totals["sampled_tokens"] += st.sampled_tokens
     ctx.totals["prompts"] += batch.n_prompts
+    cpu = ctx.dist.sum([time.process_time() - batch.cpu0])[0]  # every process's CPU time
+    flops = step_flops(*ctx.flops_per_token, st.prompt_tokens, st.sampled_tokens,
+                       sft=ctx.cfg.loss.kind == "sft")
+    ctx.totals["train_cpu_s"] += cpu
+    ctx.totals["train_flops"] += flops
     n, cut = batch.n_prompts, st.cut_rows
     return {
         "step": batch.step + 1, "horizon": batch.H, "loss": st.loss,
-        "step_time_s": step_time, "sample_time_s": st.sample_time_s,
+        "step_time_s": step_time, "cpu_time_s": cpu, "est_flops": flops,
+        "load_avg": os.getloadavg()[0] if hasattr(os, "getloadavg") else None,
+        "sample_time_s": st.sample_time_s,
         "teacher_time_s": st.teacher_time_s,
         "learn_time_s": step_time - st.sample_time_s - st.teacher_time_s,
         "sampled_tokens": st.sampled_tokens, "cut_fraction": cut / n,

@@ -34,6 +34,7 @@ TARGET_FRACTION = 0.95  # target = 95% of full OPD's final accuracy (for a KL or
 # 95% of the way from the start to OPD's final value)
 MATCH_TOLERANCE = 0.95  # "matches OPD": final accuracy >= 95% of OPD's (KL, NLL: <= 1/0.95 x)
 LOWER_IS_BETTER = ("rkl", "teacher_nll")
+LOAD_GAP = 1.0  # mean load averages this far apart (a busy core) make wall-clock incomparable
 
 
 def metric_of(cfg: dict[str, Any], evals: list[dict[str, Any]]) -> str:
@@ -218,6 +219,11 @@ def _mean(xs: list[float | None]) -> float | None:
     return statistics.fmean(vals) if vals else None
 
 
+def _mean_of_all(xs: list[float | None]) -> float | None:
+    """The mean, or None when any value is missing (or zero: not logged)."""
+    return statistics.fmean(xs) if xs and all(xs) else None  # type: ignore[arg-type]
+
+
 def _sd(xs: list[float | None]) -> float | None:
     """Sample standard deviation over seeds (None with fewer than two)."""
     vals = [x for x in xs if x is not None and not math.isnan(x)]
@@ -271,16 +277,26 @@ def summarize(groups: dict[str, list[Run]], baseline: str = "opd") -> dict[str, 
             "tokens_to_target": _mean([x["sampled_tokens"] for x in reach if x])
             if all_reached else None,
             "steps_to_target": _mean([x["step"] for x in reach if x]) if all_reached else None,
+            # estimated training compute (hopd.compute): what the verdicts compare, since the
+            # machine's load cannot change it (runs from before it was logged have none)
+            "flops_to_target": _mean_of_all([x.get("train_flops") for x in reach])
+            if all_reached else None,
+            "total_flops": _mean([r.train[-1].get("train_flops") or None if r.train else None
+                                  for r in runs]),
+            "load_avg": _mean([_mean([x.get("load_avg") for x in r.train]) for r in runs]),
             "reached_target": sum(x is not None for x in reach),
         }
     if base is not None:
         b = rows[baseline]
         for row in rows.values():
             for key, out in (("time_to_target_s", "speedup_time"),
-                             ("tokens_to_target", "speedup_tokens")):
+                             ("tokens_to_target", "speedup_tokens"),
+                             ("flops_to_target", "speedup_flops")):
                 row[out] = (b[key] / row[key] if b[key] and row[key] else None)
             row["cost_ratio_time"] = (row["train_time_s"] / b["train_time_s"]
                                       if b["train_time_s"] else None)
+            row["cost_ratio_flops"] = (row["total_flops"] / b["total_flops"]
+                                       if b["total_flops"] and row["total_flops"] else None)
     n_eval = min((int(r.config.get("eval_n") or 0) for runs in groups.values() for r in runs),
                  default=0)
     return {"baseline": baseline, "baseline_final": base_final, "target": target, "rows": rows,
@@ -332,6 +348,8 @@ def verdicts(summary: dict[str, Any]) -> list[str]:
             out.append(f"**POPD reaches OPD's accuracy sooner**: not supported here. `{n}` did not "
                        f"reach the target ({_val(summary, target)}) in {seeds} "
                        f"(final {_val(summary, r['final_accuracy'])}).")
+        elif r["flops_to_target"] and opd["flops_to_target"]:
+            out.append(_sooner_by_compute(summary, n, opd, r))
         elif opd["time_to_target_s"] is None or r["time_to_target_s"] < opd["time_to_target_s"]:
             sp = r["speedup_time"]
             out.append(f"**POPD reaches OPD's accuracy sooner**: supported here. `{n}` reached "
@@ -353,8 +371,10 @@ def verdicts(summary: dict[str, Any]) -> list[str]:
         lower = summary.get("metric") in LOWER_IS_BETTER
         bar = summary["baseline_final"] / MATCH_TOLERANCE if lower else \
             MATCH_TOLERANCE * summary["baseline_final"]
-        cost = r.get("cost_ratio_time")
-        cost_txt = f" at {cost:.2f}x OPD's training time" if cost else ""
+        cost, flops = r.get("cost_ratio_time"), r.get("cost_ratio_flops")
+        cost_txt = (f" at {flops:.2f}x OPD's estimated training compute" if flops else "") + (
+            (f" ({cost:.2f}x its training time)" if flops else
+             f" at {cost:.2f}x OPD's training time") if cost else "")
         if better(r["final_accuracy"], bar, summary.get("metric", "accuracy")):
             out.append(f"**TOPD at 10% of L matches OPD**: supported here. `{n}` ended at "
                        f"{_val(summary, r['final_accuracy'])} against OPD's "
@@ -371,6 +391,44 @@ def verdicts(summary: dict[str, Any]) -> list[str]:
                        f"{_val(summary, r['final_accuracy'])}, short of the bar set by OPD's (5%) "
                        f"{_val(summary, summary['baseline_final'])}{cost_txt}.")
     return out
+
+
+def _sooner(r: dict[str, Any], opd: dict[str, Any]) -> bool:
+    """POPD's verdict: less estimated compute to the target, or as little with fewer tokens."""
+    return (r["flops_to_target"] < opd["flops_to_target"]
+            or (r["flops_to_target"] == opd["flops_to_target"]
+                and (r["tokens_to_target"] or 0) < (opd["tokens_to_target"] or 0)))
+
+
+def _sooner_by_compute(summary: dict[str, Any], n: str, opd: dict[str, Any],
+                       r: dict[str, Any]) -> str:
+    """The POPD verdict on estimated training compute and sampled tokens, which the machine's
+    load cannot change, with wall-clock beside it."""
+    f, f0 = r["flops_to_target"], opd["flops_to_target"]
+    tokens = (f", and {r['tokens_to_target']:,.0f} sampled tokens against "
+              f"{opd['tokens_to_target']:,.0f}" if r.get("tokens_to_target")
+              and opd.get("tokens_to_target") else "")
+    wall = (f" Wall-clock, which the machine's load changes: {r['time_to_target_s']:.0f}s "
+            f"against {opd['time_to_target_s']:.0f}s." if r.get("time_to_target_s") is not None
+            and opd.get("time_to_target_s") is not None else "")
+    ok = _sooner(r, opd)
+    return (f"**POPD reaches OPD's accuracy sooner**: {'supported' if ok else 'not supported'} "
+            f"here. `{n}` reached {_val(summary, summary['target'])} after "
+            f"{f:.3g} FLOPs of estimated training compute against OPD's {f0:.3g} "
+            f"({f0 / f:.2f}x {'less' if ok else 'as much'}){tokens}.{wall}")
+
+
+def load_warning(summary: dict[str, Any]) -> str | None:
+    """A warning when the machine's load differed between the runs (mean 1-minute load
+    average per strategy, apart by a core or more): their wall-clock times are not comparable."""
+    loads = {n: r["load_avg"] for n, r in summary["rows"].items() if r.get("load_avg") is not None}
+    if len(loads) < 2 or max(loads.values()) - min(loads.values()) < LOAD_GAP:
+        return None
+    lo, hi = min(loads, key=loads.get), max(loads, key=loads.get)  # type: ignore[arg-type]
+    return (f"the machine's load changed during the comparison (1-minute load average "
+            f"{loads[lo]:.1f} during `{lo}`, {loads[hi]:.1f} during `{hi}`): wall-clock times "
+            "are not comparable across these runs. The verdicts use estimated compute and "
+            "sampled tokens, which load cannot change.")
 
 
 def noise_known(summary: dict[str, Any]) -> bool:
@@ -458,11 +516,14 @@ METRIC_LABELS = {"accuracy": "full-budget accuracy, greedy (%)",
 
 
 def plot_accuracy(groups: dict[str, list[Run]], target: float | None, path: Path) -> None:
-    fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
+    panels = [("train_time_s", "training wall-clock (s; changes with the machine's load)"),
+              ("sampled_tokens", "sampled tokens"), ("step", "optimizer step")]
+    if all(e.get("train_flops") is not None for rs in groups.values() for r in rs
+           for e in r.evals):
+        panels.insert(2, ("train_flops", "estimated training compute (FLOPs)"))
+    fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 4.2))
     metric, scale = next((r.metric for rs in groups.values() for r in rs), "accuracy"), 100
-    for ax, (xkey, label) in zip(axes, (("train_time_s", "training wall-clock (s)"),
-                                        ("sampled_tokens", "sampled tokens"),
-                                        ("step", "optimizer step"))):
+    for ax, (xkey, label) in zip(axes, panels):
         for name, runs in groups.items():
             xs, mean, lo, hi = _series(runs, xkey)
             scale = 100 if metric == "accuracy" else 1  # percent, as in the tables
@@ -502,14 +563,15 @@ def plot_cost(groups: dict[str, list[Run]], path: Path) -> None:
         a1.bar(hs, med[k], bottom=bottom, width=width, label=lab)
         bottom = [b + v for b, v in zip(bottom, med[k])]
     a1.set_xlabel("horizon H (tokens)")
-    a1.set_ylabel("median step time (s)")
+    a1.set_ylabel("median wall-clock step time (s, this machine)")
     a1.legend()
     a1.grid(alpha=0.3)
     a2.plot(hs, mem, marker="o")
     a2.set_xlabel("horizon H (tokens)")
     a2.set_ylabel("learner activation memory (MiB)")
     a2.grid(alpha=0.3)
-    fig.suptitle("Cost of a step against the rollout horizon")
+    fig.suptitle("Wall-clock cost of a step against the rollout horizon (it changes with the "
+                 "machine's load; the verdicts use estimated compute)")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -693,6 +755,9 @@ def write_report(paths: list[Path], out: Path) -> dict[str, Any]:
         "these runs differ in more than strategy, learning rate and seed: "
         + "; ".join(differ) + ". Runs that differ are not pooled (`name#2`, ...), and numbers "
         "across them are not comparable."] if differ else []
+    load = load_warning(summary)
+    if load:
+        summary["warnings"].append(load)
     for w in summary["warnings"]:
         print(f"hopd report: warning: {w}", file=sys.stderr)
     out.mkdir(parents=True, exist_ok=True)

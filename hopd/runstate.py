@@ -227,7 +227,7 @@ def write_folder(final: Path, tmp: Path, write: Callable[[Path], None],
     shutil.rmtree(tmp, ignore_errors=True)
     try:
         write(tmp)
-    except (OSError, RuntimeError) as e:
+    except Exception as e:  # OSError, torch's RuntimeError, safetensors' own error
         shutil.rmtree(tmp, ignore_errors=True)
         if not is_disk_full(e):
             raise

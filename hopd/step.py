@@ -39,6 +39,7 @@ class StepStats:
     rho_mean: float  # importance ratio s(y) / q(y), token mean (sampled_rkl loss only)
     rho_max: float
     act_mem_mb: float  # activation memory autograd saved for backward (largest micro-batch)
+    prompt_tokens: int = 0  # real (unpadded) prompt tokens of the step's rollouts
 
 
 def teacher_needs(loss: LossConfig) -> str:
@@ -89,8 +90,10 @@ def opd_step(student: PreTrainedModel, teacher: Teacher | PreTrainedModel,
     # the step's results, reduced over the processes once
     mask = rollout.response_mask_B_R.float()
     rkl_sum = float(((rollout.sampler_logp_B_R - scores.logp_B_R) * mask).sum())
-    loss, rho_mean, n_cut, rkl_sum = dist.sum([local["loss"], local["rho_mean"],
-                                               float(rollout.cut_B.sum()), rkl_sum])
+    n_prompt = float(rollout.attn_B_T[:, :rollout.prompt_len].sum())
+    loss, rho_mean, n_cut, rkl_sum, n_prompt = dist.sum([local["loss"], local["rho_mean"],
+                                                         float(rollout.cut_B.sum()), rkl_sum,
+                                                         n_prompt])
     finite = math.isfinite(loss) and math.isfinite(gnorm)
     t_opt = time.perf_counter()
     if finite:
@@ -101,7 +104,7 @@ def opd_step(student: PreTrainedModel, teacher: Teacher | PreTrainedModel,
         teacher_time_s=t2 - t1, learn_time_s=t3 - t2, optim_time_s=t3 - t_opt,
         sampled_tokens=int(n_tokens),
         cut_rows=int(n_cut), sampled_rkl=rkl_sum / max(n_tokens, 1), rho_mean=rho_mean,
-        rho_max=local["rho_max"], act_mem_mb=local["act_mem_mb"])
+        rho_max=local["rho_max"], act_mem_mb=local["act_mem_mb"], prompt_tokens=int(n_prompt))
 
 
 def learn(student: PreTrainedModel, rollout: Rollout, teacher: TeacherScores, loss_cfg: LossConfig,

@@ -367,20 +367,17 @@ def test_tracker_names_and_an_empty_position_bucket_keeps_its_place():
     (["distill", "--out", "{tmp}/r", "optim.lr=-1"], "optim.lr=-1.0"),
     (["distill", "--out", "{tmp}/r", "student=Qwen/Qwen2.5-0.5B-Instruct"], "never downloads"),
 ])
-def test_config_mistakes_are_reported_in_under_a_second(tmp_path, args, words):
+def test_config_mistakes_are_reported_before_torch_loads(tmp_path, args, words):
     """The real command in a fresh interpreter: the config and paths are checked before torch
-    or transformers is imported."""
-    import time
-
+    or transformers is imported, which is what makes the answer fast (0.4-0.5 s against 12-22 s
+    on two busy cores). Asserted on the imports, not on a time a busy machine could stretch."""
     argv = [a.replace("{tmp}", str(tmp_path)) for a in args]
-    code = "import sys; from hopd.cli import main; sys.exit(main(sys.argv[1:]))"
-    best = math.inf
-    for _ in range(2):  # the faster of two: a busy machine can stall one start
-        t0 = time.perf_counter()
-        p = subprocess.run([sys.executable, "-c", code, *argv], capture_output=True, text=True)
-        best = min(best, time.perf_counter() - t0)
+    code = ("import sys; from hopd.cli import main; rc = main(sys.argv[1:]); "
+            "print('loaded:', sorted(m for m in ('torch', 'transformers') if m in sys.modules)); "
+            "sys.exit(rc)")
+    p = subprocess.run([sys.executable, "-c", code, *argv], capture_output=True, text=True)
     assert p.returncode == 2 and words in p.stderr, p.stderr
-    assert best < 1.0, f"{best:.2f} s"
+    assert "loaded: []" in p.stdout, p.stdout
     assert not (tmp_path / "r").exists()
 
 

@@ -9,25 +9,31 @@ from hopd.cli import main
 from hopd.report import find_runs, group, summarize, verdicts, write_report
 
 
-def _write_run(root, strategy, horizons, accs, step_time, seed=0):
-    """A run folder: one eval every 2 steps; accs[i] is the accuracy after step 2 * i."""
+def _write_run(root, strategy, horizons, accs, step_time, seed=0, flops=0.0, load=None):
+    """A run folder: one eval every 2 steps; accs[i] is the accuracy after step 2 * i. `flops`:
+    estimated FLOPs per sampled token (logged as the loop does when given); `load`: the load
+    average each step saw."""
     run = root / strategy / f"seed{seed}"
     run.mkdir(parents=True)
     (run / "strategy.json").write_text(json.dumps({"strategy": strategy, "seed": seed}))
     lines, t, tok = [], 0.0, 0
-    lines.append({"step": 0, "eval_accuracy": accs[0], "train_time_s": 0.0, "sampled_tokens": 0})
+    cost = {"train_flops": 0.0} if flops else {}
+    lines.append({"step": 0, "eval_accuracy": accs[0], "train_time_s": 0.0, "sampled_tokens": 0,
+                  **cost})
     for step, h in enumerate(horizons, start=1):
         t += step_time * h
         tok += 4 * h
+        if flops:
+            cost = {"est_flops": flops * 4 * h, "train_flops": flops * tok, "load_avg": load}
         lines.append({"step": step, "horizon": h, "loss": 0.1, "step_time_s": step_time * h,
                       "sample_time_s": step_time * h / 2, "teacher_time_s": step_time * h / 4,
                       "learn_time_s": step_time * h / 4, "sampled_tokens": tok,
                       "cut_fraction": 1.0, "peak_mem_mb": 100.0, "act_mem_mb": h / 10,
                       "train_time_s": t, "diag_rkl_by_pos": [0.5, 0.2, float("nan")],
-                      "probe_teacher_acc_by_cut": {"0": 1.0, "0.5": 0.5 * step / 6}})
+                      "probe_teacher_acc_by_cut": {"0": 1.0, "0.5": 0.5 * step / 6}, **cost})
         if step % 2 == 0:
             lines.append({"step": step, "eval_accuracy": accs[step // 2], "train_time_s": t,
-                          "sampled_tokens": tok})
+                          "sampled_tokens": tok, **cost})
     (run / "metrics.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines))
     return run
 
@@ -76,6 +82,39 @@ def test_verdicts_follow_the_numbers(tmp_path):
     _make(tmp_path / "b", [0.1, 0.2, 0.3, 0.4], [0.1, 0.2, 0.3, 0.5])
     v = verdicts(summarize(group(find_runs([tmp_path / "b"]))))
     assert "sooner**: not supported" in v[0] and "matches OPD**: not supported" in v[1]
+
+
+def test_a_busy_machine_cannot_flip_the_verdicts(tmp_path):
+    """The verdicts compare estimated compute and sampled tokens: the same runs with one run's
+    step times ten times longer (a busy machine) keep their verdicts, and the report warns that
+    wall-clock is not comparable when the load differed."""
+    def make(root, popd_time, popd_load, popd_accs=(0.1, 0.5, 0.8, 0.8),
+             opd_accs=(0.1, 0.3, 0.5, 0.8)):
+        _write_run(root, "opd", [100] * 6, list(opd_accs), 0.01, flops=1e9, load=0.3)
+        _write_run(root, "popd", [10, 10, 50, 50, 100, 100], list(popd_accs), popd_time,
+                   flops=1e9, load=popd_load)
+        _write_run(root, "topd10", [10] * 6, [0.1, 0.4, 0.6, 0.78], 0.01, flops=1e9, load=0.3)
+        return summarize(group(find_runs([root])))
+
+    quiet, busy = make(tmp_path / "quiet", 0.01, 0.3), make(tmp_path / "busy", 0.1, 2.9)
+    assert busy["rows"]["popd"]["time_to_target_s"] == pytest.approx(
+        10 * quiet["rows"]["popd"]["time_to_target_s"])
+    assert busy["rows"]["popd"]["time_to_target_s"] > busy["rows"]["opd"]["time_to_target_s"]
+    vq, vb = verdicts(quiet), verdicts(busy)
+    assert [v.split("Wall-clock")[0] for v in vq] == [v.split("Wall-clock")[0] for v in vb]
+    assert "sooner**: supported" in vb[0] and "5.00x less" in vb[0]  # 6e11 FLOPs against 1.2e11
+    assert "matches OPD**: supported" in vb[1] and "0.10x OPD's estimated training compute" in vb[1]
+    write_report([tmp_path / "busy"], tmp_path / "rep")
+    text = (tmp_path / "rep" / "report.md").read_text()
+    assert "load changed during the comparison" in text and "2.9 during `popd`" in text
+    write_report([tmp_path / "quiet"], tmp_path / "rep2")
+    assert "load changed" not in (tmp_path / "rep2" / "report.md").read_text()
+    # and the compute verdict can fail: POPD that needs more compute than OPD is not sooner,
+    # however fast its steps ran
+    slow = make(tmp_path / "slow", 0.001, 0.3, popd_accs=(0.1, 0.2, 0.3, 0.8),
+                opd_accs=(0.1, 0.8, 0.8, 0.8))
+    assert slow["rows"]["popd"]["time_to_target_s"] < slow["rows"]["opd"]["time_to_target_s"]
+    assert "sooner**: not supported" in verdicts(slow)[0]
 
 
 def test_no_opd_run_means_no_verdict(tmp_path):

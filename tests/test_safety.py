@@ -8,6 +8,7 @@ import os
 import subprocess
 import sys
 import threading
+from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
@@ -397,30 +398,60 @@ def test_a_long_prompt_deep_in_the_file_is_found(tmp_path, micro_pair, capsys):
 # ---------------------------------------------------------------------------------------------
 # 10. A full disk: one clear line, the previous checkpoint intact, and the run resumes
 
-def test_a_full_disk_keeps_the_previous_checkpoint(tmp_path, micro_pair, monkeypatch, capsys):
-    import hopd.runstate as R
+def _fills_the_disk(module, name: str, error: Exception) -> Callable:
+    """Replaces module.name with a writer that works once, then raises `error`; returns the
+    original."""
+    real, calls = getattr(module, name), {"n": 0}
 
-    real, calls = torch.save, {"n": 0}
-
-    def full_after_one(obj, f, *a, **k):
+    def full_after_one(*a, **k):
         calls["n"] += 1
-        if calls["n"] >= 2:  # what torch's zip writer raises when the disk fills
-            raise RuntimeError("[enforce fail at inline_container.cc:664] . unexpected pos 64 "
-                               "vs 0")
-        return real(obj, f, *a, **k)
+        if calls["n"] >= 2:
+            raise error
+        return real(*a, **k)
 
-    monkeypatch.setattr(R.torch, "save", full_after_one)
+    setattr(module, name, full_after_one)
+    return real
+
+
+def _run_into_a_full_disk(tmp_path, micro_pair, capsys) -> tuple[Path, list[str]]:
+    """A 3-step run saving every step whose second save finds the disk full: one line, no
+    traceback, the first checkpoint alone on disk (no half-written folder beside it)."""
     run = tmp_path / "run"
     args = ["distill", "--out", str(run), "--quiet", "max_steps=3", "eval_every=0",
             "save_every=1", *_pair_args(micro_pair)]
     assert main(args) == 1
     err = capsys.readouterr().err
     assert "no space left" in err and "step_0000001 is intact" in err and "Traceback" not in err
-    ckpts = sorted(p.name for p in (run / "checkpoints").iterdir())
-    assert ckpts == ["step_0000001"]  # no half-written folder beside it
-    monkeypatch.setattr(R.torch, "save", real)
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step_0000001"]
+    return run, args
+
+
+def test_a_full_disk_keeps_the_previous_checkpoint(tmp_path, micro_pair, monkeypatch, capsys):
+    import hopd.runstate as R
+
+    monkeypatch.setattr(R.torch, "save", R.torch.save)  # restored after the test
+    # what torch's zip writer raises when the disk fills
+    real = _fills_the_disk(R.torch, "save", RuntimeError(
+        "[enforce fail at inline_container.cc:664] . unexpected pos 64 vs 0"))
+    run, args = _run_into_a_full_disk(tmp_path, micro_pair, capsys)
+    R.torch.save = real
     assert main([*args, "--resume"]) == 0
     assert _strict_json(run / "result.json")["steps"] == 3
+
+
+def test_a_full_disk_inside_safetensors_is_one_line(tmp_path, micro_pair, monkeypatch, capsys):
+    """safetensors raises its own error type (not an OSError) when the disk fills while the
+    weights are written; it gets the same one line, and the previous checkpoint stays."""
+    import transformers.modeling_utils as M
+    from safetensors import SafetensorError
+
+    monkeypatch.setattr(M, "safe_save_file", M.safe_save_file)  # restored after the test
+    _fills_the_disk(M, "safe_save_file", SafetensorError(
+        'Error while serializing: IoError(Os { code: 28, kind: StorageFull, message: "No space '
+        'left on device" })'))
+    run, _ = _run_into_a_full_disk(tmp_path, micro_pair, capsys)
+    lines = (run / "metrics.jsonl").read_text().splitlines()
+    assert any('"step": 2' in x for x in lines)  # the metrics written before the failure stay
 
 
 # ---------------------------------------------------------------------------------------------
