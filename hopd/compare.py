@@ -246,9 +246,12 @@ def _run_parallel(todo: list, out: Path, n_plan: int, known: dict, jobs: int,
                     stopped.append((_label(name, seed, lr), int(result["signal"])))
                     continue
                 finished += 1
+                metric = result.get("eval_metric") or "accuracy"
+                value = result.get(f"final_eval_{metric}")
+                shown = f"{value:.4g}" if isinstance(value, float) else value
                 print(f"compare: {finished}/{len(todo)} done after "
                       f"{time.perf_counter() - t0:.0f}s: {_label(name, seed, lr)}, final "
-                      f"accuracy {result.get('final_eval_accuracy')}", flush=True)
+                      f"{metric} {shown}", flush=True)
     if failure is not None:
         raise failure
     if stopped and not flag.stop:
