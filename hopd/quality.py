@@ -203,24 +203,31 @@ class GuardReading:
     now: dict[str, float]  # this evaluation's
 
 
+def degenerated(base: dict[str, float], now: dict[str, float]) -> str | None:
+    """How greedy answers degenerated against a reference's (the teacher's), else None:
+    distinct-2 at most half the reference's, half the answers mostly one repeated token (when
+    the reference's are not: a teacher may repeat too), or answers under a quarter of the
+    reference's length (the student stops at once)."""
+    d0, d1 = base.get("distinct_2", math.nan), now.get("distinct_2", math.nan)
+    halved = math.isfinite(d0) and math.isfinite(d1) and d1 <= 0.5 * d0
+    mostly = now.get("mostly_one_token", 0.0)
+    repeats = mostly >= 0.5 and base.get("mostly_one_token", 0.0) < 0.5
+    n0, n1 = base.get("mean_length", math.nan), now.get("mean_length", math.nan)
+    emptied = math.isfinite(n0) and math.isfinite(n1) and n1 < 0.25 * n0
+    if not (halved or repeats or emptied):
+        return None
+    return (f"distinct-2 {d1:.2f} against the {base.get('of', 'reference')}'s {d0:.2f}; mean "
+            f"length {n1:.0f} against {n0:.0f} tokens; {mostly:.0%} of answers mostly one "
+            "repeated token")
+
+
 def collapse_check(g: GuardReading) -> str | None:
     """A one-line warning when the loss fell while the greedy answers collapsed, else None."""
     fell = math.isfinite(g.first_loss) and math.isfinite(g.recent_loss) and \
         g.first_loss - g.recent_loss > 0.1 * abs(g.first_loss)  # (a sampled KL can be < 0)
-    if not fell:
+    how = degenerated(g.base, g.now) if fell else None
+    if how is None:
         return None
-    d0, d1 = g.base.get("distinct_2", math.nan), g.now.get("distinct_2", math.nan)
-    halved = math.isfinite(d0) and math.isfinite(d1) and d1 <= 0.5 * d0
-    mostly = g.now.get("mostly_one_token", 0.0)
-    # answers mostly one token count when the reference's are not (a teacher may repeat too)
-    repeats = mostly >= 0.5 and g.base.get("mostly_one_token", 0.0) < 0.5
-    n0, n1 = g.base.get("mean_length", math.nan), g.now.get("mean_length", math.nan)
-    emptied = math.isfinite(n0) and math.isfinite(n1) and n1 < 0.25 * n0  # stops at once
-    if not (halved or repeats or emptied):
-        return None
-    who = g.base.get("of", "reference")
     return (f"collapse: the loss fell {g.first_loss:.3g} -> {g.recent_loss:.3g} while the greedy "
-            f"answers degenerated (distinct-2 {d1:.2f} against the {who}'s {d0:.2f}; mean "
-            f"length {n1:.0f} against {n0:.0f} tokens; {mostly:.0%} of answers "
-            f"mostly one repeated token). Look at the answers; warm-start the student first "
+            f"answers degenerated ({how}). Look at the answers; warm-start the student first "
             f"(loss.kind=sft or fkl) or lower optim.lr; collapse_stop=true stops here")

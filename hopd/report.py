@@ -27,7 +27,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import yaml  # noqa: E402
 
-from hopd.progress import read_metrics  # noqa: E402
+from hopd.progress import read_metrics
 from hopd.runstate import write_json  # noqa: E402
 
 TARGET_FRACTION = 0.95  # target = 95% of full OPD's final accuracy (for a KL or NLL metric:
@@ -80,6 +80,21 @@ class Run:
     def val_accuracy(self) -> float | None:
         """The final accuracy on the `val` half (what a learning rate is chosen on), if run."""
         return self.value(self.val[-1], "val") if self.val else None
+
+    @property
+    def val_degenerate(self) -> str | None:
+        """How the run's final `val` answers degenerated against the teacher's greedy answers
+        (the collapse guard's reference, from its first evaluation), else None. A KL or NLL
+        metric can be gamed by repetition the teacher finds likely, so a learning rate whose
+        answers degenerated is not chosen, whatever its value."""
+        ref = next((e["guard_reference"] for e in self.evals if e.get("guard_reference")), None)
+        if not self.val or ref is None or ref.get("of") != "teacher":
+            return None
+        from hopd.quality import degenerated  # torch: only for runs that have the reference
+
+        v = self.val[-1]
+        return degenerated(ref, {k: v[f"val_{k}"] for k in ("distinct_2", "mostly_one_token",
+                                                             "mean_length") if f"val_{k}" in v})
 
     @property
     def final_accuracy(self) -> float:
@@ -192,7 +207,7 @@ def choose_rates(groups: dict[str, list[Run]]) -> tuple[dict[str, list[Run]], li
     chosen fairly: every (strategy, rate) then stays its own group, named `strategy@lr`."""
     if all(len({r.lr for r in runs}) < 2 for runs in groups.values()):
         return groups, []
-    header = ["strategy", "lr", "seeds", "val", "test", "chosen"]
+    header = ["strategy", "lr", "seeds", "val", "test", "chosen", "val answers"]
     table, chosen = [header], {}
     for name, runs in groups.items():
         by_lr: dict[float | None, list[Run]] = {}
@@ -201,12 +216,16 @@ def choose_rates(groups: dict[str, list[Run]]) -> tuple[dict[str, list[Run]], li
         val = {lr: _mean([r.val_accuracy for r in rs]) for lr, rs in by_lr.items()}
         fair = all(v is not None for v in val.values())
         sign = -1 if runs[0].metric in LOWER_IS_BETTER else 1
-        best = max(by_lr, key=lambda lr: (sign * val[lr], -(lr or 0))) if fair else None
+        bad = {lr: next((r.val_degenerate for r in rs if r.val_degenerate), None)
+               for lr, rs in by_lr.items()}
+        eligible = [lr for lr in by_lr if not bad[lr]] or list(by_lr)  # all bad: as before
+        best = max(eligible, key=lambda lr: (sign * val[lr], -(lr or 0))) if fair else None
         for lr, rs in sorted(by_lr.items(), key=lambda kv: kv[0] or 0):
             table.append([name, f"{lr:g}" if lr is not None else "?", str(len(rs)),
                           _val({"metric": rs[0].metric}, val[lr]),
                           _val({"metric": rs[0].metric}, _mean([r.final_accuracy for r in rs])),
-                          "yes" if lr == best else ""])
+                          "yes" if lr == best else "",
+                          f"degenerate: {bad[lr]}" if bad[lr] else ""])
             if best is None:
                 chosen[f"{name}@{lr:g}" if lr is not None else name] = rs
         if best is not None:
@@ -781,8 +800,11 @@ def write_report(paths: list[Path], out: Path) -> dict[str, Any]:
         markdown_table(table_rows(summary)), "",
         *(["## Learning rates", "",
             "Every strategy ran at every rate; each one is reported at the rate with the best "
-            "final accuracy on the `val` half of the held-out prompts, and every accuracy above "
-            "is on the disjoint `test` half.", "", markdown_table(grid), ""] if grid else []),
+            "final value on the `val` half of the held-out prompts, and every value above "
+            "is on the disjoint `test` half. A rate whose val answers degenerated against the "
+            "teacher's (distinct-2 at most half, half the answers one repeated token, or under "
+            "a quarter of the length) is not chosen: repetition the teacher finds likely can "
+            "lower a KL.", "", markdown_table(grid), ""] if grid else []),
         "## Verdicts on the paper's claims", "",
         *[f"- {v}" for v in verdicts(summary)], "",
         "These verdicts are computed from the numbers above each time the report is made. "

@@ -251,3 +251,38 @@ def test_probe_lines_that_coincide_are_one_line_naming_every_cut():
     assert [label for label, _, _ in lines] == ["cuts at 0%, 10% of L (identical)",
                                                 "cut at 50% of L"]
     assert lines[1][1:] == ([0, 10], [0.5, 0.75])
+
+
+def test_a_rate_whose_val_answers_degenerated_is_not_chosen(tmp_path):
+    """A KL can be lowered by repetition the teacher finds likely: the rate with the lowest val
+    KL is passed over when its val answers degenerated against the teacher's."""
+    import yaml
+
+    from hopd.report import choose_rates
+
+    ref = {"of": "teacher", "distinct_2": 0.56, "mostly_one_token": 0.0, "mean_length": 60.0}
+
+    def run(lr, val_kl, d2, length):
+        root = tmp_path / f"lr{lr}" / "opd" / "seed0"
+        root.mkdir(parents=True)
+        (root / "strategy.json").write_text(json.dumps({"strategy": "opd", "seed": 0}))
+        (root / "config.yaml").write_text(yaml.safe_dump({"optim": {"lr": lr}, "eval_n": 8,
+                                                          "eval_metric": "rkl"}))
+        lines = [{"step": 0, "eval_accuracy": None, "eval_metric": "rkl", "eval_rkl": 1.0,
+                  "guard_reference": ref, "train_time_s": 0.0, "sampled_tokens": 0},
+                 {"step": 1, "horizon": 8, "loss": 0.5, "step_time_s": 1.0, "sampled_tokens": 8,
+                  "train_time_s": 1.0},
+                 {"step": 1, "eval_accuracy": None, "eval_metric": "rkl", "eval_rkl": val_kl,
+                  "train_time_s": 1.0, "sampled_tokens": 8},
+                 {"step": 1, "val_accuracy": None, "val_rkl": val_kl, "val_distinct_2": d2,
+                  "val_mostly_one_token": 0.0, "val_mean_length": length}]
+        (root / "metrics.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines))
+
+    run(1e-4, 0.69, 0.49, 48)
+    run(3e-4, 0.66, 0.32, 66)
+    run(1e-3, 0.65, 0.10, 128)  # the lowest KL, answers that loop to the budget
+    chosen, table = choose_rates(group(find_runs([tmp_path])))
+    assert chosen["opd"][0].lr == 3e-4
+    rows = {r[1]: r for r in table[1:]}
+    assert rows["0.001"][5] == "" and rows["0.001"][6].startswith("degenerate: distinct-2 0.10")
+    assert rows["0.0003"][5] == "yes" and rows["0.0003"][6] == ""
