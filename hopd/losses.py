@@ -15,7 +15,11 @@ weights instead, built from step-wide counts for the same reason.
 
 from __future__ import annotations
 
+import os
+from collections.abc import Callable
+
 import torch
+from torch.utils.checkpoint import checkpoint
 
 # loss.normalizer: how the per-token terms of one optimizer step are weighted. Under AdamW the
 # choice barely changes the size of an update (Adam divides by the gradient's running scale), so
@@ -188,3 +192,57 @@ def sft_loss(learner_logp_B_R: torch.Tensor, weight_B_R: torch.Tensor) -> torch.
 def entropy(logp_B_R_V: torch.Tensor) -> torch.Tensor:
     p = logp_B_R_V.exp()
     return -torch.where(p > 0, p * logp_B_R_V, torch.zeros_like(p)).sum(-1)
+
+
+# Logits elements one chunk of positions may hold (128 MiB in float32): the full-vocabulary
+# losses never hold a [B, R, V] tensor (nor its gradient) past this, whatever B, R and V are.
+# HOPD_CHUNK_ELEMENTS sets it (smaller: less memory, more head passes; tests make it tiny).
+CHUNK_ELEMENTS = int(os.environ.get("HOPD_CHUNK_ELEMENTS", 2 ** 25))
+
+
+def positions_per_chunk(rows: int, vocab: int) -> int:
+    """Positions per chunk so that `rows` x positions x `vocab` <= CHUNK_ELEMENTS."""
+    return max(1, CHUNK_ELEMENTS // max(1, rows * vocab))
+
+
+def chunked_distribution_loss(hidden_B_R_D: torch.Tensor, head: Callable[[torch.Tensor],
+                              torch.Tensor], teacher: dict, mask_B_R: torch.Tensor,
+                              num_tokens: int | float, kind: str, beta: float = 0.5,
+                              weight_B_R: torch.Tensor | None = None, vocab: int | None = None,
+                              chunk: int = 0) -> torch.Tensor:
+    """`distribution_loss` from the student's last hidden states, a chunk of positions at a
+    time, each chunk under `torch.utils.checkpoint`: its logits (`head`), log-softmax and
+    divergence exist only while that chunk is computed, forward and again in backward, so
+    peak memory holds one chunk's [B, c, V] tensors instead of the whole [B, R, V] and its
+    gradient. The sum over chunks equals the unchunked loss (the same per-position terms).
+
+    `teacher` holds either the teacher's top-k (`topk_logp_B_R_K`, `topk_ids_B_R_K`), its full
+    log-probs (`logp_B_R_V`), or its own last hidden states and head (`hidden_B_R_D`, `head`),
+    whose log-probs are then computed per chunk too, without gradient.
+    """
+    R = mask_B_R.size(1)
+    chunk = chunk or positions_per_chunk(mask_B_R.size(0), vocab or head.weight.size(0))
+    keys = [k for k, v in teacher.items() if isinstance(v, torch.Tensor)]
+    t_head = teacher.get("head")
+
+    def part(sl: slice, h: torch.Tensor, *t_vals: torch.Tensor) -> torch.Tensor:
+        logits = head(h)[..., :vocab] if vocab else head(h)
+        t = dict(zip(keys, t_vals))
+        if t_head is not None:  # the teacher's log-probs of this chunk, on its own device
+            with torch.no_grad():
+                th = t.pop("hidden_B_R_D")
+                t_logits = t_head(th.to(t_head.weight.device))
+                t_logits = t_logits[..., :vocab] if vocab else t_logits
+                # float32, as `teacher.score` returns full log-probs
+                t["logp_B_R_V"] = t_logits.float().log_softmax(-1).to(logits.device)
+        w = weight_B_R[:, sl] if weight_B_R is not None else None
+        return distribution_loss(logits, t, mask_B_R[:, sl], num_tokens, kind, beta,
+                                 weight_B_R=w)
+
+    total = hidden_B_R_D.new_zeros((), dtype=torch.float64 if hidden_B_R_D.dtype ==
+                                   torch.float64 else torch.float32)
+    for lo in range(0, R, chunk):
+        sl = slice(lo, min(R, lo + chunk))
+        args = [hidden_B_R_D[:, sl], *(teacher[k][:, sl] for k in keys)]
+        total = total + checkpoint(part, sl, *args, use_reentrant=False)
+    return total

@@ -8,6 +8,8 @@ works unchanged on a local checkpoint pair.
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -262,6 +264,37 @@ def matched_teacher(name: str, student_tok: PreTrainedTokenizerBase, student_voc
     vocab = conf.get("vocab_size", len(tok))
     check_compatible(tok, student_tok, vocab, student_vocab)
     return path, tok, conf, min(vocab, student_vocab)
+
+
+def chunkable(model: torch.nn.Module) -> bool:
+    """Whether the model's logits can be computed per chunk of positions from its last hidden
+    states: a plain linear output head (no logit soft-capping after it, as Gemma 2 has) and
+    whole, not sharded, weights (FSDP shards the head outside its forward)."""
+    base = _base(model)
+    head = base.get_output_embeddings() if hasattr(base, "get_output_embeddings") else None
+    conf = getattr(base, "config", None)
+    return (type(head) is torch.nn.Linear and not hasattr(head.weight, "to_local")
+            and not getattr(conf, "final_logit_softcapping", None))
+
+
+def _base(model: torch.nn.Module) -> torch.nn.Module:
+    """The transformers model inside a DDP or PEFT wrapper."""
+    model = getattr(model, "module", model)  # DDP
+    return model.get_base_model() if hasattr(model, "get_base_model") else model  # PEFT
+
+
+@contextmanager
+def hidden_states_out(model: torch.nn.Module) -> Iterator[torch.nn.Module]:
+    """Within the block the model's forward returns its last hidden states (after the final
+    norm) where it returned logits: its output head is swapped for an identity and handed out,
+    to be applied per chunk of positions. The head is put back however the block ends."""
+    base = _base(model)
+    head = base.get_output_embeddings()
+    base.set_output_embeddings(torch.nn.Identity())
+    try:
+        yield head
+    finally:
+        base.set_output_embeddings(head)
 
 
 def positions_from_mask(attn_B_T: torch.Tensor) -> torch.Tensor:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass
 
 import torch
@@ -16,8 +17,16 @@ from transformers import PreTrainedModel
 from hopd.diagnostics import count_saved_bytes
 from hopd.dist import Dist
 from hopd.distill_config import DistillConfig, LossConfig, SamplingConfig
-from hopd.losses import distribution_loss, sampled_rkl, sft_loss, token_logprobs, token_weights
-from hopd.models import response_logits
+from hopd.losses import (
+    chunked_distribution_loss,
+    distribution_loss,
+    positions_per_chunk,
+    sampled_rkl,
+    sft_loss,
+    token_logprobs,
+    token_weights,
+)
+from hopd.models import chunkable, hidden_states_out, response_logits
 from hopd.rollout import Rollout, Sampler, filter_logits
 from hopd.teacher import LocalTeacher, Teacher, TeacherScores
 
@@ -49,6 +58,15 @@ def teacher_needs(loss: LossConfig) -> str:
     return "topk" if loss.top_k else "full"
 
 
+def chunked(student: torch.nn.Module, rollout: Rollout, vocab: int, grad_accum: int) -> bool:
+    """Whether the full-vocabulary loss runs in chunks of positions: when one micro-batch's
+    [B, R, V] logits hold more than CHUNK_ELEMENTS and the student's head can be applied per
+    chunk (`models.chunkable`); small steps keep the direct path."""
+    rows = math.ceil(rollout.ids_B_T.size(0) / grad_accum)
+    return (positions_per_chunk(rows, vocab) < rollout.response_ids_B_R.size(1)
+            and chunkable(student))
+
+
 def opd_step(student: PreTrainedModel, teacher: Teacher | PreTrainedModel,
              opt: torch.optim.Optimizer, prompts: list[list[int]], H: int, cfg: DistillConfig,
              *, sampler: Sampler, vocab: int, teacher_prompts: list[list[int]] | None = None,
@@ -75,8 +93,11 @@ def opd_step(student: PreTrainedModel, teacher: Teacher | PreTrainedModel,
     else:
         if isinstance(teacher, torch.nn.Module):  # a bare model (benchmarks call it so)
             teacher = LocalTeacher(teacher, vocab)
-        scores = teacher.score(rollout, teacher_needs(cfg.loss), cfg.loss.top_k,
-                               prompts=teacher_prompts)
+        need = teacher_needs(cfg.loss)
+        if need == "full" and chunked(learner or student, rollout, vocab, cfg.grad_accum) and \
+                isinstance(teacher, LocalTeacher) and chunkable(teacher.model):
+            need = "hidden"  # the teacher's log-probs too, a chunk at a time in the loss
+        scores = teacher.score(rollout, need, cfg.loss.top_k, prompts=teacher_prompts)
     t2 = time.perf_counter()
     # 3. learn: per-token loss, backward over micro-batches, clip, AdamW
     opt.zero_grad(set_to_none=True)
@@ -131,14 +152,18 @@ def learn(student: PreTrainedModel, rollout: Rollout, teacher: TeacherScores, lo
     total, stats, act_bytes = 0.0, {"rho_mean": 0.0, "rho_max": 0.0}, 0
     kind = loss_cfg.kind
     teacher_in = None if kind in ("sampled_rkl", "sft") else teacher.as_loss_input()
+    # full-vocabulary losses on long or wide steps: logits a chunk of positions at a time
+    chunk = teacher_in is not None and (teacher.hidden_B_R_D is not None
+                                        or chunked(student, rollout, vocab, grad_accum))
     for lo in range(0, B, mb):
         rows = slice(lo, lo + mb)
         mask = rollout.response_mask_B_R[rows]
         weight = None if loss_cfg.normalizer == "token_mean" and kind != "sft" else \
             token_weights(mask, loss_cfg.normalizer, n_tokens, n_seqs, budget or mask.size(1))
-        with dist.no_sync(student, skip=lo + mb < B), count_saved_bytes() as saved:
+        with dist.no_sync(student, skip=lo + mb < B), count_saved_bytes() as saved, \
+                (hidden_states_out(student) if chunk else nullcontext()) as head:
             logits = response_logits(student, rollout.ids_B_T[rows], rollout.attn_B_T[rows],
-                                     rollout.prompt_len, vocab)
+                                     rollout.prompt_len, None if chunk else vocab)
             if kind == "sampled_rkl":
                 learner_logp = token_logprobs(as_sampled(logits, sampling),
                                               rollout.response_ids_B_R[rows])
@@ -151,9 +176,15 @@ def learn(student: PreTrainedModel, rollout: Rollout, teacher: TeacherScores, lo
             elif kind == "sft":
                 loss = sft_loss(token_logprobs(logits, rollout.response_ids_B_R[rows]), weight)
             else:
-                sub = {k: v[rows] for k, v in teacher_in.items()}
-                loss = distribution_loss(logits, sub, mask, n_tokens, kind, loss_cfg.beta,
-                                         weight_B_R=weight)
+                sub = {k: v[rows] if isinstance(v, torch.Tensor) else v
+                       for k, v in teacher_in.items()}
+                if head is not None:  # `logits` are the last hidden states here
+                    loss = chunked_distribution_loss(logits, head, sub, mask, n_tokens, kind,
+                                                     loss_cfg.beta, weight_B_R=weight,
+                                                     vocab=vocab)
+                else:
+                    loss = distribution_loss(logits, sub, mask, n_tokens, kind, loss_cfg.beta,
+                                             weight_B_R=weight)
             (loss * dist.world).backward()
         act_bytes = max(act_bytes, saved.bytes)
         total += loss.item()

@@ -26,8 +26,8 @@ import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from hopd.config import ConfigError
-from hopd.losses import entropy
-from hopd.models import response_logits
+from hopd.losses import entropy, positions_per_chunk
+from hopd.models import hidden_states_out, response_logits
 from hopd.rollout import Rollout, left_pad
 
 TOKEN_ENV = "HOPD_TEACHER_TOKEN"  # a bearer token the client sends (and the server may require)
@@ -61,10 +61,16 @@ class TeacherScores:
     topk_logp_B_R_K: torch.Tensor | None = None  # top-k log-probs (need="topk")
     topk_ids_B_R_K: torch.Tensor | None = None
     entropy_B_R: torch.Tensor | None = None  # teacher entropy per position (diagnostics)
+    # need="hidden": the teacher's last hidden states and output head, from which a chunked
+    # loss computes its log-probs a chunk of positions at a time (never [B, R, V] at once)
+    hidden_B_R_D: torch.Tensor | None = None
+    head: torch.nn.Module | None = None
 
-    def as_loss_input(self) -> dict[str, torch.Tensor]:
+    def as_loss_input(self) -> dict:
         if self.topk_ids_B_R_K is not None:
             return {"topk_logp_B_R_K": self.topk_logp_B_R_K, "topk_ids_B_R_K": self.topk_ids_B_R_K}
+        if self.hidden_B_R_D is not None:
+            return {"hidden_B_R_D": self.hidden_B_R_D, "head": self.head}
         assert self.logp_B_R_V is not None
         return {"logp_B_R_V": self.logp_B_R_V}
 
@@ -78,7 +84,10 @@ class TeacherScores:
 def score(teacher: PreTrainedModel, rollout: Rollout, need: str = "sampled", top_k: int = 0,
           with_entropy: bool = False, vocab: int | None = None,
           prompts: list[list[int]] | None = None) -> TeacherScores:
-    """Teacher log-probs of the rollout's tokens; `need` in {sampled, full, topk}.
+    """Teacher log-probs of the rollout's tokens; `need` in {sampled, full, topk, hidden}.
+    `hidden` (a chunkable teacher; `models.chunkable`) returns the last hidden states and the
+    output head instead of [B, R, V] log-probs, and computes the sampled tokens' log-probs a
+    chunk of positions at a time.
 
     `prompts`, when given, are the teacher's own prompt ids (its system prompt or chat
     template); the same response tokens follow them, so positions stay aligned. Runs on the
@@ -92,6 +101,8 @@ def score(teacher: PreTrainedModel, rollout: Rollout, need: str = "sampled", top
         ids = torch.cat([t_ids, resp], dim=1)
         attn = torch.cat([t_attn, rollout.response_mask_B_R], dim=1)
         P = t_ids.size(1)
+    if need == "hidden":
+        return _hidden_scores(teacher, rollout, ids.to(device), attn.to(device), P, vocab)
     logits = response_logits(teacher, ids.to(device), attn.to(device), P, vocab).float()
     logp_B_R_V = logits.log_softmax(-1)
     ids = rollout.response_ids_B_R.to(device)
@@ -106,6 +117,26 @@ def score(teacher: PreTrainedModel, rollout: Rollout, need: str = "sampled", top
     if with_entropy:
         scores.entropy_B_R = entropy(logp_B_R_V)
     return scores.to(rollout.ids_B_T.device)
+
+
+def _hidden_scores(teacher: PreTrainedModel, rollout: Rollout, ids: torch.Tensor,
+                   attn: torch.Tensor, P: int, vocab: int | None) -> TeacherScores:
+    """need="hidden": the last hidden states and head, and the sampled tokens' log-probs
+    computed per chunk of positions (CHUNK_ELEMENTS logits at a time)."""
+    with hidden_states_out(teacher) as head:
+        h = response_logits(teacher, ids, attn, P)  # (B, R, D): the head is an identity here
+    picked = rollout.response_ids_B_R.to(h.device)
+    chunk = positions_per_chunk(h.size(0), vocab or head.weight.size(0))
+    parts = []
+    for lo in range(0, h.size(1), chunk):
+        logits = head(h[:, lo:lo + chunk]).float()
+        logits = logits[..., :vocab] if vocab else logits
+        parts.append(logits.log_softmax(-1).gather(
+            -1, picked[:, lo:lo + chunk].unsqueeze(-1)).squeeze(-1))
+    scores = TeacherScores(logp_B_R=torch.cat(parts, dim=1), hidden_B_R_D=h)
+    scores = scores.to(rollout.ids_B_T.device)
+    scores.head = head  # stays where the teacher is
+    return scores
 
 
 class Teacher(Protocol):

@@ -173,3 +173,53 @@ def test_token_logprobs_matches_cross_entropy():
     ids = torch.randint(0, V, (B, R))
     ref = -torch.nn.functional.cross_entropy(logits.transpose(1, 2), ids, reduction="none")
     assert torch.allclose(token_logprobs(logits, ids), ref)
+
+
+@pytest.mark.parametrize("kind, teacher_form, normalizer", [
+    ("rkl", "hidden", "token_mean"), ("fkl", "hidden", "seq_mean"), ("jsd", "hidden", "token_mean"),
+    ("rkl", "full", "seq_mean"), ("fkl", "topk", "token_mean"), ("jsd", "topk", "seq_mean")])
+def test_chunked_full_vocabulary_loss_equals_the_direct_one(monkeypatch, kind, teacher_form,
+                                                            normalizer):
+    """float64: the loss and every gradient of a step computed a few positions at a time (the
+    student's head, log-softmax and divergence under checkpoint; the teacher's log-probs from
+    its hidden states per chunk) equal the direct [B, R, V] computation; the chunked path is
+    taken (more than one chunk) and the teacher then never returns [B, R, V] log-probs."""
+    import copy
+
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    import hopd.losses as L
+    from hopd.distill_config import LossConfig
+    from hopd.rollout import sample
+    from hopd.step import chunked, learn
+    from hopd.teacher import LocalTeacher
+
+    torch.manual_seed(0)
+    shape = dict(vocab_size=50, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
+                 num_attention_heads=2, num_key_value_heads=2)
+    student = LlamaForCausalLM(LlamaConfig(**shape, tie_word_embeddings=True)).double()
+    teacher = LlamaForCausalLM(LlamaConfig(**shape, tie_word_embeddings=False)).double().eval()
+    r = sample(student, [[1, 2, 3, 4], [5, 6, 7], [8, 9]], 12, eos_id=7, pad_id=0,
+               generator=torch.Generator().manual_seed(0))
+    assert r.response_mask_B_R.sum() < r.response_mask_B_R.numel()  # some rows end early
+    cfg = LossConfig(kind=kind, normalizer=normalizer, top_k=5 if teacher_form == "topk" else 0)
+    need = {"hidden": "full", "full": "full", "topk": "topk"}[teacher_form]
+
+    def step(chunk_elements: int | None):
+        if chunk_elements:
+            monkeypatch.setattr(L, "CHUNK_ELEMENTS", chunk_elements)
+        m = copy.deepcopy(student)
+        use = "hidden" if chunk_elements and teacher_form == "hidden" else need
+        scores = LocalTeacher(teacher, 50).score(r, use, cfg.top_k)
+        assert chunked(m, r, 50, 1) == bool(chunk_elements)
+        out = learn(m, r, scores, cfg, vocab=50)
+        monkeypatch.undo()
+        return out["loss"], [p.grad for p in m.parameters()], scores
+
+    direct, chunks = step(None), step(3 * 50 * 5)  # 5 positions per chunk: 3 chunks
+    assert direct[0] == pytest.approx(chunks[0], rel=1e-12, abs=1e-15)
+    for a, b in zip(direct[1], chunks[1]):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-13)
+    assert torch.equal(direct[2].logp_B_R, chunks[2].logp_B_R)
+    if teacher_form == "hidden":
+        assert chunks[2].logp_B_R_V is None and chunks[2].hidden_B_R_D is not None

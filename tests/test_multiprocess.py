@@ -48,12 +48,16 @@ def _same_steps(one, two, steps=(1, 2, 3)):
         assert rb["grad_norm"] == pytest.approx(ra["grad_norm"], rel=1e-4, abs=1e-7)
 
 
-@pytest.mark.parametrize("loss", ["sampled_rkl", "fkl"])
+@pytest.mark.parametrize("loss", ["sampled_rkl", "fkl", "fkl-chunked"])
 def test_two_ranks_match_one_process(tmp_path, micro_pair, loss):
+    """fkl-chunked: the two ranks compute the loss a few positions at a time (the swapped-out
+    head under DDP, the teacher's log-probs from its hidden states), the one process directly."""
+    loss, _, chunked = loss.partition("-")
     one = tmp_path / "one"
     assert main(_args(one, micro_pair, [f"loss.kind={loss}"])) == 0
     two = tmp_path / "two"
-    _torchrun(two, micro_pair, [f"loss.kind={loss}", "grad_accum=2"])
+    _torchrun(two, micro_pair, [f"loss.kind={loss}", "grad_accum=2"],
+              env={"HOPD_CHUNK_ELEMENTS": "200"} if chunked else {})
     _same_steps(one, two)
     if loss == "sampled_rkl":  # resume from step 2's checkpoint: step 3 comes out the same
         shutil.rmtree(two / "checkpoints" / "step_0000003")
