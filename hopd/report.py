@@ -88,8 +88,9 @@ class Run:
         metric can be gamed by repetition the teacher finds likely, so a learning rate whose
         answers degenerated is not chosen, whatever its value."""
         ref = next((e["guard_reference"] for e in self.evals if e.get("guard_reference")), None)
-        if not self.val or ref is None or ref.get("of") != "teacher":
-            return None
+        if (self.metric not in LOWER_IS_BETTER or not self.val or ref is None
+                or ref.get("of") != "teacher"):
+            return None  # an accuracy checks the answers themselves: repetition cannot game it
         from hopd.quality import degenerated  # torch: only for runs that have the reference
 
         v = self.val[-1]

@@ -286,3 +286,11 @@ def test_a_rate_whose_val_answers_degenerated_is_not_chosen(tmp_path):
     rows = {r[1]: r for r in table[1:]}
     assert rows["0.001"][5] == "" and rows["0.001"][6].startswith("degenerate: distinct-2 0.10")
     assert rows["0.0003"][5] == "yes" and rows["0.0003"][6] == ""
+    # an accuracy is not gamed by repetition: there the best val value is chosen as before
+    for cfg in tmp_path.glob("lr*/opd/seed0/config.yaml"):
+        cfg.write_text(cfg.read_text().replace("eval_metric: rkl", "eval_metric: accuracy"))
+    for m in tmp_path.glob("lr*/opd/seed0/metrics.jsonl"):
+        m.write_text(m.read_text().replace('"eval_metric": "rkl"', '"eval_metric": "accuracy"')
+                     .replace('"val_accuracy": null', '"val_accuracy": 0.5'))
+    _, table = choose_rates(group(find_runs([tmp_path])))
+    assert all(r[6] == "" for r in table[1:])
