@@ -23,7 +23,8 @@ def _ms(xs: list[float], fmt: str) -> str:
 
 
 def main(seeds: Path, grid: Path | None) -> None:
-    groups, _ = choose_rates(group(find_runs([seeds])))
+    runs = [r for r in find_runs([seeds]) if r.evals]  # runs still starting have none
+    groups, _ = choose_rates(group(runs))
     s = summarize(groups)
     metric = s["metric"]
     pct = metric not in LOWER_IS_BETTER

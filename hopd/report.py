@@ -337,6 +337,11 @@ def opd_gain_is_noise(summary: dict[str, Any]) -> str | None:
     gain = opd["final_accuracy"] - opd["initial_accuracy"]
     if summary.get("metric") in LOWER_IS_BETTER:
         gain = -gain
+    if gain < -noise:  # worse by more than the noise: say so, not "within the noise"
+        return (f"OPD itself got worse, from {_val(summary, opd['initial_accuracy'])} to "
+                f"{_val(summary, opd['final_accuracy'])} (evaluation noise +-"
+                f"{_val(summary, noise)} on {n} prompts), so there is no gain to reach sooner "
+                "or to match; lower the learning rate, or run longer with more prompts per step.")
     if gain < noise:
         return (f"OPD itself moved from {_val(summary, opd['initial_accuracy'])} to "
                 f"{_val(summary, opd['final_accuracy'])}, within the evaluation noise "
@@ -741,6 +746,10 @@ def _noise_note(runs: list[Run], summary: dict[str, Any]) -> str:
     seeds = max((row["seeds"] for row in summary["rows"].values()), default=1)
     two_se = f"two standard errors are up to {200 * (0.25 / n) ** 0.5:.1f} points on {n} " \
         "prompts per evaluation" if n else "the evaluation size is unknown"
+    if summary.get("metric", "accuracy") != "accuracy":  # the measured standard error
+        se = summary.get("noise_se")
+        two_se = (f"two standard errors of OPD's first evaluation are {2 * se:.3f} on {n} "
+                  "prompts" if se is not None else "the evaluation's standard error is unknown")
     who = "one seed" if seeds == 1 else f"{seeds} seeds (mean +- sd across them)"
     return f"With {who}, {two_se}: differences smaller than that are noise."
 

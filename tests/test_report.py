@@ -152,6 +152,8 @@ def test_verdicts_are_inconclusive_when_opd_gain_is_noise(tmp_path):
     assert "sooner**: supported" in make(tmp_path / "a", [0.1, 0.3, 0.5, 0.8], 200)[0]
     v = make(tmp_path / "b", [0.1, 0.12, 0.15, 0.14], 100)  # +4 points on 100 prompts
     assert len(v) == 1 and "inconclusive" in v[0] and "100 prompts" in v[0]
+    v = make(tmp_path / "c", [0.5, 0.4, 0.3, 0.2], 200)  # OPD loses 30 points: not "noise"
+    assert len(v) == 1 and "got worse, from 50.0% to 20.0%" in v[0] and "within" not in v[0]
 
 
 def test_learning_rate_is_chosen_on_val_and_reported_on_test(tmp_path):
