@@ -9,6 +9,7 @@ Setup lives in `hopd.context`, the step in `hopd.step`.
 
 from __future__ import annotations
 
+import math
 import os
 import sys
 import time
@@ -234,6 +235,7 @@ def train(ctx: RunContext, bar: Bar) -> tuple[int, int]:
                     f"collapse_stop: {ctx.collapse}; the run state is saved in "
                     f"{latest_checkpoint(ctx.run)}")
             dist.barrier()
+            bar.set_total(estimated_steps(step - ctx.start, step, ctx.totals, cfg))
             bar.update(1, H=batch.H, loss=st.loss, rkl=st.sampled_rkl, acc=ctx.acc)
             if bad_in_row >= cfg.max_bad_steps:
                 raise TrainingStopped(
@@ -244,6 +246,19 @@ def train(ctx: RunContext, bar: Bar) -> tuple[int, int]:
                 stopped_by = stop_now
                 break
     return step, stopped_by
+
+
+def estimated_steps(done_here: int, step: int, totals: dict[str, float],
+                    cfg: DistillConfig) -> int:
+    """The steps the run will take in all: max_steps, or sooner where a token or time budget
+    runs out first, estimated from what this process's steps spent so far."""
+    est = cfg.max_steps
+    if done_here > 0:
+        for spent, budget in ((totals["sampled_tokens"], cfg.max_tokens),
+                              (totals["train_time_s"], cfg.max_time_s)):
+            if budget > 0 and spent > 0:
+                est = min(est, step + math.ceil(max(budget - spent, 0) * step / spent))
+    return est
 
 
 def due(every: int, step: int) -> bool:

@@ -68,6 +68,12 @@ class Bar:
             print(f"{self.desc} {self.done}/{self.total} [{now:.0f}s, {rate:.2f} it/s, "
                   f"ETA {eta:.0f}s] {info}", file=sys.stderr, flush=True)
 
+    def set_total(self, total: int) -> None:
+        """A new estimate of the steps in all (a token or time budget: known only as it goes)."""
+        self.total = max(total, self.done)
+        if self.progress is not None:
+            self.progress.update(self.task, total=self.total)
+
     def note(self, label: str) -> None:
         """What is running between two updates (an evaluation, a save), shown on the bar (or
         printed once without a terminal), so a long pause never looks like a hang."""

@@ -416,3 +416,17 @@ def test_the_demo_calibration_measures_this_machine(tmp_path, monkeypatch):
     step_s, eval_s = demo.calibrate([*demo.QUICK, "device=cpu", "student=testbed:student",
                                      "eval_n=8", "batch_size=4"])
     assert 0 < step_s < 60 and 0 < eval_s < 60
+
+
+def test_a_token_budget_bar_counts_the_steps_it_will_take():
+    """`--tokens 100000` used to show 1/100000 with an ETA of weeks: the bar's total is the
+    estimate from the tokens each step spent so far (and max_steps when that comes first)."""
+    from hopd.distill import estimated_steps
+    from hopd.distill_config import DistillConfig
+
+    cfg = DistillConfig(max_steps=100_000, max_tokens=100_000)
+    assert estimated_steps(1, 1, {"sampled_tokens": 5_000, "train_time_s": 1.0}, cfg) == 20
+    assert estimated_steps(4, 4, {"sampled_tokens": 40_000, "train_time_s": 4.0}, cfg) == 10
+    timed = DistillConfig(max_steps=30, max_time_s=600.0)
+    assert estimated_steps(2, 2, {"sampled_tokens": 10, "train_time_s": 10.0}, timed) == 30
+    assert estimated_steps(0, 0, {"sampled_tokens": 0, "train_time_s": 0.0}, cfg) == 100_000
