@@ -13,7 +13,7 @@
 #     stage 2 (report): each strategy at its chosen rate, seeds 0, 1 and 2, 500 test problems at
 #       steps 0, 15, 30, 45 and 60 (two standard errors <= 4.5 points).
 #   real (SmolLM2-135M-Instruct teacher; its 24-of-30-layer prune, warm-started by the README's
-#   recipe, as the student; the shipped chat prompts, whose 886 train / 57 val / 57 test prompts
+#   recipe, as the student; the shipped chat prompts, whose 886 train / 49 val / 65 test prompts
 #   are disjoint; L = 128 tokens; metric: held-out reverse KL at the full budget, lower is better):
 #     stage 1 (choose): strategies x rates {1e-4, 3e-4, 1e-3}, seed 0, 12 steps x 4 prompts; each
 #       run ends with the reverse KL on 24 val prompts (the rate is chosen on these) and is
