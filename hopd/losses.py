@@ -206,6 +206,16 @@ def positions_per_chunk(rows: int, vocab: int) -> int:
     return max(1, CHUNK_ELEMENTS // max(1, rows * vocab))
 
 
+def head_logprobs(head: torch.nn.Module, hidden: torch.Tensor, vocab: int | None
+                  ) -> torch.Tensor:
+    """float32 log-probs from last hidden states through an output head (on the head's
+    device), cut to `vocab`: how a teacher's chunk of log-probs is made, as `teacher.score`
+    makes its full ones."""
+    logits = head(hidden.to(head.weight.device))
+    logits = logits[..., :vocab] if vocab else logits
+    return logits.float().log_softmax(-1)
+
+
 def chunked_distribution_loss(hidden_B_R_D: torch.Tensor, head: Callable[[torch.Tensor],
                               torch.Tensor], teacher: dict, mask_B_R: torch.Tensor,
                               num_tokens: int | float, kind: str, beta: float = 0.5,
@@ -232,10 +242,7 @@ def chunked_distribution_loss(hidden_B_R_D: torch.Tensor, head: Callable[[torch.
         if t_head is not None:  # the teacher's log-probs of this chunk, on its own device
             with torch.no_grad():
                 th = t.pop("hidden_B_R_D")
-                t_logits = t_head(th.to(t_head.weight.device))
-                t_logits = t_logits[..., :vocab] if vocab else t_logits
-                # float32, as `teacher.score` returns full log-probs
-                t["logp_B_R_V"] = t_logits.float().log_softmax(-1).to(logits.device)
+                t["logp_B_R_V"] = head_logprobs(t_head, th, vocab).to(logits.device)
         w = weight_B_R[:, sl] if weight_B_R is not None else None
         return distribution_loss(logits, t, mask_B_R[:, sl], num_tokens, kind, beta,
                                  weight_B_R=w)

@@ -26,7 +26,7 @@ import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from hopd.config import ConfigError
-from hopd.losses import entropy, positions_per_chunk
+from hopd.losses import entropy, head_logprobs, positions_per_chunk
 from hopd.models import hidden_states_out, response_logits
 from hopd.rollout import Rollout, left_pad
 
@@ -129,10 +129,8 @@ def _hidden_scores(teacher: PreTrainedModel, rollout: Rollout, ids: torch.Tensor
     chunk = positions_per_chunk(h.size(0), vocab or head.weight.size(0))
     parts = []
     for lo in range(0, h.size(1), chunk):
-        logits = head(h[:, lo:lo + chunk]).float()
-        logits = logits[..., :vocab] if vocab else logits
-        parts.append(logits.log_softmax(-1).gather(
-            -1, picked[:, lo:lo + chunk].unsqueeze(-1)).squeeze(-1))
+        logp = head_logprobs(head, h[:, lo:lo + chunk], vocab)
+        parts.append(logp.gather(-1, picked[:, lo:lo + chunk].unsqueeze(-1)).squeeze(-1))
     scores = TeacherScores(logp_B_R=torch.cat(parts, dim=1), hidden_B_R_D=h)
     scores = scores.to(rollout.ids_B_T.device)
     scores.head = head  # stays where the teacher is
