@@ -7,18 +7,27 @@ own run folder `OUT/<strategy>/seed<k>`, and `hopd report` turns them into plots
 from __future__ import annotations
 
 import contextlib
+import json
 import multiprocessing
 import os
 import signal
 import sys
 import time
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
 from typing import Any
 
 from hopd import config as C
 from hopd.distill import TrainingStopped, check_inputs, distill, load_config
-from hopd.runstate import StopFlag, check_out, prepare_out, run_finished, write_json
+from hopd.runstate import (
+    StopFlag,
+    check_out,
+    latest_checkpoint,
+    prepare_out,
+    run_finished,
+    write_json,
+)
 
 # name -> overrides on the base config: the paper's three strategies plus TOPD at 25%, then the
 # adaptive horizon and TOPD with token-budget batching (hopd.adaptive)
@@ -177,6 +186,28 @@ def _die_with_parent() -> None:
         os._exit(1)
 
 
+def _dead_worker(broken: list[tuple], n_plan: int, logs: Path) -> str:
+    """What a worker that died abruptly (kill -9, the OOM killer) left: Python's pool stops the
+    other workers too, so every run that was running is named, with what its folder holds (a
+    stopped run saved itself; the killed one keeps only its earlier checkpoints)."""
+    parts = []
+    for i, name, seed, lr, run, _ in sorted(broken):
+        try:
+            result = json.loads((run / "result.json").read_text())
+        except (OSError, ValueError):
+            result = None
+        if isinstance(result, dict) and result.get("stopped_by_signal"):
+            state = f"stopped and saved at step {result.get('steps')}"
+        else:
+            last = latest_checkpoint(run)
+            state = "killed; " + (f"its last checkpoint {last.name} is intact" if last else
+                                  "no checkpoint was written yet")
+        parts.append(f"run {i + 1}/{n_plan} ({_label(name, seed, lr)}): {state}")
+    return ("a worker process died (killed by a signal, or out of memory?), and the pool "
+            "stopped the other runs: " + "; ".join(parts) + f". No report is written; logs "
+            f"are in {logs}. Continue with --resume")
+
+
 def _label(name: str, seed: int, lr: float | None) -> str:
     return f"{name}" + (f", lr {lr:g}" if lr is not None else "") + f", seed {seed}"
 
@@ -209,6 +240,8 @@ def _run_parallel(todo: list, out: Path, n_plan: int, known: dict, jobs: int,
     t0 = time.perf_counter()
     pending, running, finished = list(todo), {}, 0
     stopped: list[tuple[str, int]] = []  # runs that a signal stopped early
+    broken: list[tuple] = []  # runs lost to a worker that died
+    todo_runs = {t[0]: t[5] for t in todo}
     ctx = multiprocessing.get_context("spawn")  # CUDA cannot be forked
     print(f"compare: {len(todo)} runs, {jobs} at a time; logs in {logs}", flush=True)
     with StopFlag() as flag, ProcessPoolExecutor(max_workers=jobs, mp_context=ctx,
@@ -216,7 +249,7 @@ def _run_parallel(todo: list, out: Path, n_plan: int, known: dict, jobs: int,
         forwarded, failure = False, None
         while pending or running:
             while pending and len(running) < jobs and not flag.stop and failure is None \
-                    and not stopped:
+                    and not stopped and not broken:
                 i, name, seed, lr, cfg, run = pending.pop(0)
                 tag = f"{name}_{lr_tag(lr)}" if lr is not None else name
                 log = logs / f"{tag}_seed{seed}.log"
@@ -235,6 +268,10 @@ def _run_parallel(todo: list, out: Path, n_plan: int, known: dict, jobs: int,
                 i, name, seed, lr, log = running.pop(fut)
                 try:
                     result = fut.result()
+                except BrokenProcessPool:  # a worker died (kill -9, out of memory): Python
+                    # stops every worker (SIGTERM: a running run saves and stops)
+                    broken.append((i, name, seed, lr, todo_runs[i], log))
+                    continue
                 except Exception as e:  # start no further run; the running ones finish
                     first = str(e).strip().splitlines()[0] if str(e).strip() else \
                         type(e).__name__  # a dead worker (BrokenProcessPool) says little
@@ -252,6 +289,8 @@ def _run_parallel(todo: list, out: Path, n_plan: int, known: dict, jobs: int,
                 print(f"compare: {finished}/{len(todo)} done after "
                       f"{time.perf_counter() - t0:.0f}s: {_label(name, seed, lr)}, final "
                       f"{metric} {shown}", flush=True)
+    if broken:
+        raise TrainingStopped(_dead_worker(broken, n_plan, logs))
     if failure is not None:
         raise failure
     if stopped and not flag.stop:

@@ -482,6 +482,67 @@ def test_one_stopped_worker_fails_the_compare_and_workers_die_with_their_parent(
     assert not any(_alive(w) for w in workers)
 
 
+@pytest.mark.slow
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
+def test_a_killed_worker_is_one_line_naming_what_each_run_kept(tmp_path, micro_pair):
+    """kill -9 of one worker (what the OOM killer does): Python's pool then stops the other
+    worker too (SIGTERM, so that run saves). The compare exits 3 with one line that names both
+    runs and what each one kept, writes no report, and --resume finishes both."""
+    out = tmp_path / "cmp"
+    cmd = _parallel_compare(out, micro_pair, "0,1")
+    runs = [out / "opd" / f"seed{k}" for k in range(2)]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.time() + 120
+    while time.time() < deadline and not (all(
+            any("loss" in r for r in read_metrics(run / "metrics.jsonl")) for run in runs)
+            and len(_children(proc.pid)) >= 2):
+        time.sleep(0.1)
+    workers = _children(proc.pid)
+    assert len(workers) == 2
+    os.kill(workers[0], signal.SIGKILL)
+    log, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 3 and "Traceback" not in log, log
+    line = next(x for x in log.splitlines() if "a worker process died" in x)
+    assert "run 1/2 (opd, seed 0)" in line and "run 2/2 (opd, seed 1)" in line
+    assert line.count("killed; no checkpoint was written yet") == 1, line
+    assert line.count("stopped and saved at step") == 1, line
+    assert "--resume" in line and not (out / "report.md").exists()
+    for run in runs:  # every metrics line written is whole
+        assert all(json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines())
+    again = [*cmd[3:], "--resume"]
+    again[again.index("--steps") + 1] = "3"
+    assert main(again) == 0 and (out / "report.md").is_file()
+
+
+@pytest.mark.slow
+def test_a_worker_that_fills_the_disk_is_one_line(tmp_path, micro_pair):
+    """A full disk inside a parallel worker (torch's writer fails as it does when the disk
+    fills, through a sitecustomize that every process of the compare imports): exit 3, one line
+    naming the run, its log and what is intact, no traceback, no report, metrics kept."""
+    hook = tmp_path / "hook"
+    hook.mkdir()
+    (hook / "sitecustomize.py").write_text(
+        "import torch\n"
+        "def _full(*a, **k):\n"
+        "    raise RuntimeError('[enforce fail at inline_container.cc:664] . unexpected pos 64"
+        " vs 0')\n"
+        "torch.save = _full\n")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(
+        [str(hook), *filter(None, [os.environ.get("PYTHONPATH")])])}
+    out = tmp_path / "cmp"
+    cmd = _parallel_compare(out, micro_pair, "0,1")
+    cmd[cmd.index("--steps") + 1] = "2"
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 3, proc.stdout + proc.stderr
+    err = proc.stderr
+    assert "Traceback" not in err and len(err.strip().splitlines()) == 1, err
+    assert "failed: no space left" in err and "its output is in" in err and "seed" in err, err
+    assert not (out / "report.md").exists()
+    for k in range(2):
+        lines = (out / "opd" / f"seed{k}" / "metrics.jsonl").read_text().splitlines()
+        assert sum("loss" in json.loads(x) for x in lines) == 2
+
+
 def test_resume_run_alone_continues_with_the_runs_own_config(tmp_path, micro_pair, capsys):
     """`hopd distill --resume RUN`, no config and no overrides: the run's config.yaml is used,
     and the continued run equals one that was never stopped."""
