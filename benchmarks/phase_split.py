@@ -21,6 +21,7 @@ after a warm-up step. Prints one table and one JSON line.
     python benchmarks/phase_split.py                  # the table in BENCHMARKS.md
     python benchmarks/phase_split.py --sizes qwen2-0.5b --batches 8 --horizons 32 --steps 2
     python benchmarks/phase_split.py --sizes tiny --batches 8 --horizons 32 --steps 1
+    python benchmarks/phase_split.py --sizes smollm2 --batches 8 --horizons 64,256   # the real pair
 """
 
 from __future__ import annotations
@@ -45,6 +46,7 @@ from common import (  # noqa: E402
     median,
     print_table,
     random_real_shape,
+    smollm2_pair,
     testbed_models,
     testbed_prompts,
 )
@@ -73,6 +75,8 @@ def llama(layers: int, hidden: int, tok, seed: int) -> LlamaForCausalLM:
 
 
 def models(size: str):
+    if size == "smollm2":  # the real pair: the README recipe's 24-layer prune and its teacher
+        return smollm2_pair("cpu")
     if size == "qwen2-0.5b":  # the real layout with random weights, fp32; the teacher alike
         tok = build_testbed_tokenizer()  # its ids are valid in Qwen's larger vocabulary
         return (random_real_shape("random:qwen2-0.5b", "cpu", torch.float32),
@@ -177,6 +181,15 @@ def hopd_run(student, teacher, tok, prompts, B: int, H: int, steps: int) -> list
     return out[1:]
 
 
+def trl_rows(data: str) -> dict[str, list]:
+    """The same prompts as TRL datasets: chat messages for GKD, prompts for Distillation."""
+    examples = PromptSource(data).train_batch(0, 256, seed=123)
+    return {"messages": [{"messages": [{"role": "user", "content": e.prompt},
+                                       {"role": "assistant", "content": e.response}]}
+                         for e in examples],
+            "prompts": [{"prompt": [{"role": "user", "content": e.prompt}]} for e in examples]}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--sizes", default="testbed,tiny,small")
@@ -196,20 +209,17 @@ def main() -> None:
         return
     warnings.filterwarnings("ignore")
     trainers = args.trainers.split(",")
-    src = PromptSource(args.data)
-    examples = src.train_batch(0, 256, seed=123)
-    rows = {"messages": [{"messages": [{"role": "user", "content": e.prompt},
-                                       {"role": "assistant", "content": e.response}]}
-                         for e in examples],
-            "prompts": [{"prompt": [{"role": "user", "content": e.prompt}]} for e in examples]}
     cells = []
     for size in args.sizes.split(","):
+        data = "chat:prompts" if size == "smollm2" else args.data  # real text for the real pair
+        rows = trl_rows(data)
         for B in [int(b) for b in args.batches.split(",")]:
             for H in [int(h) for h in args.horizons.split(",")]:
                 cell = {"size": size, "batch": B, "H": H}
                 for name in trainers:
                     student, teacher, tok = models(size)  # fresh weights for every trainer
-                    prompts, _ = testbed_prompts(tok, B, args.data)
+                    prompts, _ = testbed_prompts(tok, B, data)
+                    cell["P"] = round(sum(map(len, prompts)) / len(prompts))
                     steps = hopd_run(student, teacher, tok, prompts, B, H, args.steps) \
                         if name == "hopd" else \
                         trl_run(name, student, teacher, tok, rows, B, H, args.steps)
@@ -217,22 +227,23 @@ def main() -> None:
                 print(f"{size} B={B} H={H}: " + ", ".join(
                     f"{n} {cell[n]['step']:.3f}s" for n in trainers), file=sys.stderr, flush=True)
                 cells.append(cell)
-    P = len(testbed_prompts(build_testbed_tokenizer(), 1, args.data)[0][0])
     print(f"\nOPD step split by phase: {machine('cpu')}, commit {commit()}, threads "
           f"{torch.get_num_threads()}")
-    print(f"prompts of {P} tokens, rollouts forced to H, fp32, median of {args.steps} steps after "
+    print(f"prompts of P tokens (mean; {args.data}, chat:prompts for smollm2), rollouts forced "
+          f"to H, fp32, median of {args.steps} steps after "
           "1 warm-up; TRL: gradient checkpointing off, bf16 off (both on by default); sizes: "
           "testbed = the bundled 3x96 student / 4x128 teacher, tiny = 2x128 / 4x256, "
           "small = 4x256 / 8x512 (layers x hidden), qwen2-0.5b = Qwen2-0.5B's layout with "
-          "random weights for both\n")
-    head = ["size", "B", "H", "trainer", "s/step", "generate", "teacher", "learn+other", "optim",
-            "TRL / hopd"]
+          "random weights for both, smollm2 = SmolLM2-135M-Instruct (30 layers) and its "
+          "24-layer prune (the README recipe's pair, real weights)\n")
+    head = ["size", "P", "B", "H", "trainer", "s/step", "generate", "teacher", "learn+other",
+            "optim", "TRL / hopd"]
     table = []
     for c in cells:
         for n in trainers:
             s = c[n]
             ratio = f"{s['step'] / c['hopd']['step']:.2f}x" if "hopd" in c and n != "hopd" else ""
-            table.append([c["size"], c["batch"], c["H"], n, f"{s['step']:.3f}",
+            table.append([c["size"], c["P"], c["batch"], c["H"], n, f"{s['step']:.3f}",
                           *(f"{s[p]:.3f}" for p in ("generate", "teacher", "learn", "optim")),
                           ratio])
     print_table(head, table)
