@@ -11,7 +11,8 @@ import statistics
 import sys
 from pathlib import Path
 
-from hopd.report import LOWER_IS_BETTER, choose_rates, find_runs, group, summarize
+from hopd.report import choose_rates, group, summarize
+from hopd.runs import LOWER_IS_BETTER, find_runs
 
 
 def _ms(xs: list[float], fmt: str) -> str:

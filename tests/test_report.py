@@ -6,7 +6,8 @@ import pytest
 from PIL import Image
 
 from hopd.cli import main
-from hopd.report import find_runs, group, summarize, verdicts, write_report
+from hopd.report import group, summarize, verdicts, write_report
+from hopd.runs import find_runs
 
 
 def _write_run(root, strategy, horizons, accs, step_time, seed=0, flops=0.0, load=None):
@@ -245,7 +246,7 @@ def test_a_topd_gap_within_evaluation_noise_is_inconclusive(tmp_path):
 
 
 def test_probe_lines_that_coincide_are_one_line_naming_every_cut():
-    from hopd.report import probe_lines
+    from hopd.report_plots import probe_lines
 
     rows = [{"step": 0, "probe_teacher_acc_by_cut": {"0": 1.0, "0.1": 1.0, "0.5": 0.5}},
             {"step": 10, "probe_teacher_acc_by_cut": {"0": 1.0, "0.1": 1.0, "0.5": 0.75}}]
