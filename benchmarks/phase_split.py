@@ -164,16 +164,21 @@ def trl_run(kind: str, student, teacher, tok, rows, B: int, H: int, steps: int) 
     return clock.steps[1:]
 
 
-def hopd_run(student, teacher, tok, prompts, B: int, H: int, steps: int) -> list[dict]:
+def hopd_run(student, teacher, tok, prompts, B: int, H: int, steps: int,
+             sampler_dtype: torch.dtype | None = None) -> list[dict]:
+    """hopd's step; with `sampler_dtype` (hopd_bf16: `sampling.dtype=bfloat16`), rollouts come
+    from a bf16 copy of the student, synced after each step (the sync counted in learn+other)."""
     cfg = DistillConfig(batch_size=B, loss=LossConfig(kind="jsd", beta=1.0))
     opt = make_optimizer(list(student.parameters()), OptimConfig(lr=1e-6))  # as hopd distill
     vocab = min(student.config.vocab_size, teacher.config.vocab_size)
-    sampler = HFSampler(student, -1, tok.pad_token_id)  # EOS off: every row H tokens
+    sampler = HFSampler(student, -1, tok.pad_token_id,  # EOS off: every row H tokens
+                        dtype=sampler_dtype)
     out = []
     for i in range(steps + 1):
         t = time.perf_counter()
         _, _, st = opd_step(student, teacher, opt, prompts[:B], H, cfg, sampler=sampler,
                             vocab=vocab, row_seeds=row_seeds(0, i, range(B)))
+        sampler.sync()
         step = time.perf_counter() - t
         out.append({"step": step, "generate": st.sample_time_s, "teacher": st.teacher_time_s,
                     "optim": st.optim_time_s,
@@ -196,7 +201,8 @@ def main() -> None:
     ap.add_argument("--batches", default="8,32")
     ap.add_argument("--horizons", default="32,128")
     ap.add_argument("--steps", type=int, default=2, help="timed steps per trainer and cell")
-    ap.add_argument("--trainers", default="hopd,gkd,distillation")
+    ap.add_argument("--trainers", default="hopd,gkd,distillation",
+                    help="hopd, hopd_bf16 (sampling.dtype=bfloat16), gkd, distillation")
     ap.add_argument("--data", default="chain:default",
                     help="prompts: chain:default (74 tokens), chain:tiny (20), chain:hard (206)")
     args = ap.parse_args()
@@ -220,9 +226,11 @@ def main() -> None:
                     student, teacher, tok = models(size)  # fresh weights for every trainer
                     prompts, _ = testbed_prompts(tok, B, data)
                     cell["P"] = round(sum(map(len, prompts)) / len(prompts))
-                    steps = hopd_run(student, teacher, tok, prompts, B, H, args.steps) \
-                        if name == "hopd" else \
-                        trl_run(name, student, teacher, tok, rows, B, H, args.steps)
+                    if name.startswith("hopd"):
+                        steps = hopd_run(student, teacher, tok, prompts, B, H, args.steps,
+                                         torch.bfloat16 if name == "hopd_bf16" else None)
+                    else:
+                        steps = trl_run(name, student, teacher, tok, rows, B, H, args.steps)
                     cell[name] = {k: median([s[k] for s in steps]) for k in ("step", *PHASES)}
                 print(f"{size} B={B} H={H}: " + ", ".join(
                     f"{n} {cell[n]['step']:.3f}s" for n in trainers), file=sys.stderr, flush=True)
@@ -236,16 +244,17 @@ def main() -> None:
           "small = 4x256 / 8x512 (layers x hidden), qwen2-0.5b = Qwen2-0.5B's layout with "
           "random weights for both, smollm2 = SmolLM2-135M-Instruct (30 layers) and its "
           "24-layer prune (the README recipe's pair, real weights)\n")
+    bases = [n for n in ("hopd", "hopd_bf16") if n in trainers]  # a ratio column for each
     head = ["size", "P", "B", "H", "trainer", "s/step", "generate", "teacher", "learn+other",
-            "optim", "TRL / hopd"]
+            "optim", *(f"/ {b}" for b in bases)]
     table = []
     for c in cells:
         for n in trainers:
             s = c[n]
-            ratio = f"{s['step'] / c['hopd']['step']:.2f}x" if "hopd" in c and n != "hopd" else ""
+            ratios = [f"{s['step'] / c[b]['step']:.2f}x" if n != b else "" for b in bases]
             table.append([c["size"], c["P"], c["batch"], c["H"], n, f"{s['step']:.3f}",
                           *(f"{s[p]:.3f}" for p in ("generate", "teacher", "learn", "optim")),
-                          ratio])
+                          *ratios])
     print_table(head, table)
     print(json.dumps({"cells": cells}))
 

@@ -26,7 +26,7 @@ from hopd.diagnostics import position_diagnostics, recovery_probe
 from hopd.dist import Dist
 from hopd.distill_config import DistillConfig, OptimConfig
 from hopd.evaluate import evaluate
-from hopd.models import attach_lora, load_model
+from hopd.models import DTYPES, attach_lora, load_model
 from hopd.preflight import Inputs
 from hopd.progress import MetricsLog, clean_json
 from hopd.quality import GuardReading, collapse_check
@@ -289,7 +289,8 @@ def make_sampler(cfg: DistillConfig, inp: Inputs, student: PreTrainedModel,
                            gpu_memory_utilization=s.vllm_gpu_memory,
                            kv_cache_gib=s.vllm_cpu_kv_gib)
     return HFSampler(model, eos, pad, temperature=s.temperature, top_k=s.top_k, top_p=s.top_p,
-                     greedy=greedy, cuda_graph=s.cuda_graph)
+                     greedy=greedy, cuda_graph=s.cuda_graph,
+                     dtype=DTYPES[s.dtype] if s.dtype else None)
 
 
 def make_optimizer(params: list[torch.nn.Parameter], optim: OptimConfig

@@ -290,7 +290,7 @@ def record(ctx: RunContext, batch: Batch, st: StepStats, step_time: float) -> di
         "mean_response_tokens": st.sampled_tokens / n, "sampled_rkl": st.sampled_rkl,
         "tokens_per_s": st.sampled_tokens / max(st.sample_time_s, 1e-9),
         "lr": batch.lr, "grad_norm": st.grad_norm, "skipped": not st.finite,
-        "rho_mean": st.rho_mean, "act_mem_mb": st.act_mem_mb,
+        "rho_mean": st.rho_mean, "rho_max": st.rho_max, "act_mem_mb": st.act_mem_mb,
         "peak_mem_mb": peak_memory_mb(ctx.dist.device), **ctx.totals,
     }
 

@@ -61,6 +61,23 @@ def test_two_step_distill(tmp_path, micro_pair):
     assert (run / "config.yaml").exists()
 
 
+def test_a_bf16_sampler_trains_with_rho_near_one(tmp_path, micro_pair):
+    """`sampling.dtype=bfloat16`: rollouts from a bf16 copy of the fp32 student, synced every
+    step. The sampled_rkl loss's largest importance ratio (learner / sampler) stays near 1 at
+    every step (measured: <= 1.004); a copy left behind by the learner (lr 3e-2 moves it far)
+    reaches 2-2.8 by the second step. Its mean is 1 in expectation whatever the copy is, so
+    it is no test."""
+    student, teacher = micro_pair
+    run = tmp_path / "run"
+    assert main(["distill", "--out", str(run), "--quiet", f"student={student}",
+                 f"teacher={teacher}", "data=chain:tiny", "steps=4", "batch_size=4",
+                 "eval_n=2", "diag_every=0", "loss.kind=sampled_rkl", "optim.lr=3e-2",
+                 "optim.warmup_steps=0", "sampling.dtype=bfloat16"]) == 0
+    train = [r for r in read_metrics(run / "metrics.jsonl") if "loss" in r]
+    assert len(train) == 4 and all(1.0 < r["rho_max"] < 1.1 for r in train), \
+        [r["rho_max"] for r in train]  # > 1: the copy's rounding is measured
+
+
 @pytest.mark.parametrize("args,needle", [
     (["distill", "--out", "X", "horizon.knd=full"], "did you mean 'horizon.kind'"),
     (["distill", "--out", "X", "max_step=3"], "did you mean 'max_steps'"),
@@ -69,6 +86,9 @@ def test_two_step_distill(tmp_path, micro_pair):
      "horizon.fraction=1.5"),
     (["distill", "--out", "X", "student=does/not/exist"], "does/not/exist"),
     (["eval", "--model", "testbed:nope", "--n", "2"], "unknown bundled model"),
+    (["distill", "--out", "X", "sampling.dtype=int8"], "sampling.dtype='int8': choose one of"),
+    (["distill", "--out", "X", "sampling.dtype=bfloat16", "sampling.engine=vllm"],
+     "is for engine=hf"),
 ])
 def test_bad_input_exits_2_with_a_clear_line(args, needle, tmp_path, capsys, monkeypatch):
     monkeypatch.chdir(tmp_path)

@@ -117,3 +117,44 @@ def test_inverse_cdf_sampling_has_the_right_distribution():
     counts = torch.bincount(r.response_ids_B_R[:, 0], minlength=4).float() / 4000
     assert torch.allclose(counts, torch.tensor([0.6, 0.3, 0.1, 0.0]), atol=0.03)
     assert counts[3] == 0  # a zero-probability token is never drawn
+
+
+def test_a_bf16_sampler_copy_follows_the_learner_after_each_sync(tokenizer):
+    """sampling.dtype=bfloat16: the sampler decodes with a bf16 copy of the fp32 learner. Its
+    rollouts equal those of the learner cast to bf16, before and after the learner changes
+    (sync), its log-probs stay close to the learner's own fp32 ones (rho near 1), and the
+    learner itself is never touched."""
+    import copy
+
+    from hopd.models import tiny_llama
+    from hopd.rollout import HFSampler
+
+    torch.manual_seed(0)
+    model = tiny_llama("micro", tokenizer, seed=0).train()
+    sampler = HFSampler(model, -1, 0, dtype=torch.bfloat16)
+    prompts = _prompts(tokenizer, ["a=1+2;", "a=3*4;b=a-1;"] * 4)
+
+    def reference():  # the learner as it is now, cast to bf16 by hand
+        cast = copy.deepcopy(model).to(torch.bfloat16).eval()
+        for mine, theirs in zip(cast.buffers(), model.buffers()):
+            mine.data = theirs.data.clone()
+        return sample(cast, prompts, 10, eos_id=-1, pad_id=0, row_seeds=list(range(8)))
+
+    def same(a, b):
+        return a.response_ids_B_R.equal(b.response_ids_B_R) and \
+            a.sampler_logp_B_R.equal(b.sampler_logp_B_R)
+
+    r = sampler.sample(prompts, 10, row_seeds=list(range(8)))
+    assert same(r, reference()) and model.training
+    assert next(model.parameters()).dtype == torch.float32
+    s = score(model, r)  # the fp32 learner's log-probs of the copy's tokens
+    assert (s.logp_B_R - r.sampler_logp_B_R).abs().mean() < 0.05
+    with torch.no_grad():  # an optimizer step, as far as the sampler can tell
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    assert not same(sampler.sample(prompts, 10, row_seeds=list(range(8))), reference())
+    sampler.sync()
+    assert same(sampler.sample(prompts, 10, row_seeds=list(range(8))), reference())
+    # no copy without a dtype, or with the model's own: the learner samples itself
+    assert HFSampler(model, -1, 0).copy is None
+    assert HFSampler(model, -1, 0, dtype=torch.float32).copy is None
