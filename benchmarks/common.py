@@ -83,6 +83,16 @@ def testbed_prompts(tok, n: int, data: str = "chain:default") -> tuple[list[list
     return encode_prompts(tok, batch), src.default_budget()
 
 
+def trl_rows(data: str, n: int = 256, seed: int = 123) -> dict[str, list]:
+    """`n` training prompts of `data` as TRL datasets: chat messages for GKDTrainer, prompts
+    for DistillationTrainer."""
+    examples = PromptSource(data).train_batch(0, n, seed=seed)
+    return {"messages": [{"messages": [{"role": "user", "content": e.prompt},
+                                       {"role": "assistant", "content": e.response}]}
+                         for e in examples],
+            "prompts": [{"prompt": [{"role": "user", "content": e.prompt}]} for e in examples]}
+
+
 def timed(fn: Callable[[], object], device: str) -> float:
     if device.startswith("cuda"):
         torch.cuda.synchronize()

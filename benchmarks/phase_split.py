@@ -49,6 +49,7 @@ from common import (  # noqa: E402
     smollm2_pair,
     testbed_models,
     testbed_prompts,
+    trl_rows,
 )
 
 from hopd.context import make_optimizer  # noqa: E402
@@ -57,7 +58,6 @@ from hopd.distill_config import OptimConfig  # noqa: E402
 from hopd.models import build_testbed_tokenizer  # noqa: E402
 from hopd.rollout import HFSampler, row_seeds  # noqa: E402
 from hopd.step import opd_step  # noqa: E402
-from hopd.tasks import PromptSource  # noqa: E402
 
 # student / teacher shapes: (layers, hidden); heads = hidden / 32, MLP = 4 x hidden
 SIZES = {"tiny": ((2, 128), (4, 256)), "small": ((4, 256), (8, 512))}
@@ -184,15 +184,6 @@ def hopd_run(student, teacher, tok, prompts, B: int, H: int, steps: int,
                     "optim": st.optim_time_s,
                     "learn": step - st.sample_time_s - st.teacher_time_s - st.optim_time_s})
     return out[1:]
-
-
-def trl_rows(data: str) -> dict[str, list]:
-    """The same prompts as TRL datasets: chat messages for GKD, prompts for Distillation."""
-    examples = PromptSource(data).train_batch(0, 256, seed=123)
-    return {"messages": [{"messages": [{"role": "user", "content": e.prompt},
-                                       {"role": "assistant", "content": e.response}]}
-                         for e in examples],
-            "prompts": [{"prompt": [{"role": "user", "content": e.prompt}]} for e in examples]}
 
 
 def main() -> None:

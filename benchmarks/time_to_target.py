@@ -42,7 +42,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import commit, machine, print_table  # noqa: E402
+from common import commit, machine, print_table, trl_rows  # noqa: E402
 
 from hopd.context import make_optimizer  # noqa: E402
 from hopd.distill_config import OptimConfig  # noqa: E402
@@ -98,9 +98,7 @@ def gkd_arm(args, out: Path) -> list[dict]:
     vocab = min(student.config.vocab_size, teacher.config.vocab_size)
     src = PromptSource(args.data)
     examples = src.eval_set(args.eval_n, seed=0, part="test")  # what `hopd distill` evaluates
-    rows = [{"messages": [{"role": "user", "content": e.prompt},
-                          {"role": "assistant", "content": e.response}]}
-            for e in src.train_batch(0, args.batch * args.steps, seed=0)]
+    rows = trl_rows(args.data, args.batch * args.steps, seed=0)["messages"]
     evals: list[dict] = []
     clock = {"train_s": 0.0, "tokens": 0}
 

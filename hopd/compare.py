@@ -7,7 +7,6 @@ own run folder `OUT/<strategy>/seed<k>`, and `hopd report` turns them into plots
 from __future__ import annotations
 
 import contextlib
-import json
 import multiprocessing
 import os
 import signal
@@ -25,6 +24,7 @@ from hopd.runstate import (
     check_out,
     latest_checkpoint,
     prepare_out,
+    read_result,
     run_finished,
     write_json,
 )
@@ -191,12 +191,9 @@ def _dead_worker(broken: list[tuple], n_plan: int, logs: Path) -> str:
     other workers too, so every run that was running is named, with what its folder holds (a
     stopped run saved itself; the killed one keeps only its earlier checkpoints)."""
     parts = []
-    for i, name, seed, lr, run, _ in sorted(broken):
-        try:
-            result = json.loads((run / "result.json").read_text())
-        except (OSError, ValueError):
-            result = None
-        if isinstance(result, dict) and result.get("stopped_by_signal"):
+    for i, name, seed, lr, run in sorted(broken):
+        result = read_result(run)
+        if result is not None and result.get("stopped_by_signal"):
             state = f"stopped and saved at step {result.get('steps')}"
         else:
             last = latest_checkpoint(run)
@@ -241,7 +238,6 @@ def _run_parallel(todo: list, out: Path, n_plan: int, known: dict, jobs: int,
     pending, running, finished = list(todo), {}, 0
     stopped: list[tuple[str, int]] = []  # runs that a signal stopped early
     broken: list[tuple] = []  # runs lost to a worker that died
-    todo_runs = {t[0]: t[5] for t in todo}
     ctx = multiprocessing.get_context("spawn")  # CUDA cannot be forked
     print(f"compare: {len(todo)} runs, {jobs} at a time; logs in {logs}", flush=True)
     with StopFlag() as flag, ProcessPoolExecutor(max_workers=jobs, mp_context=ctx,
@@ -255,7 +251,7 @@ def _run_parallel(todo: list, out: Path, n_plan: int, known: dict, jobs: int,
                 log = logs / f"{tag}_seed{seed}.log"
                 fut = pool.submit(_run_one, name, seed, lr, cfg, run, known[name], resume,
                                   False, log)
-                running[fut] = (i, name, seed, lr, log)
+                running[fut] = (i, name, seed, lr, run, log)
             if not running:
                 break
             done, _ = wait(running, timeout=0.5, return_when=FIRST_COMPLETED)
@@ -265,16 +261,16 @@ def _run_parallel(todo: list, out: Path, n_plan: int, known: dict, jobs: int,
                     with contextlib.suppress(ProcessLookupError):
                         os.kill(proc.pid, flag.signum)
             for fut in done:
-                i, name, seed, lr, log = running.pop(fut)
+                i, name, seed, lr, run, log = running.pop(fut)
                 try:
                     result = fut.result()
                 except BrokenProcessPool:  # a worker died (kill -9, out of memory): Python
                     # stops every worker (SIGTERM: a running run saves and stops)
-                    broken.append((i, name, seed, lr, todo_runs[i], log))
+                    broken.append((i, name, seed, lr, run))
                     continue
                 except Exception as e:  # start no further run; the running ones finish
                     first = str(e).strip().splitlines()[0] if str(e).strip() else \
-                        type(e).__name__  # a dead worker (BrokenProcessPool) says little
+                        type(e).__name__
                     failure = failure or TrainingStopped(
                         f"run {i + 1}/{n_plan} ({_label(name, seed, lr)}) failed: {first}; its "
                         f"output is in {log}")

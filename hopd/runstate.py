@@ -299,14 +299,20 @@ class _Saving:
         self.flag.in_save = False
 
 
-def run_finished(run: Path) -> bool:
-    """A run is finished only when its budget was spent: result.json says it ended without a
-    signal, and its final model is there (a stopped run writes result.json too)."""
+def read_result(run: Path) -> dict[str, Any] | None:
+    """The run's result.json, or None where it is missing or unreadable."""
     try:
         result = json.loads((run / "result.json").read_text())
     except (OSError, ValueError):
-        return False
-    return isinstance(result, dict) and not result.get("stopped_by_signal") and \
+        return None
+    return result if isinstance(result, dict) else None
+
+
+def run_finished(run: Path) -> bool:
+    """A run is finished only when its budget was spent: result.json says it ended without a
+    signal, and its final model is there (a stopped run writes result.json too)."""
+    result = read_result(run)
+    return result is not None and not result.get("stopped_by_signal") and \
         (run / "model" / "config.json").is_file()
 
 
