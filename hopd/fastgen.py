@@ -17,7 +17,8 @@ buffers:
 That is the float32 step. In bf16/fp16 those fused roundings made the sampler's log-probs drift
 from the learner's, so the 16-bit step rounds exactly where HF's forward does (RoPE as two
 products, the scale unfolded, residual adds rounded, SDPA over K in HF's layout): its tokens and
-log-probs equal HF's own cached decode.
+log-probs equal HF's own cached decode. A 16-bit copy that samples for a float32 learner
+(`match_hf=False`) needs no such match and runs the float32 step's ops in its own dtype.
 
 Rows that have finished (EOS) keep decoding; rows never see each other, so their tokens are
 simply discarded by the caller. Nothing in a step depends on the data, so on a GPU the sampler
@@ -72,7 +73,8 @@ class StaticDecoder:
     buffer under a mask), so the step can be recorded as a CUDA graph.
     """
 
-    def __init__(self, model: PreTrainedModel, batch: int, max_len: int, static: bool = False):
+    def __init__(self, model: PreTrainedModel, batch: int, max_len: int, static: bool = False,
+                 match_hf: bool = True):
         self.model = model
         m = model.model
         cfg = model.config
@@ -89,7 +91,10 @@ class StaticDecoder:
         # with the fused float32 tricks). So in 16-bit: RoPE as two rounded products, the scale
         # unfolded, residual adds rounded, and attention through SDPA over a K cache in HF's
         # (B, n_kv, T, d) layout (SDPA rounds differently when K is a transposed view).
-        self.hf_exact = p.dtype in (torch.bfloat16, torch.float16)
+        # `match_hf=False` (a 16-bit copy that samples for a float32 learner, whose log-probs
+        # differ from the copy's anyway) takes the float32 step's faster ops instead: at long
+        # horizons SDPA's kv-head repeat copies the whole cache in every layer.
+        self.hf_exact = match_hf and p.dtype in (torch.bfloat16, torch.float16)
         fold = 1.0 if self.hf_exact else self.scale
         self.q_scale = [1.0 if hasattr(layer.self_attn, "q_norm") else fold
                         for layer in m.layers]

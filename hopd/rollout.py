@@ -127,9 +127,9 @@ class HFSampler:
 
     def sample(self, prompts: list[list[int]], horizon: int,
                row_seeds: list[int] | None = None) -> Rollout:
-        if self.copy is not None:
+        if self.copy is not None:  # its log-probs differ from the learner's in any case
             return sample(self.copy, prompts, horizon, eos_id=self.eos_id, pad_id=self.pad_id,
-                          row_seeds=row_seeds, **self.opts)
+                          row_seeds=row_seeds, match_hf=False, **self.opts)
         was = self.model.training
         self.model.eval()
         try:
@@ -199,7 +199,7 @@ def pick_token(logits_B_V: torch.Tensor, u_B_1: torch.Tensor | None, temperature
 
 
 def _prefill(model: PreTrainedModel, prompt_B_P: torch.Tensor, prompt_attn_B_P: torch.Tensor,
-             length: int, fast: bool, static: bool
+             length: int, fast: bool, static: bool, match_hf: bool = True
              ) -> tuple[torch.Tensor, DynamicCache | None, StaticDecoder | None]:
     """One forward over the prompts: the first logits, and the cache the decode steps extend
     (the static buffers of the fast path when `fast` and the model supports it)."""
@@ -209,7 +209,7 @@ def _prefill(model: PreTrainedModel, prompt_B_P: torch.Tensor, prompt_attn_B_P: 
                        logits_to_keep=1, **{cache_kw(model): cache}).logits[:, -1].float()
     if not (fast and supports(model, length)):
         return logits_B_V, cache, None
-    decoder = StaticDecoder(model, prompt_B_P.size(0), length, static=static)
+    decoder = StaticDecoder(model, prompt_B_P.size(0), length, static, match_hf=match_hf)
     decoder.load_prefill(cache, prompt_attn_B_P)
     return logits_B_V, None, decoder  # the static buffers hold the prompt's K/V now
 
@@ -254,6 +254,7 @@ def sample(
     fast: bool = True,
     row_seeds: list[int] | None = None,
     cuda_graph: bool = True,
+    match_hf: bool = True,
 ) -> Rollout:
     """Samples at most `horizon` tokens after each prompt; each row stops at its EOS.
 
@@ -262,6 +263,9 @@ def sample(
     The prompt runs through the model's forward once (prefill); decode steps use the static-cache
     fast path of `hopd.fastgen` when `fast` and the model supports it, else the model's forward;
     on a GPU that step is recorded once as a CUDA graph and replayed (`cuda_graph=False`: not).
+    In 16-bit that step rounds where HF's forward does, so that its log-probs equal the model's
+    own; `match_hf=False` lets it round where it is fastest (a copy that samples for a learner
+    in another dtype, which the copy's log-probs cannot equal anyway).
 
     Row b at step t picks the first token whose cumulative probability exceeds u_(b,t)
     (inverse-CDF sampling), with the (B, H) uniforms drawn up front from `generator`. With
@@ -284,7 +288,7 @@ def sample(
 
     graph = cuda_graph and device.type == "cuda"
     logits_B_V, cache, decoder = _prefill(model, prompt_B_P, prompt_attn_B_P, P + horizon,
-                                          fast=fast, static=graph)
+                                          fast=fast, static=graph, match_hf=match_hf)
     graph = graph and decoder is not None
     positions = positions_from_mask(prompt_attn_B_P)[:, -1].clone()  # each row's last token
     attn = [prompt_attn_B_P]

@@ -137,6 +137,36 @@ def test_bf16_sampler_log_probs_stay_near_the_learners_over_a_whole_rollout():
     assert drift[True][0] <= drift[False][0] and drift[True][1] <= drift[False][1] * 1.05
 
 
+def test_a_bf16_copy_off_the_hf_rounding_follows_the_float32_learner_as_closely():
+    """A bf16 copy that samples for a float32 learner (sampling.dtype) takes the float32 step's
+    ops (grouped attention on a transposed K, folded scale, fused adds): its log-probs must stay
+    as near the learner's as the HF-exact bf16 step's do, over whole rollouts."""
+    import copy
+
+    from hopd.losses import token_logprobs
+    from hopd.models import load_model, load_tokenizer, response_logits
+    from hopd.tasks import encode_prompts, load_examples
+
+    tok = load_tokenizer("testbed:student")
+    learner = load_model("testbed:student").eval()
+    bf16 = copy.deepcopy(learner).to(torch.bfloat16)
+    prompts = encode_prompts(tok, [e.prompt for e in load_examples("chain:default", 16, "eval")])
+    drift, runs = {}, {}
+    for match_hf in (True, False):
+        r = sample(bf16, prompts, 160, eos_id=tok.eos_token_id, pad_id=tok.pad_token_id,
+                   generator=torch.Generator().manual_seed(1), match_hf=match_hf)
+        with torch.no_grad():
+            mine = token_logprobs(response_logits(learner, r.ids_B_T, r.attn_B_T, r.prompt_len,
+                                                  learner.config.vocab_size),
+                                  r.response_ids_B_R)
+        d = (mine - r.sampler_logp_B_R).abs()[r.response_mask_B_R.bool()]
+        assert d.numel() > 16 * 100  # whole rollouts, not the first tokens
+        drift[match_hf], runs[match_hf] = d.mean().item(), r
+    assert 0 < drift[False] <= 1.25 * drift[True]  # rounding, of the same size
+    same = runs[True].ids_B_T == runs[False].ids_B_T
+    assert same.float().mean() > 0.5  # the same prefixes until a rounding flips a token
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
 @pytest.mark.parametrize("arch", sorted(ARCHS))
 def test_cuda_graph_replay_gives_the_eager_tokens(arch):

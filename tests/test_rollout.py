@@ -138,7 +138,8 @@ def test_a_bf16_sampler_copy_follows_the_learner_after_each_sync(tokenizer):
         cast = copy.deepcopy(model).to(torch.bfloat16).eval()
         for mine, theirs in zip(cast.buffers(), model.buffers()):
             mine.data = theirs.data.clone()
-        return sample(cast, prompts, 10, eos_id=-1, pad_id=0, row_seeds=list(range(8)))
+        return sample(cast, prompts, 10, eos_id=-1, pad_id=0, row_seeds=list(range(8)),
+                      match_hf=False)  # as the copy samples: off HF's rounding
 
     def same(a, b):
         return a.response_ids_B_R.equal(b.response_ids_B_R) and \
