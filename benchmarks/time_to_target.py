@@ -48,6 +48,7 @@ from hopd.context import make_optimizer  # noqa: E402
 from hopd.distill_config import OptimConfig  # noqa: E402
 from hopd.evaluate import evaluate  # noqa: E402
 from hopd.models import load_model, load_tokenizer  # noqa: E402
+from hopd.runs import load_run, spent_s  # noqa: E402
 from hopd.schedules import warmup_cosine  # noqa: E402
 from hopd.tasks import PromptSource  # noqa: E402
 from hopd.teacher import LocalTeacher  # noqa: E402
@@ -60,7 +61,7 @@ ARMS = {  # hopd arms: the strategy's overrides (as `hopd compare` defines them)
 
 def hopd_arm(name: str, args, out: Path) -> list[dict]:
     """One `hopd distill` run; its evaluations as {step, rkl, rkl_se, distinct_2, train_s,
-    tokens} (the adaptive arm's diagnostic time counted as training time)."""
+    tokens} (the adaptive arm's readings counted as training time: `runs.spent_s`)."""
     run = out / name.replace(" ", "_")
     cmd = [sys.executable, "-m", "hopd", "distill", "--out", str(run), "--overwrite", "--quiet",
            f"student={args.student}", f"teacher={args.teacher}", f"data={args.data}",
@@ -69,19 +70,9 @@ def hopd_arm(name: str, args, out: Path) -> list[dict]:
            f"eval_every={args.eval_every}", f"eval_n={args.eval_n}",
            f"eval_kl_n={args.eval_n}", "eval_metric=rkl", "save_every=0", *ARMS[name]]
     subprocess.run(cmd, check=True)
-    rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
-    diag = [r.get("diag_time_s", 0.0) for r in rows if "loss" in r]
-    per_diag = sum(diag) / max(1, sum(1 for d in diag if d))  # the step-0 reading is not logged
-    evals = []
-    for r in rows:
-        if "eval_rkl" not in r:
-            continue
-        spent = sum(x.get("diag_time_s", 0.0) for x in rows if "loss" in x and
-                    x["step"] <= r["step"])
-        spent += per_diag if name == "hopd adaptive" else 0.0
-        evals.append({"step": r["step"], "rkl": r["eval_rkl"], "rkl_se": r["eval_rkl_se"],
-                      "distinct_2": r["eval_distinct_2"],
-                      "train_s": r["train_time_s"] + spent, "tokens": r["sampled_tokens"]})
+    evals = [{"step": r["step"], "rkl": r["eval_rkl"], "rkl_se": r["eval_rkl_se"],
+              "distinct_2": r["eval_distinct_2"], "train_s": spent_s(r),
+              "tokens": r["sampled_tokens"]} for r in load_run(run).evals]
     return evals
 
 

@@ -70,7 +70,9 @@ class RunContext:
     start: int = 0  # the step this process starts at (resume)
     totals: dict[str, float] = field(default_factory=lambda: {
         "train_time_s": 0.0, "sampled_tokens": 0, "skipped_steps": 0, "prompts": 0,
-        "train_flops": 0.0, "train_cpu_s": 0.0})
+        "train_flops": 0.0, "train_cpu_s": 0.0, "control_time_s": 0.0})
+    # control_time_s: the full-budget readings the adaptive horizon decides on (its cost beside
+    # train_time_s, which counts the steps alone; the report adds the two)
     # forward FLOPs per token of the student and of the teacher (0: behind a server); the
     # load-independent cost the report's verdicts use (hopd.compute)
     flops_per_token: tuple[float, float] = (0.0, 0.0)

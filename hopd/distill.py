@@ -304,7 +304,9 @@ def diagnose_and_adapt(ctx: RunContext, step: int) -> dict[str, Any]:
     with dist.full_weights(ctx.student) if diag_now or probe_now else nullcontext():
         if diag_now and dist.main:
             out, reading = ctx.diagnose(step)
-            if cfg.horizon.kind == "adaptive":
+            if cfg.horizon.kind == "adaptive":  # the reading is part of its training cost
+                ctx.totals["control_time_s"] += out["diag_time_s"]
+                out["control_time_s"] = ctx.totals["control_time_s"]
                 n_moves = len(ctx.adaptive.moves)
                 ctx.adaptive = adaptive_update(ctx.adaptive, ctx.rule, step, reading)
                 if len(ctx.adaptive.moves) > n_moves:
@@ -326,7 +328,8 @@ def before_training(ctx: RunContext, progress: bool) -> None:
     if ctx.cfg.horizon.kind == "adaptive":
         with ctx.dist.full_weights(ctx.student):
             if ctx.dist.main:
-                _, reading = ctx.diagnose(0)
+                rec, reading = ctx.diagnose(0)
+                ctx.totals["control_time_s"] += rec["diag_time_s"]
                 ctx.adaptive = adaptive_update(ctx.adaptive, ctx.rule, 0, reading)
 
 
@@ -350,9 +353,11 @@ def finish(ctx: RunContext, step: int, stopped_by: int) -> dict[str, Any]:
     quality = "".join(f", held-out {k} {ctx.last_eval[f'eval_{k}']:.3f}"
                       for k in ("rkl", "teacher_nll", "distinct_2")
                       if isinstance(ctx.last_eval.get(f"eval_{k}"), float))
+    readings = (f" (+{t['control_time_s']:.0f}s of the adaptive horizon's readings)"
+                if t.get("control_time_s") else "")
     print(f"distill: {'stopped by a signal' if stopped_by else 'done'} at step {step}, "
-          f"full-budget accuracy {ctx.acc:.3f}{quality}, {t['train_time_s']:.0f}s training, "
-          f"{t['sampled_tokens']} sampled tokens", flush=True)
+          f"full-budget accuracy {ctx.acc:.3f}{quality}, {t['train_time_s']:.0f}s training"
+          f"{readings}, {t['sampled_tokens']} sampled tokens", flush=True)
     return result
 
 

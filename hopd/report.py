@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from hopd.report_plots import plot_accuracy, plot_cost, plot_heatmap, plot_horizon, plot_probe
-from hopd.runs import LOWER_IS_BETTER, Run, better, find_runs
+from hopd.runs import LOWER_IS_BETTER, Run, better, find_runs, spent_s
 from hopd.runstate import write_json
 
 TARGET_FRACTION = 0.95  # target = 95% of full OPD's final accuracy (for a KL or NLL metric:
@@ -150,8 +150,9 @@ def summarize(groups: dict[str, list[Run]], baseline: str = "opd") -> dict[str, 
                                        for r in runs]),
             "collapsed": sum(r.collapse is not None for r in runs),
             "steps": _mean([r.train[-1]["step"] if r.train else 0 for r in runs]),
-            "train_time_s": _mean([r.train[-1]["train_time_s"] if r.train else 0.0
-                                   for r in runs]),
+            "train_time_s": _mean([spent_s(r.train[-1]) if r.train else 0.0 for r in runs]),
+            "control_time_s": _mean([r.train[-1].get("control_time_s", 0.0) if r.train else 0.0
+                                     for r in runs]),
             "total_tokens": _mean([r.train[-1]["sampled_tokens"] if r.train else 0
                                    for r in runs]),
             "mean_step_time_s": _mean([statistics.fmean(x["step_time_s"] for x in r.train)
@@ -160,7 +161,7 @@ def summarize(groups: dict[str, list[Run]], baseline: str = "opd") -> dict[str, 
                                       for r in runs]),
             "peak_mem_mb": _mean([max((x.get("peak_mem_mb", 0) for x in r.train), default=0)
                                   for r in runs]),
-            "time_to_target_s": _mean([x["train_time_s"] for x in reach if x])
+            "time_to_target_s": _mean([spent_s(x) for x in reach if x])
             if all_reached else None,
             "tokens_to_target": _mean([x["sampled_tokens"] for x in reach if x])
             if all_reached else None,

@@ -13,7 +13,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-from hopd.runs import Run
+from hopd.runs import Run, spent_s
 
 Series = tuple[list[float], list[float], list[float], list[float]]
 
@@ -24,7 +24,8 @@ def _series(runs: list[Run], xkey: str) -> Series:
     xs, mean, lo, hi = [], [], [], []
     for i in range(n):
         pts = [r.evals[i] for r in runs]
-        xs.append(statistics.fmean(p.get(xkey, 0) for p in pts))
+        xs.append(statistics.fmean(spent_s(p) if xkey == "train_time_s" else p.get(xkey, 0)
+                                   for p in pts))
         accs = [r.value(p) for r, p in zip(runs, pts)]
         mean.append(statistics.fmean(accs))
         lo.append(min(accs))
@@ -38,7 +39,8 @@ METRIC_LABELS = {"accuracy": "full-budget accuracy, greedy (%)",
 
 
 def plot_accuracy(groups: dict[str, list[Run]], target: float | None, path: Path) -> None:
-    panels = [("train_time_s", "training wall-clock (s; changes with the machine's load)"),
+    panels = [("train_time_s", "training wall-clock (s; changes with the machine's load; "
+                                "adaptive: with its readings)"),
               ("sampled_tokens", "sampled tokens"), ("step", "optimizer step")]
     if all(e.get("train_flops") is not None for rs in groups.values() for r in rs
            for e in r.evals):

@@ -106,10 +106,30 @@ def load_run(path: Path) -> Run:
     cfg_file = path / "config.yaml"
     cfg = yaml.safe_load(cfg_file.read_text()) if cfg_file.exists() else {}
     strategy = meta.get("strategy") or _strategy_from_config(cfg) or path.name
+    if (cfg.get("horizon") or {}).get("kind") == "adaptive":
+        _add_control_time(lines)
     evals = [r for r in lines if "eval_accuracy" in r]
     return Run(path, strategy, int(meta.get("seed", cfg.get("seed", 0) or 0)),
                [r for r in lines if "loss" in r], evals, cfg,
                [r for r in lines if "val_accuracy" in r], metric_of(cfg, evals))
+
+
+def _add_control_time(lines: list[dict[str, Any]]) -> None:
+    """Runs of the adaptive horizon written before control_time_s was logged: the time of its
+    readings so far, summed from each reading's diag_time_s (the step-0 reading was not logged,
+    so these undercount by one reading)."""
+    if any("control_time_s" in r for r in lines):
+        return
+    spent = 0.0
+    for r in lines:
+        spent += r.get("diag_time_s", 0.0) if "loss" in r else 0.0
+        r["control_time_s"] = spent
+
+
+def spent_s(record: dict[str, Any]) -> float:
+    """The training time up to a metrics line: the steps, and the readings an adaptive horizon
+    decides on (control_time_s), which the steps' own clock leaves out."""
+    return record["train_time_s"] + record.get("control_time_s", 0.0)
 
 
 def _strategy_from_config(cfg: dict[str, Any]) -> str | None:

@@ -204,6 +204,13 @@ def test_adaptive_and_token_budget_runs(tmp_path, micro_pair):
     assert all("horizon_move" in r for r in train[:-1] if r["horizon"] < 50)
     assert train[0]["batch_prompts"] > 4  # short horizon: more prompts
     assert "probe_teacher_acc_by_cut" in train[1]
+    # its readings are a training cost, logged beside the steps' own clock: the step-0 reading
+    # before the first step, then each step's (diag_every=1)
+    control = [r["control_time_s"] for r in train]
+    assert control[0] > train[0]["diag_time_s"] > 0
+    for before, now, r in zip(control, control[1:], train[1:]):
+        assert now == pytest.approx(before + r["diag_time_s"])
+    assert train[-1]["train_time_s"] == pytest.approx(sum(r["step_time_s"] for r in train))
 
 
 def test_the_probe_gives_the_teacher_its_own_prompts(tokenizer, monkeypatch):

@@ -297,3 +297,28 @@ def test_a_rate_whose_val_answers_degenerated_is_not_chosen(tmp_path):
                      .replace('"val_accuracy": null', '"val_accuracy": 0.5'))
     _, table = choose_rates(group(find_runs([tmp_path])))
     assert all(r[6] == "" for r in table[1:])
+
+
+def test_the_adaptive_horizons_readings_count_as_training_time(tmp_path):
+    """Time to target and training time add the readings an adaptive horizon decides on:
+    logged as control_time_s, or (runs written before it was) summed from diag_time_s."""
+    _make(tmp_path, [0.1, 0.3, 0.5, 0.8], [0.1, 0.3, 0.5, 0.8])
+    for name, logged in (("adaptive", True), ("adaptive_old", False)):
+        run = _write_run(tmp_path, name, [10] * 6, [0.1, 0.3, 0.5, 0.8], 0.01)
+        (run / "config.yaml").write_text("horizon:\n  kind: adaptive\n")
+        lines = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+        spent = 0.0
+        for r in lines:
+            if "loss" in r and r["step"] % 2 == 0:
+                r["diag_time_s"] = 3.0  # a reading every 2 steps, before that step's eval
+                spent += 3.0
+            if logged:
+                r["control_time_s"] = spent
+        (run / "metrics.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines))
+    rows = summarize(group(find_runs([tmp_path])))["rows"]
+    # topd10 and the adaptive runs train the same steps; each reading adds 3 s
+    for name in ("adaptive", "adaptive_old"):
+        assert rows[name]["train_time_s"] == pytest.approx(rows["topd10"]["train_time_s"] + 9)
+        assert rows[name]["control_time_s"] == pytest.approx(9.0)
+        assert rows[name]["time_to_target_s"] == pytest.approx(
+            rows["topd10"]["time_to_target_s"] + 9)
