@@ -1,6 +1,7 @@
 """The study's table for one regime's stage 2 (a `hopd compare` folder of seeds): each strategy's
 val-chosen rate, final and best value +- sd over seeds, tokens, estimated compute and time to
-the target, and beside a KL metric the teacher NLL and degeneration of the final answers.
+the target (the adaptive horizon's readings counted as training time), and beside a KL metric
+the teacher NLL and degeneration of the final answers.
 
     python benchmarks/study_table.py runs/study/real/seeds [runs/study/real/grid]
 """
@@ -50,7 +51,8 @@ def main(seeds: Path, grid: Path | None) -> None:
         secs = f"{r['time_to_target_s']:.0f}" if r["time_to_target_s"] is not None else "n/a"
         cells = [name, str(rates.get(name, runs[0].lr)), str(len(runs)),
                  _ms(starts, fmt), _ms(finals, fmt), _ms(bests, fmt), reach, flops, secs,
-                 f"{r['total_tokens']:,.0f}", f"{r['train_time_s']:.0f}"]
+                 f"{r['total_tokens']:,.0f}", f"{r['train_time_s']:.0f}" + (
+                     f" ({r['control_time_s']:.0f} of it readings)" if r["control_time_s"] else "")]
         if not pct:
             last = [x.evals[-1] for x in runs]
             cells += [_ms([e.get("eval_teacher_nll") for e in last], ".3f"),
