@@ -488,7 +488,8 @@ def write_report(paths: list[Path], out: Path) -> dict[str, Any]:
         *[f"**Collapse flagged** in `{r.path.name}` ({r.strategy}): {r.collapse}"
           for r in runs if r.collapse],
         f"Budget L: {', '.join(map(str, budgets))}. Times are training time only (sampling, "
-        "teacher scoring, learning), without evaluation or diagnostics.", "",
+        "teacher scoring, learning), without evaluation or diagnostics, except the readings "
+        "an adaptive horizon decides on, which count as its training time.", "",
         *[f"**Warning**: {w}" for w in summary["warnings"]],
         markdown_table(table_rows(summary)), "",
         *(["## Learning rates", "",
