@@ -22,7 +22,7 @@ from typing import Any
 import torch
 
 from hopd import config as C
-from hopd.adaptive import adaptive_update, token_budget_batch
+from hopd.adaptive import PositionReading, adaptive_update, token_budget_batch
 from hopd.compute import step_flops
 from hopd.context import RunContext, finish_done_run, setup
 from hopd.diagnostics import peak_memory_mb
@@ -304,13 +304,8 @@ def diagnose_and_adapt(ctx: RunContext, step: int) -> dict[str, Any]:
     with dist.full_weights(ctx.student) if diag_now or probe_now else nullcontext():
         if diag_now and dist.main:
             out, reading = ctx.diagnose(step)
-            if cfg.horizon.kind == "adaptive":  # the reading is part of its training cost
-                ctx.totals["control_time_s"] += out["diag_time_s"]
-                out["control_time_s"] = ctx.totals["control_time_s"]
-                n_moves = len(ctx.adaptive.moves)
-                ctx.adaptive = adaptive_update(ctx.adaptive, ctx.rule, step, reading)
-                if len(ctx.adaptive.moves) > n_moves:
-                    out["horizon_move"] = ctx.adaptive.moves[-1]
+            if cfg.horizon.kind == "adaptive":
+                out.update(adapt(ctx, step, out, reading))
         if probe_now and dist.main:
             out.update(ctx.probe())
     if diag_now and cfg.horizon.kind == "adaptive":
@@ -328,9 +323,20 @@ def before_training(ctx: RunContext, progress: bool) -> None:
     if ctx.cfg.horizon.kind == "adaptive":
         with ctx.dist.full_weights(ctx.student):
             if ctx.dist.main:
-                rec, reading = ctx.diagnose(0)
-                ctx.totals["control_time_s"] += rec["diag_time_s"]
-                ctx.adaptive = adaptive_update(ctx.adaptive, ctx.rule, 0, reading)
+                adapt(ctx, 0, *ctx.diagnose(0))
+
+
+def adapt(ctx: RunContext, step: int, rec: dict[str, Any], reading: PositionReading
+          ) -> dict[str, Any]:
+    """The adaptive horizon's move on a reading, whose time counts as its training cost;
+    returns what the step's metrics line adds (control_time_s, and horizon_move if it moved)."""
+    ctx.totals["control_time_s"] += rec["diag_time_s"]
+    out: dict[str, Any] = {"control_time_s": ctx.totals["control_time_s"]}
+    n_moves = len(ctx.adaptive.moves)
+    ctx.adaptive = adaptive_update(ctx.adaptive, ctx.rule, step, reading)
+    if len(ctx.adaptive.moves) > n_moves:
+        out["horizon_move"] = ctx.adaptive.moves[-1]
+    return out
 
 
 def finish(ctx: RunContext, step: int, stopped_by: int) -> dict[str, Any]:

@@ -209,7 +209,8 @@ def _prefill(model: PreTrainedModel, prompt_B_P: torch.Tensor, prompt_attn_B_P: 
                        logits_to_keep=1, **{cache_kw(model): cache}).logits[:, -1].float()
     if not (fast and supports(model, length)):
         return logits_B_V, cache, None
-    decoder = StaticDecoder(model, prompt_B_P.size(0), length, static, match_hf=match_hf)
+    decoder = StaticDecoder(model, prompt_B_P.size(0), length, static=static,
+                            match_hf=match_hf)
     decoder.load_prefill(cache, prompt_attn_B_P)
     return logits_B_V, None, decoder  # the static buffers hold the prompt's K/V now
 
