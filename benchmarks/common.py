@@ -37,8 +37,9 @@ def random_real_shape(name: str, device: str, dtype: torch.dtype = torch.bfloat1
     return model.to(dtype)
 
 
-# The README recipe's student: SmolLM2-135M-Instruct without the 6 layers of least block
-# influence (`hopd prune smollm2:135m-instruct --layers 24` keeps the other 24)
+# The benchmarks' student (the real-pair recipe's first version; the README's recipe now keeps 25):
+# SmolLM2-135M-Instruct without the 6 layers of least block influence
+# (`hopd prune smollm2:135m-instruct --layers 24` keeps the other 24)
 SMOLLM2_DROPPED = (4, 6, 13, 14, 15, 17)
 
 

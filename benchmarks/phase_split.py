@@ -75,7 +75,7 @@ def llama(layers: int, hidden: int, tok, seed: int) -> LlamaForCausalLM:
 
 
 def models(size: str):
-    if size == "smollm2":  # the real pair: the README recipe's 24-layer prune and its teacher
+    if size == "smollm2":  # the real pair: the benchmarks' 24-layer prune and its teacher
         return smollm2_pair("cpu")
     if size == "qwen2-0.5b":  # the real layout with random weights, fp32; the teacher alike
         tok = build_testbed_tokenizer()  # its ids are valid in Qwen's larger vocabulary
@@ -234,7 +234,7 @@ def main() -> None:
           "testbed = the bundled 3x96 student / 4x128 teacher, tiny = 2x128 / 4x256, "
           "small = 4x256 / 8x512 (layers x hidden), qwen2-0.5b = Qwen2-0.5B's layout with "
           "random weights for both, smollm2 = SmolLM2-135M-Instruct (30 layers) and its "
-          "24-layer prune (the README recipe's pair, real weights)\n")
+          "24-layer prune (the real-pair recipe's first student, real weights)\n")
     bases = [n for n in ("hopd", "hopd_bf16") if n in trainers]  # a ratio column for each
     head = ["size", "P", "B", "H", "trainer", "s/step", "generate", "teacher", "learn+other",
             "optim", *(f"/ {b}" for b in bases)]

@@ -1,7 +1,10 @@
-"""The GPU check is ready to run when a GPU is lent: its dry run (toy sizes, CPU) goes through
-every check in seconds and writes the JSON the GPU run will write."""
+"""The benchmark scripts stay runnable and truthful: the GPU check's dry run (toy sizes, CPU) goes
+through every check in seconds and writes the JSON the GPU run will write, and the README's
+real-pair recipe is the one `benchmarks/real_pair.sh` runs."""
 
 import json
+import re
+import shlex
 import subprocess
 from pathlib import Path
 
@@ -23,3 +26,29 @@ def test_gpu_check_dry_run_writes_every_check(tmp_path):
     assert c["horizon"]["opd"]["step_time_s"] > 0 and c["horizon"]["speedup"] > 0
     assert c["real_pair"]["H"] == 4 and c["real_pair"]["step_time_s"] > 0
     assert "check" in proc.stdout and "real_pair" in proc.stdout
+
+
+def recipe_settings(text: str, common: str) -> list[tuple[str, ...]]:
+    """Each stage of a real-pair recipe as its sorted settings: `--layers K` for the prune, then
+    every key=value of each `hopd distill` with the shared settings (`common`, the body of the
+    README's C="..." or the script's COMMON=(...)) merged in; paths and flags are left out."""
+    text = text.replace("\\\n", " ")
+    shared = [w for w in shlex.split(re.search(common, text, re.S).group(1))
+              if "=" in w and not w.startswith("teacher=")]
+    stages = [("layers", re.search(r"hopd prune \S+ --layers (\d+)", text).group(1))]
+    for line in re.findall(r"hopd distill (.*)", text):
+        own = [w for w in line.split() if re.fullmatch(r"[a-z_.]+=[^$\"]\S*", w)
+               and not w.startswith(("student=", "teacher="))]
+        stages.append(tuple(sorted(own + shared)))
+    return stages
+
+
+def test_readme_recipe_is_the_script():
+    readme = (ROOT / "README.md").read_text()
+    block = readme.split("The whole recipe is `bash benchmarks/real_pair.sh`", 1)[1]
+    block = block.split("```bash", 1)[1].split("```", 1)[0]
+    script = (ROOT / "benchmarks" / "real_pair.sh").read_text()
+    ours = recipe_settings(block, r'C="(.*?)"')
+    theirs = recipe_settings(script, r"COMMON=\((.*?)\)")
+    assert len(ours) == 3 and any("loss.kind=sft" in s for s in ours[1:]), ours
+    assert ours == theirs
