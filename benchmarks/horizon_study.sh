@@ -13,8 +13,9 @@
 #     stage 2 (report): each strategy at its chosen rate, seeds 0, 1 and 2, 500 test problems at
 #       steps 0, 15, 30, 45 and 60 (two standard errors <= 4.5 points).
 #   real (SmolLM2-135M-Instruct teacher; its 24-of-30-layer prune, warm-started by the real-pair
-#   recipe's first version (the README's now keeps 25 layers), as the student; the shipped chat prompts, whose 886 train / 49 val / 65 test prompts
-#   are disjoint; L = 128 tokens; metric: held-out reverse KL at the full budget, lower is better):
+#   recipe's first version (the README's now keeps 25 layers), as the student; the shipped chat
+#   prompts, whose 886 train / 49 val / 65 test prompts are disjoint; L = 128 tokens; metric:
+#   held-out reverse KL at the full budget, lower is better):
 #     stage 1 (choose): strategies x rates {1e-4, 3e-4, 1e-3}, seed 0, 12 steps x 4 prompts; each
 #       run ends with the reverse KL on 24 val prompts (the rate is chosen on these) and is
 #       evaluated on 8 test prompts at its start and end only (shown, never used to choose);
@@ -38,7 +39,7 @@ read -r -a EXTRA <<< "${EXTRA:-}"
 RUN=(--quiet --jobs "${JOBS:-1}" "threads=${THREADS:-2}")
 TEACHER=smollm2:135m-instruct
 
-real_student() {  # the real-pair recipe's first version, first two stages: prune to 24 layers, SFT warm start
+real_student() {  # the real-pair recipe's first version, stages 1-2: 24 layers, SFT warm start
   local dir=$1
   if [ ! -e "$dir/warm/model/config.json" ]; then
     [ -e "$dir/student/config.json" ] || python -m hopd prune $TEACHER --layers 24 --out "$dir/student"
