@@ -32,14 +32,15 @@ def recipe_settings(text: str, common: str) -> list[tuple[str, ...]]:
     """Each stage of a real-pair recipe as its sorted settings: `--layers K` for the prune, then
     every key=value of each `hopd distill` with the shared settings (`common`, the body of the
     README's C="..." or the script's COMMON=(...)) merged in; paths and flags are left out."""
+    def settings(words: list[str]) -> list[str]:
+        return [w for w in words if re.fullmatch(r"[a-z_.]+=[^$\"]\S*", w)
+                and not w.startswith(("student=", "teacher="))]
+
     text = text.replace("\\\n", " ")
-    shared = [w for w in shlex.split(re.search(common, text, re.S).group(1))
-              if "=" in w and not w.startswith("teacher=")]
+    shared = settings(shlex.split(re.search(common, text, re.S).group(1)))
     stages = [("layers", re.search(r"hopd prune \S+ --layers (\d+)", text).group(1))]
     for line in re.findall(r"hopd distill (.*)", text):
-        own = [w for w in line.split() if re.fullmatch(r"[a-z_.]+=[^$\"]\S*", w)
-               and not w.startswith(("student=", "teacher="))]
-        stages.append(tuple(sorted(own + shared)))
+        stages.append(tuple(sorted(settings(line.split()) + shared)))
     return stages
 
 
