@@ -1,5 +1,10 @@
 """Time to a held-out KL target on the real pair: TRL's GKDTrainer at the full horizon, hopd OPD
-and hopd's recommended strategy (the adaptive horizon), from the same warm-started student.
+and hopd's recommended strategy, from the same warm-started student.
+
+The arms: `gkd`; `hopd opd` (fp32 rollouts); `hopd opd bf16` (the real-pair recipe's OPD, which
+is what the README recommends on a pair like this after the horizon study's round 2: the full
+horizon, rollouts from a bfloat16 copy of the student); `hopd adaptive` (the adaptive horizon,
+the testbed's candidate).
 
 Every arm trains `--steps` optimizer steps of `--batch` prompts of `chat:prompts`' train half, with
 the same optimizer and schedule (hopd's AdamW at `--lr`, 3 warm-up steps, cosine to a tenth; GKD
@@ -20,7 +25,11 @@ full budget, exact over the vocabulary; the greedy answers' degeneration beside 
 The target is set after the runs from hopd OPD's own curve, as `hopd report` sets it: 95% of the
 way from the start's KL (the same student for every arm) to OPD's final KL. Time and tokens to
 target are read at the first evaluation at or under it (so their resolution is `--eval-every`
-steps). Arms run one after the other: run it on a quiet machine (the load is printed).
+steps). With `--seeds`, every arm runs once per seed (the seed sets the prompts' order and the
+sampler's stream, and the evaluation's rollouts as `hopd distill`'s seed does, the same for every
+arm of a seed), interleaved (seed 0's arms, then seed 1's), and
+each seed has its own target from its own OPD run. Arms run one after the other: run it on a
+quiet machine (the load is printed).
 
     python benchmarks/time_to_target.py --student runs/real_pair/warm/model     # BENCHMARKS.md
     python benchmarks/time_to_target.py --student S --teacher T --data chain:tiny --steps 2 \\
@@ -55,18 +64,20 @@ from hopd.teacher import LocalTeacher  # noqa: E402
 
 ARMS = {  # hopd arms: the strategy's overrides (as `hopd compare` defines them)
     "hopd opd": ["horizon.kind=full", "diag_every=0"],
+    "hopd opd bf16": ["horizon.kind=full", "diag_every=0", "sampling.dtype=bfloat16"],
     "hopd adaptive": ["horizon.kind=adaptive", "horizon.start=0.1", "diag_n=64", "diag_every=5"],
 }
 
 
-def hopd_arm(name: str, args, out: Path) -> list[dict]:
+def hopd_arm(name: str, args, out: Path, seed: int) -> list[dict]:
     """One `hopd distill` run; its evaluations as {step, rkl, rkl_se, distinct_2, train_s,
     tokens} (the adaptive arm's readings counted as training time: `runs.spent_s`)."""
-    run = out / name.replace(" ", "_")
+    run = out / f"{name.replace(' ', '_')}_seed{seed}"
     cmd = [sys.executable, "-m", "hopd", "distill", "--out", str(run), "--overwrite", "--quiet",
-           f"student={args.student}", f"teacher={args.teacher}", f"data={args.data}",
-           f"budget={args.budget}", f"batch_size={args.batch}", f"max_steps={args.steps}",
-           f"optim.lr={args.lr}", "optim.warmup_steps=3", "loss.kind=rkl",
+           f"seed={seed}", f"student={args.student}", f"teacher={args.teacher}",
+           f"data={args.data}", f"budget={args.budget}", f"batch_size={args.batch}",
+           f"max_steps={args.steps}", f"optim.lr={args.lr}", "optim.warmup_steps=3",
+           "loss.kind=rkl",
            f"eval_every={args.eval_every}", f"eval_n={args.eval_n}",
            f"eval_kl_n={args.eval_n}", "eval_metric=rkl", "save_every=0", *ARMS[name]]
     subprocess.run(cmd, check=True)
@@ -76,7 +87,7 @@ def hopd_arm(name: str, args, out: Path) -> list[dict]:
     return evals
 
 
-def gkd_arm(args, out: Path) -> list[dict]:
+def gkd_arm(args, out: Path, seed: int) -> list[dict]:
     """TRL's GKDTrainer from the same student, evaluated with hopd's `evaluate`."""
     os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
     from datasets import Dataset
@@ -88,13 +99,13 @@ def gkd_arm(args, out: Path) -> list[dict]:
     teacher = load_model(args.teacher).eval()
     vocab = min(student.config.vocab_size, teacher.config.vocab_size)
     src = PromptSource(args.data)
-    examples = src.eval_set(args.eval_n, seed=0, part="test")  # what `hopd distill` evaluates
-    rows = trl_rows(args.data, args.batch * args.steps, seed=0)["messages"]
+    examples = src.eval_set(args.eval_n, seed=seed, part="test")  # what `hopd distill` evaluates
+    rows = trl_rows(args.data, args.batch * args.steps, seed=seed)["messages"]
     evals: list[dict] = []
     clock = {"train_s": 0.0, "tokens": 0}
 
     def record(step: int) -> None:
-        ev = evaluate(student, tok, examples, None, args.budget, seed=0,
+        ev = evaluate(student, tok, examples, None, args.budget, seed=seed,
                       teacher=LocalTeacher(teacher, vocab), kl_n=args.eval_n, vocab=vocab)
         evals.append({"step": step, "rkl": ev["rkl"], "rkl_se": ev["rkl_se"],
                       "distinct_2": ev["distinct_2"], **clock})
@@ -112,11 +123,11 @@ def gkd_arm(args, out: Path) -> list[dict]:
                 record(state.global_step)
 
     config = GKDConfig(
-        output_dir=str(out / "gkd"), lmbda=1.0, beta=1.0, temperature=1.0,
+        output_dir=str(out / f"gkd_seed{seed}"), lmbda=1.0, beta=1.0, temperature=1.0,
         max_new_tokens=args.budget, max_length=4096, per_device_train_batch_size=args.batch,
         gradient_accumulation_steps=1, max_steps=args.steps, learning_rate=args.lr,
         max_grad_norm=1.0, logging_steps=10**6, save_strategy="no", report_to=[], use_cpu=True,
-        seed=0, dataloader_num_workers=0, disable_tqdm=True, gradient_checkpointing=False,
+        seed=seed, dataloader_num_workers=0, disable_tqdm=True, gradient_checkpointing=False,
         bf16=False)
     # hopd's optimizer and schedule (AdamW betas 0.9/0.95, fused; warm-up from a quarter, not
     # from 0 as TRL's would), so that only the trainers' steps differ
@@ -155,9 +166,15 @@ def main() -> None:
     ap.add_argument("--budget", type=int, default=128)
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--lr", type=float, default=2e-4)
-    ap.add_argument("--arms", default="gkd,hopd opd,hopd adaptive")
+    ap.add_argument("--arms", default="gkd,hopd opd,hopd adaptive",
+                    help=f"comma list from gkd, {', '.join(ARMS)}")
+    ap.add_argument("--seeds", default="0", help="comma list; each seed runs every arm")
     ap.add_argument("--out", default="", help="keep the runs here (default: a temporary folder)")
     args = ap.parse_args()
+    arms, seeds = args.arms.split(","), [int(x) for x in args.seeds.split(",")]
+    unknown = [a for a in arms if a != "gkd" and a not in ARMS]
+    if unknown:
+        sys.exit(f"time_to_target: unknown arm(s) {unknown}: use gkd, {', '.join(ARMS)}")
     try:
         import datasets  # noqa: F401
         import trl  # noqa: F401
@@ -169,40 +186,55 @@ def main() -> None:
     if is_gguf(args.teacher):  # one converted folder for every arm
         args.teacher = str(cached_folder(args.teacher))
     warnings.filterwarnings("ignore")
-    arms = args.arms.split(",")
     curves, load = {}, {}
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(args.out or tmp)
         out.mkdir(parents=True, exist_ok=True)
-        for name in arms:
-            print(f"time_to_target: {name} ({args.steps} steps)...", file=sys.stderr, flush=True)
-            load[name] = os.getloadavg()[0]
-            curves[name] = gkd_arm(args, out) if name == "gkd" else hopd_arm(name, args, out)
-    opd = curves.get("hopd opd") or curves[arms[0]]
-    start, final = opd[0]["rkl"], opd[-1]["rkl"]
-    target = start - 0.95 * (start - final)
-    gkd = reach(curves.get("gkd", []), target)
+        for seed in seeds:
+            for name in arms:
+                print(f"time_to_target: {name}, seed {seed} ({args.steps} steps)...",
+                      file=sys.stderr, flush=True)
+                load[name, seed] = os.getloadavg()[0]
+                curves[name, seed] = (gkd_arm(args, out, seed) if name == "gkd"
+                                      else hopd_arm(name, args, out, seed))
+    ref = next((a for a in ("hopd opd", "hopd opd bf16") if a in arms), arms[0])
+    targets = {}
+    for seed in seeds:  # each seed's own target, from its own reference run
+        start, final = curves[ref, seed][0]["rkl"], curves[ref, seed][-1]["rkl"]
+        targets[seed] = start - 0.95 * (start - final)
     print(f"\nTime to a held-out KL target: {machine('cpu')}, commit {commit()}")
     print(f"student {args.student}, teacher {args.teacher}, {args.data}, batch {args.batch}, "
           f"L = {args.budget}, lr {args.lr:g}, {args.steps} steps, evaluated every "
-          f"{args.eval_every} steps on {args.eval_n} test prompts; target {target:.4f} (95% of "
-          f"the way from the start's {start:.4f} to hopd OPD's final {final:.4f})\n")
-    head = ["arm", "load at start", "KL by eval step", "final KL", "train s", "tokens",
+          f"{args.eval_every} steps on {args.eval_n} test prompts; each seed's target is 95% of "
+          f"the way from its start to {ref}'s final KL: "
+          + ", ".join(f"seed {s} {t:.4f}" for s, t in targets.items()) + "\n")
+    head = ["arm", "seed", "load at start", "KL by eval step", "final KL", "train s", "tokens",
             "to target: step", "train s", "tokens", "GKD / arm (time)"]
-    table = []
+    table, reached = [], {name: [] for name in arms}
     for name in arms:
-        c, hit = curves[name], reach(curves[name], target)
-        ratio = f"{gkd['train_s'] / hit['train_s']:.2f}x" if gkd and hit and hit["train_s"] \
-            and name != "gkd" else ""
-        table.append([name, f"{load[name]:.1f}",
-                      " ".join(f"{e['step']}:{e['rkl']:.3f}" for e in c),
-                      f"{c[-1]['rkl']:.4f} +- {c[-1]['rkl_se']:.4f}", f"{c[-1]['train_s']:.0f}",
-                      f"{c[-1]['tokens']:,}", str(hit["step"]) if hit else "not reached",
-                      f"{hit['train_s']:.0f}" if hit else "", f"{hit['tokens']:,}" if hit else "",
-                      ratio])
+        for seed in seeds:
+            c, hit = curves[name, seed], reach(curves[name, seed], targets[seed])
+            gkd = reach(curves.get(("gkd", seed), []), targets[seed])
+            ratio = f"{gkd['train_s'] / hit['train_s']:.2f}x" if gkd and hit and hit["train_s"] \
+                and name != "gkd" else ""
+            if hit:
+                reached[name].append(hit)
+            table.append([name, str(seed), f"{load[name, seed]:.1f}",
+                          " ".join(f"{e['step']}:{e['rkl']:.3f}" for e in c),
+                          f"{c[-1]['rkl']:.4f} +- {c[-1]['rkl_se']:.4f}",
+                          f"{c[-1]['train_s']:.0f}", f"{c[-1]['tokens']:,}",
+                          str(hit["step"]) if hit else "not reached",
+                          f"{hit['train_s']:.0f}" if hit else "",
+                          f"{hit['tokens']:,}" if hit else "", ratio])
     print_table(head, table)
-    print(json.dumps({"target": target, "curves": curves, "load": load}))
-
+    print()
+    for name, hits in reached.items():  # the mean over the seeds that reached their target
+        mean = (f"mean to target {sum(h['train_s'] for h in hits) / len(hits):.0f} s, "
+                f"{sum(h['tokens'] for h in hits) / len(hits):,.0f} tokens") if hits else ""
+        print(f"{name}: reached in {len(hits)} of {len(seeds)} seeds; {mean}")
+    print(json.dumps({"targets": targets, "reference": ref,
+                      "curves": {f"{n} seed {s}": c for (n, s), c in curves.items()},
+                      "load": {f"{n} seed {s}": v for (n, s), v in load.items()}}))
 
 if __name__ == "__main__":
     main()
