@@ -20,16 +20,21 @@ python - "$OUT" <<'EOF'
 import json, sys
 from pathlib import Path
 out = Path(sys.argv[1])
-keys = ["eval_rkl", "eval_rkl_se", "eval_teacher_nll", "eval_distinct_2", "eval_mostly_one_token",
-        "eval_max_run_share_max", "eval_eos_rate", "eval_mean_length"]
+keys = ["eval_rkl", "eval_rkl_se", "eval_teacher_nll", "eval_distinct_2", "eval_looping",
+        "eval_mostly_one_token", "eval_max_run_share_max", "eval_eos_rate", "eval_mean_length"]
 print("| stage | step | " + " | ".join(k[5:] for k in keys) + " | training s |")
 print("|---" * (len(keys) + 3) + "|")
 for stage in ("warm", "opd"):
     for line in (out / stage / "metrics.jsonl").read_text().splitlines():
         r = json.loads(line)
         if "eval_rkl" in r:
-            print(f"| {stage} | {r['step']} | " + " | ".join(f"{r[k]:.3f}" for k in keys)
+            print(f"| {stage} | {r['step']} | " + " | ".join(f"{r[k]:.3f}" if k in r else ""
+                                                             for k in keys)
                   + f" | {r['train_time_s']:.0f} |")
+        ref = r.get("guard_reference") or {}
+        if stage == "warm" and ref.get("of") == "teacher":  # the teacher's own greedy answers
+            print("| teacher | | | | | " + " | ".join(
+                f"{ref[k[5:]]:.3f}" if k[5:] in ref else "" for k in keys[3:]) + " | |")
 EOF
 for m in "$OUT/opd/model" $T; do
   hopd eval --model "$m" --task chat:prompts --split test --n 5 --budget 128 --show 5 --quiet \

@@ -45,7 +45,7 @@ from hopd.trackers import Trackers
 
 # what each evaluation record carries beside the accuracy, as eval_<key>
 QUALITY_KEYS = ("rkl", "rkl_se", "rkl_exact", "teacher_nll", "teacher_nll_se", "distinct_2",
-                "max_run_share", "max_run_share_max", "mostly_one_token", "eos_rate",
+                "looping", "max_run_share", "max_run_share_max", "mostly_one_token", "eos_rate",
                 "mean_length", "student_entropy")
 GUARD_STEPS = 2  # the guard compares the mean loss of the first and of the latest 2 steps
 
@@ -167,7 +167,7 @@ class RunContext:
             return {"of": "student", **{k: first[k] for k in ("distinct_2", "mostly_one_token")}}
         ev = evaluate(self.teacher.model, self.inp.t_tok, self.eval_examples, None, self.budget,
                       seed=self.cfg.seed, system_prompt=self.teacher_system, kl_n=0)
-        return {"of": "teacher", **{k: ev[k] for k in ("distinct_2", "mostly_one_token",
+        return {"of": "teacher", **{k: ev[k] for k in ("distinct_2", "looping", "mostly_one_token",
                                                        "eos_rate", "mean_length")}}
 
     def check_collapse(self, step: int, ev: dict[str, Any]) -> str | None:

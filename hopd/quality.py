@@ -10,9 +10,11 @@ die. So every evaluation also measures:
   log s(y) - log t(y)). Reported as a mean per token with its standard error over prompts;
 - the teacher's NLL per token of the student's greedy answers, -mean_t log t(y_t);
 - degeneration of the greedy answers: distinct-2 (distinct token bigrams / bigrams, over all
-  answers), the share of each answer that its longest run of one repeated token fills (mean and
-  max over answers, and how many answers it fills past half), EOS rate, mean length, and the
-  student's mean entropy at its own greedy positions.
+  answers), the share of answers that loop (under half of their own bigrams distinct, among at
+  least 16: pooled distinct-2 also falls as answers are added, since bigrams repeat across
+  answers, while this share does not), the share of each answer that its longest run of one
+  repeated token fills (mean and max over answers, and how many answers it fills past half),
+  EOS rate, mean length, and the student's mean entropy at its own greedy positions.
 
 The guard (`collapse_check`) fires when the loss has fallen while the greedy answers have
 collapsed: distinct-2 at most half of the reference's, at least half of the answers mostly one
@@ -37,6 +39,8 @@ from hopd.rollout import Rollout, row_seeds, sample
 from hopd.teacher import Teacher
 
 MOSTLY_ONE_TOKEN = 0.5  # an answer whose longest run of one token fills more than this share
+LOOPING = 0.5  # an answer loops when under this share of its own bigrams are distinct,
+LOOP_MIN_BIGRAMS = 16  # among at least this many (a short answer is too short to judge)
 
 
 def answers_of(ids_B_R: torch.Tensor, mask_B_R: torch.Tensor, eos_id: int
@@ -67,11 +71,19 @@ def longest_run_share(answer: list[int]) -> float:
     return best / len(answer)
 
 
+def loops(answer: list[int]) -> bool:
+    """Whether an answer repeats itself: under LOOPING of its bigrams distinct, among at least
+    LOOP_MIN_BIGRAMS."""
+    return len(answer) - 1 >= LOOP_MIN_BIGRAMS and distinct_n([answer], 2) < LOOPING
+
+
 def degeneration(answers: list[list[int]], ended: list[bool]) -> dict[str, float]:
-    """distinct-2, the longest-run shares, EOS rate and mean length of greedy answers."""
+    """distinct-2, the looping share, the longest-run shares, EOS rate and mean length of greedy
+    answers."""
     shares = [longest_run_share(a) for a in answers]
     n = max(len(answers), 1)
     return {"distinct_2": distinct_n(answers, 2),
+            "looping": sum(loops(a) for a in answers) / n,
             "max_run_share": sum(shares) / n,
             "max_run_share_max": max(shares, default=0.0),
             "mostly_one_token": sum(s > MOSTLY_ONE_TOKEN for s in shares) / n,

@@ -19,6 +19,7 @@ from hopd.quality import (
     degeneration,
     distinct_n,
     longest_run_share,
+    loops,
     ratio_se,
     sampled_rkl,
     teacher_nll,
@@ -40,6 +41,20 @@ def test_degeneration_metrics_by_hand():
     assert d["max_run_share"] == pytest.approx((0.2 + 0.8 + 0.0) / 3)
     assert d["eos_rate"] == pytest.approx(2 / 3) and d["mean_length"] == pytest.approx(10 / 3)
     assert math.isnan(distinct_n([[1], []], 2))
+
+
+def test_looping_by_hand():
+    phrase = [4, 5, 6, 7]  # "a symbol of the past," repeated: 19 bigrams, 4 distinct
+    assert loops(phrase * 5)
+    assert not loops(list(range(20)))  # 19 bigrams, all distinct
+    assert not loops(phrase * 4)  # 15 bigrams: too short to judge, however repetitive
+    some = list(range(10)) + [0, 1] * 4 + [0]  # 18 bigrams: the 9 of 0..9, (9, 0), (1, 0)
+    assert distinct_n([some], 2) == pytest.approx(11 / 18) and not loops(some)
+    d = degeneration([phrase * 5, list(range(20)), phrase * 4, []], [False, True, True, True])
+    assert d["looping"] == pytest.approx(1 / 4)
+    # pooled distinct-2 falls as the same good answer is repeated; the looping share does not
+    twice = degeneration([list(range(20))] * 2, [True, True])
+    assert twice["distinct_2"] == pytest.approx(0.5) and twice["looping"] == 0.0
 
 
 def test_answers_drop_eos_and_padding():
