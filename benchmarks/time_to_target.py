@@ -27,9 +27,8 @@ way from the start's KL (the same student for every arm) to OPD's final KL. Time
 target are read at the first evaluation at or under it (so their resolution is `--eval-every`
 steps). With `--seeds`, every arm runs once per seed (the seed sets the prompts' order and the
 sampler's stream, and the evaluation's rollouts as `hopd distill`'s seed does, the same for every
-arm of a seed), interleaved (seed 0's arms, then seed 1's), and
-each seed has its own target from its own OPD run. Arms run one after the other: run it on a
-quiet machine (the load is printed).
+arm of a seed), interleaved (seed 0's arms, then seed 1's), and each seed has its own target from
+its own OPD run. Arms run one after the other: run it on a quiet machine (the load is printed).
 
     python benchmarks/time_to_target.py --student runs/real_pair/warm/model     # BENCHMARKS.md
     python benchmarks/time_to_target.py --student S --teacher T --data chain:tiny --steps 2 \\
@@ -77,8 +76,7 @@ def hopd_arm(name: str, args, out: Path, seed: int) -> list[dict]:
            f"seed={seed}", f"student={args.student}", f"teacher={args.teacher}",
            f"data={args.data}", f"budget={args.budget}", f"batch_size={args.batch}",
            f"max_steps={args.steps}", f"optim.lr={args.lr}", "optim.warmup_steps=3",
-           "loss.kind=rkl",
-           f"eval_every={args.eval_every}", f"eval_n={args.eval_n}",
+           "loss.kind=rkl", f"eval_every={args.eval_every}", f"eval_n={args.eval_n}",
            f"eval_kl_n={args.eval_n}", "eval_metric=rkl", "save_every=0", *ARMS[name]]
     subprocess.run(cmd, check=True)
     evals = [{"step": r["step"], "rkl": r["eval_rkl"], "rkl_se": r["eval_rkl_se"],
@@ -235,6 +233,7 @@ def main() -> None:
     print(json.dumps({"targets": targets, "reference": ref,
                       "curves": {f"{n} seed {s}": c for (n, s), c in curves.items()},
                       "load": {f"{n} seed {s}": v for (n, s), v in load.items()}}))
+
 
 if __name__ == "__main__":
     main()
