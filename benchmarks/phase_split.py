@@ -223,6 +223,11 @@ def main() -> None:
                     else:
                         steps = trl_run(name, student, teacher, tok, rows, B, H, args.steps)
                     cell[name] = {k: median([s[k] for s in steps]) for k in ("step", *PHASES)}
+                    # each trainer's numbers as soon as they exist: a trainer killed later (out
+                    # of memory: GKDTrainer at B = 32, H = 256 on the real pair) loses no row
+                    print(f"{size} B={B} H={H} {name}: " + ", ".join(
+                        f"{k} {v:.3f}s" for k, v in cell[name].items()), file=sys.stderr,
+                        flush=True)
                 print(f"{size} B={B} H={H}: " + ", ".join(
                     f"{n} {cell[n]['step']:.3f}s" for n in trainers), file=sys.stderr, flush=True)
                 cells.append(cell)

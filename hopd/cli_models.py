@@ -35,7 +35,7 @@ def cmd_prune(args: argparse.Namespace) -> int:
     import torch
 
     from hopd.models import load_model, load_tokenizer, resolve_model_path
-    from hopd.prune import check_count, check_keep, parse_keep, print_influence, prune, save_pruned
+    from hopd.prune import check_count, check_keep, parse_keep, print_scores, prune, save_pruned
     from hopd.runstate import check_new_folder
     from hopd.tasks import PromptSource, encode_prompts
 
@@ -52,6 +52,10 @@ def cmd_prune(args: argparse.Namespace) -> int:
         check_keep(keep, n_layers)
     else:
         check_count(args.layers, n_layers)
+    if args.n < 1:
+        raise ConfigError(f"--n {args.n}: the score needs at least one prompt")
+    if args.tokens < 1:
+        raise ConfigError(f"--tokens {args.tokens}: sample at least one answer token per prompt")
     path = resolve_model_path(args.model)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -62,14 +66,16 @@ def cmd_prune(args: argparse.Namespace) -> int:
         source = PromptSource(args.data)
         rows = source.train_batch(0, args.n, seed=0)
         prompts = encode_prompts(tok, [e.prompt for e in rows])
-    pruned, kept, influence = prune(model, tok, layers=args.layers, keep=keep, prompts=prompts)
-    if influence is not None:
-        print_influence(influence, kept)
+    pruned, kept, scores = prune(model, tok, layers=args.layers, keep=keep, prompts=prompts,
+                                 score=args.score, tokens=args.tokens)
+    print_scores(scores, kept)
+    chosen = bool(scores)
     save_pruned(pruned, tok, out, {"source": args.model, "kept_layers": kept,
-                                   "source_layers": len(influence or []) or n_layers,
-                                   "block_influence": influence,
-                                   "influence_prompts": args.n if influence else 0,
-                                   "influence_data": args.data if influence else ""})
+                                   "source_layers": n_layers,
+                                   "score": args.score if chosen else "keep",
+                                   **scores,
+                                   "score_prompts": args.n if chosen else 0,
+                                   "score_data": args.data if chosen else ""})
     params = sum(p.numel() for p in pruned.parameters())
     print(f"hopd prune: kept layers {kept} of {n_layers}; {params / 1e6:.1f}M parameters; "
           f"wrote {out}")
@@ -101,12 +107,19 @@ def add_model_tools(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("prune", help="a student from a model by keeping some of its layers")
     p.add_argument("model", help="a folder, a .gguf file or a packaged name")
     p.add_argument("--layers", type=int, default=None,
-                   help="keep this many layers, those of largest block influence (ShortGPT)")
+                   help="keep this many layers, chosen by --score")
     p.add_argument("--keep", default="", help="explicit layers to keep, e.g. 0,6,12,18,24,29")
     p.add_argument("--out", required=True, help="new folder for the pruned student")
     p.add_argument("--data", default="chat:prompts",
-                   help="prompts that block influence is measured on (default chat:prompts)")
-    p.add_argument("--n", type=int, default=16, help="prompts for block influence (default 16)")
+                   help="prompts the score is measured on (default chat:prompts)")
+    p.add_argument("--n", type=int, default=16,
+                   help="prompts the score is measured on (default 16)")
+    p.add_argument("--score", choices=["bi", "kl"], default="bi",
+                   help="bi: largest block influence (ShortGPT, one pass); kl: remove one layer "
+                        "at a time, the one that raises the model's KL on its own answers least "
+                        "(SLEB-style; a forward pass per candidate)")
+    p.add_argument("--tokens", type=int, default=64,
+                   help="--score kl: answer tokens sampled per prompt (default 64)")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: default)")
     p.add_argument("--trust-remote-code", action="store_true",
                    help="run Python code shipped in the model folder")

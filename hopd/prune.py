@@ -8,18 +8,31 @@ Which layers to keep, by default: those with the largest block influence (ShortG
 2024), BI_i = 1 - mean over tokens of cos(x_i, x_{i+1}), where x_i is the hidden state entering
 layer i and x_{i+1} the one leaving it, measured on a few prompts. A layer that barely turns the
 residual stream (BI near 0) is the cheapest to lose.
+
+With `score="kl"`: the layers removed one at a time, each time the one whose removal raises the
+full model's forward KL on its own sampled answers the least (SLEB's iterative elimination, Song
+et al. 2024, with KL in place of perplexity), at one forward pass per candidate. On SmolLM2-135M
+cut to 25 of 30 layers its student started a third nearer the teacher (held-out reverse KL 0.68
+against 1.02) but stood further from it after the real-pair recipe's warm start (0.58 against
+0.53), so block influence stays the default (README, the real pair).
 """
 
 from __future__ import annotations
 
 import copy
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from transformers import AutoModelForCausalLM, PreTrainedModel, PreTrainedTokenizerBase
 
 from hopd.config import ConfigError
+
+if TYPE_CHECKING:
+    from hopd.progress import Bar
 
 
 def decoder_layers(model: PreTrainedModel) -> torch.nn.ModuleList:
@@ -91,6 +104,107 @@ def choose_layers(influence: list[float], k: int) -> list[int]:
     return sorted(order[:k])
 
 
+@contextmanager
+def only_layers(model: PreTrainedModel, keep: list[int]) -> Iterator[None]:
+    """Within the block, `model` runs only the decoder layers `keep`, exactly as the copy that
+    `prune_layers(model, keep)` writes would (no cache: each layer keeps its own index)."""
+    layers = decoder_layers(model)
+    n = model.config.num_hidden_layers
+    model.model.layers = torch.nn.ModuleList([layers[i] for i in keep])
+    model.config.num_hidden_layers = len(keep)
+    try:
+        yield
+    finally:
+        model.model.layers = layers
+        model.config.num_hidden_layers = n
+
+
+@torch.no_grad()
+def own_continuations(model: PreTrainedModel, prompts: list[list[int]], tokens: int,
+                      eos_id: int | None, seed: int = 0) -> list[tuple[list[int], int]]:
+    """The model's own sampled answers (temperature 1, up to `tokens` each) to the prompts, as
+    (prompt + answer ids, prompt length): the text its KL to a pruned copy is measured on."""
+    device = next(model.parameters()).device
+    out = []
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        for ids in prompts:
+            seq = model.generate(torch.tensor([ids], device=device), do_sample=True,
+                                 temperature=1.0, top_k=0, top_p=1.0, max_new_tokens=tokens,
+                                 eos_token_id=eos_id, pad_token_id=eos_id or 0)
+            out.append((seq[0].tolist(), len(ids)))
+    return out
+
+
+class KLProbe:
+    """The mean per-token forward KL(full model || the model with only some layers) on fixed
+    sequences, over their answer positions; the full model's log-probabilities are kept."""
+
+    def __init__(self, model: PreTrainedModel, sequences: list[tuple[list[int], int]],
+                 chunk: int = 8):
+        self.model, self.chunk = model, chunk
+        device = next(model.parameters()).device
+        self.batches = []
+        for i in range(0, len(sequences), chunk):
+            part = sequences[i:i + chunk]
+            width = max(len(s) for s, _ in part)
+            ids = torch.zeros(len(part), width, dtype=torch.long, device=device)
+            attn = torch.zeros_like(ids)
+            answer = torch.zeros(len(part), width - 1, dtype=torch.bool, device=device)
+            for r, (s, p) in enumerate(part):
+                ids[r, :len(s)] = torch.tensor(s)
+                attn[r, :len(s)] = 1
+                answer[r, p - 1:len(s) - 1] = True  # position t predicts token t + 1
+            self.batches.append((ids, attn, answer))
+        self.tokens = sum(int(a.sum()) for _, _, a in self.batches)
+        if self.tokens == 0:
+            raise ConfigError("the calibration answers are empty: give prompts the model answers")
+        self.full = [self._logp(b) for b in self.batches]
+
+    @torch.no_grad()
+    def _logp(self, batch: tuple[torch.Tensor, torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        ids, attn, answer = batch
+        logits = self.model(input_ids=ids, attention_mask=attn, use_cache=False).logits
+        logits_N_V = logits[:, :-1][answer]  # 16-bit weights score in float32
+        return torch.log_softmax(logits_N_V.to(torch.promote_types(logits_N_V.dtype,
+                                                                   torch.float32)), dim=-1)
+
+    @torch.no_grad()
+    def kl(self, keep: list[int]) -> float:
+        total = 0.0
+        with only_layers(self.model, keep):
+            for batch, p_N_V in zip(self.batches, self.full):
+                q_N_V = self._logp(batch)
+                total += float((p_N_V.exp() * (p_N_V - q_N_V)).sum())
+        return total / self.tokens
+
+
+def kl_removal(probe: KLProbe, n_layers: int, k: int, progress: Bar | None = None
+               ) -> tuple[list[int], list[int], list[float], list[float]]:
+    """SLEB-style greedy elimination down to k layers: each round removes the layer whose
+    removal gives the lowest KL. Returns the layers kept, the removal order, the KL after each
+    removal, and the KL of removing each layer alone (the first round)."""
+    keep, order, after, alone = list(range(n_layers)), [], [], []
+    while len(keep) > k:
+        trial = {}
+        for i in keep:
+            trial[i] = probe.kl([j for j in keep if j != i])
+            if progress is not None:
+                progress.update(1, removed=len(order))
+        if not alone:
+            alone = [trial[i] for i in range(n_layers)]
+        best = min(keep, key=lambda i: trial[i])
+        keep.remove(best)
+        order.append(best)
+        after.append(trial[best])
+    return keep, order, after, alone
+
+
+def kl_removal_evaluations(n_layers: int, k: int) -> int:
+    """Forward passes `kl_removal` makes (for its progress bar): n + (n - 1) + ... + (k + 1)."""
+    return sum(range(k + 1, n_layers + 1))
+
+
 def prune_layers(model: PreTrainedModel, keep: list[int]) -> PreTrainedModel:
     """A new model with only the decoder layers `keep` (sorted), their weights copied bit for
     bit; embeddings, final norm and head are the original's."""
@@ -119,25 +233,53 @@ def prune_layers(model: PreTrainedModel, keep: list[int]) -> PreTrainedModel:
 
 
 def prune(model: PreTrainedModel, tok: PreTrainedTokenizerBase, *, layers: int = 0,
-          keep: list[int] | None = None, prompts: list[list[int]] | None = None
-          ) -> tuple[PreTrainedModel, list[int], list[float] | None]:
-    """Keeps `keep`, or the `layers` layers of largest block influence on `prompts`; returns the
-    pruned model, the layers kept and the influence scores (None for an explicit list)."""
+          keep: list[int] | None = None, prompts: list[list[int]] | None = None,
+          score: str = "bi", tokens: int = 64) -> tuple[PreTrainedModel, list[int], dict]:
+    """Keeps `keep`, or `layers` layers chosen on `prompts` by `score` ("bi": the largest block
+    influence; "kl": greedy removal by the full model's KL on its own answers of up to `tokens`
+    tokens); returns the pruned model, the layers kept and the scores behind the choice (empty
+    for an explicit list)."""
     n = len(decoder_layers(model))
     if keep:
-        return prune_layers(model, check_keep(keep, n)), sorted(keep), None
+        return prune_layers(model, check_keep(keep, n)), sorted(keep), {}
     check_count(layers, n)
     if not prompts:
-        raise ValueError("block influence needs prompts")
-    influence = block_influence(model, prompts)
-    chosen = choose_layers(influence, layers)
-    return prune_layers(model, chosen), chosen, influence
+        raise ValueError("choosing layers needs prompts")
+    if score == "bi":
+        influence = block_influence(model, prompts)
+        chosen = choose_layers(influence, layers)
+        return prune_layers(model, chosen), chosen, {"block_influence": influence}
+    if score != "kl":
+        raise ConfigError(f"--score {score!r}: choose bi (block influence) or kl")
+    from hopd.progress import Bar
+
+    sequences = own_continuations(model, prompts, tokens, tok.eos_token_id)
+    probe = KLProbe(model, sequences)
+    bar = Bar(kl_removal_evaluations(n, layers), "prune: KL of each removal")
+    try:
+        chosen, order, after, alone = kl_removal(probe, n, layers, bar)
+    finally:
+        bar.close()
+    return prune_layers(model, chosen), chosen, {
+        "removal_order": order, "kl_after_removal": after, "kl_removing_alone": alone,
+        "kl_tokens": probe.tokens}
 
 
-def print_influence(influence: list[float], kept: list[int]) -> None:
-    print("layer  block influence  kept", file=sys.stderr)
-    for i, bi in enumerate(influence):
-        print(f"{i:5d}  {bi:15.4f}  {'yes' if i in kept else ''}", file=sys.stderr)
+def print_scores(scores: dict, kept: list[int]) -> None:
+    """The table behind the choice: each layer's block influence, or its KL when removed alone
+    and where it fell in the greedy order."""
+    if "block_influence" in scores:
+        print("layer  block influence  kept", file=sys.stderr)
+        for i, bi in enumerate(scores["block_influence"]):
+            print(f"{i:5d}  {bi:15.4f}  {'yes' if i in kept else ''}", file=sys.stderr)
+    elif "removal_order" in scores:
+        print("layer  KL removed alone  removed as  KL after  kept", file=sys.stderr)
+        order, after = scores["removal_order"], scores["kl_after_removal"]
+        for i, alone in enumerate(scores["kl_removing_alone"]):
+            r = order.index(i) if i in order else None
+            print(f"{i:5d}  {alone:16.4f}  {'' if r is None else f'#{r + 1}':>10}  "
+                  f"{'' if r is None else f'{after[r]:8.4f}':>8}  {'' if r is not None else 'yes'}",
+                  file=sys.stderr)
 
 
 def parse_keep(text: str) -> list[int]:

@@ -16,7 +16,14 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from hopd.cli import main
 from hopd.models import load_model, load_tokenizer
-from hopd.prune import block_influence, choose_layers, prune_layers
+from hopd.prune import (
+    KLProbe,
+    block_influence,
+    choose_layers,
+    kl_removal,
+    kl_removal_evaluations,
+    prune_layers,
+)
 
 pytest.importorskip("gguf")
 
@@ -174,10 +181,76 @@ def test_hopd_prune_writes_a_student_with_the_teachers_tokenizer(tiny_gguf, tmp_
     assert student.chat_template == teacher.chat_template
 
 
+
+def _kl_by_hand(full, pruned, sequences) -> float:
+    """Mean per-token KL(full || pruned) over the answer positions, each sequence run alone."""
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for seq, p in sequences:
+            ids = torch.tensor([seq])
+            lp = torch.log_softmax(full(ids, use_cache=False).logits[0, p - 1:-1], -1)
+            lq = torch.log_softmax(pruned(ids, use_cache=False).logits[0, p - 1:-1], -1)
+            total += float((lp.exp() * (lp - lq)).sum())
+            count += len(seq) - p
+    return total / count
+
+
+def test_kl_probe_equals_the_pruned_copys_kl_in_float64(tiny_gguf):
+    _, original = tiny_gguf
+    model = prune_layers(original, [0, 1, 2]).double()  # a float64 copy
+    # ragged lengths, so padding and the answer mask are exercised across the chunk boundary
+    sequences = [([5, 9, 40, 7, 100, 3], 3), ([3, 3, 8, 11], 2), ([7, 1, 60, 61, 62, 63, 64], 5)]
+    probe = KLProbe(model, sequences, chunk=2)
+    assert probe.tokens == 3 + 2 + 2
+    assert probe.kl([0, 1, 2]) == pytest.approx(0.0, abs=1e-12)
+    for keep in ([0, 2], [1], [0, 1]):
+        want = _kl_by_hand(model, prune_layers(model, keep), sequences)
+        assert want > 1e-6
+        assert probe.kl(keep) == pytest.approx(want, rel=1e-10, abs=1e-12)
+    assert len(model.model.layers) == 3 and model.config.num_hidden_layers == 3  # restored
+
+
+def test_kl_removal_drops_a_layer_that_does_nothing_first(tiny_gguf):
+    _, original = tiny_gguf
+    model = prune_layers(original, [0, 1, 2]).double()
+    with torch.no_grad():  # layer 1 adds nothing to the residual stream
+        model.model.layers[1].self_attn.o_proj.weight.zero_()
+        model.model.layers[1].mlp.down_proj.weight.zero_()
+    probe = KLProbe(model, [([5, 9, 40, 7, 100, 3], 3), ([3, 3, 8, 11, 12], 2)])
+
+    class Count:
+        n = 0
+
+        def update(self, advance=1, **fields):
+            self.n += advance
+
+    count = Count()
+    keep, order, after, alone = kl_removal(probe, 3, 1, count)
+    assert order[0] == 1 and after[0] == pytest.approx(0.0, abs=1e-12)
+    assert alone[1] == pytest.approx(0.0, abs=1e-12) and min(alone[0], alone[2]) > 1e-6
+    assert len(order) == 2 and keep == sorted(set(range(3)) - set(order))
+    assert after[1] == pytest.approx(probe.kl(keep), rel=1e-12) and after[1] > after[0]
+    assert count.n == kl_removal_evaluations(3, 1) == 5
+
+
+def test_hopd_prune_by_kl_writes_its_removal_order(tiny_gguf, tmp_path, cache, capsys):
+    path, _ = tiny_gguf
+    out = tmp_path / "student"
+    assert main(["prune", str(path), "--layers", "2", "--score", "kl", "--n", "3",
+                 "--tokens", "6", "--out", str(out)]) == 0
+    assert "KL removed alone" in capsys.readouterr().err
+    note = json.loads((out / "hopd_prune.json").read_text())
+    assert note["score"] == "kl" and len(note["removal_order"]) == 1
+    assert note["kept_layers"] == sorted(set(range(3)) - set(note["removal_order"]))
+    assert len(note["kl_removing_alone"]) == 3 and note["kl_tokens"] > 0
+    assert min(note["kl_removing_alone"]) == pytest.approx(note["kl_after_removal"][0])
+
 @pytest.mark.parametrize("args, words", [
     (["--layers", "0"], "between 1 and"), (["--layers", "4"], "between 1 and"),
     (["--keep", "0,0,2"], "more than once"), (["--keep", "0,3"], "out of range"),
     (["--keep", "0,x"], "layer indices"), ([], "--layers K"),
+    (["--layers", "2", "--score", "kl", "--tokens", "0"], "--tokens 0"),
+    (["--layers", "2", "--n", "0"], "--n 0"),
 ])
 def test_prune_refuses_bad_layer_lists_before_any_work(tiny_gguf, tmp_path, cache, capsys,
                                                         args, words):
