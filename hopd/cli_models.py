@@ -41,7 +41,7 @@ def cmd_prune(args: argparse.Namespace) -> int:
 
     keep = parse_keep(args.keep) if args.keep else None
     if not keep and args.layers is None:
-        raise ConfigError("give --layers K (keep the K most influential layers) or --keep LIST")
+        raise ConfigError("give --layers K (keep K layers chosen by --score) or --keep LIST")
     if keep and args.layers is not None and args.layers != len(keep):
         raise ConfigError(f"--layers {args.layers} and --keep with {len(keep)} layers disagree: "
                           "give one of them")
@@ -52,10 +52,11 @@ def cmd_prune(args: argparse.Namespace) -> int:
         check_keep(keep, n_layers)
     else:
         check_count(args.layers, n_layers)
-    if args.n < 1:
-        raise ConfigError(f"--n {args.n}: the score needs at least one prompt")
-    if args.tokens < 1:
-        raise ConfigError(f"--tokens {args.tokens}: sample at least one answer token per prompt")
+        if args.n < 1:
+            raise ConfigError(f"--n {args.n}: the score needs at least one prompt")
+        if args.tokens < 1:
+            raise ConfigError(f"--tokens {args.tokens}: sample at least one answer token per "
+                              "prompt")
     path = resolve_model_path(args.model)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -111,7 +112,7 @@ def add_model_tools(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--keep", default="", help="explicit layers to keep, e.g. 0,6,12,18,24,29")
     p.add_argument("--out", required=True, help="new folder for the pruned student")
     p.add_argument("--data", default="chat:prompts",
-                   help="prompts the score is measured on (default chat:prompts)")
+                   help="the prompt set the score is measured on (default chat:prompts)")
     p.add_argument("--n", type=int, default=16,
                    help="prompts the score is measured on (default 16)")
     p.add_argument("--score", choices=["bi", "kl"], default="bi",
