@@ -30,6 +30,7 @@ import torch
 from transformers import AutoModelForCausalLM, PreTrainedModel, PreTrainedTokenizerBase
 
 from hopd.config import ConfigError
+from hopd.losses import divergence
 
 if TYPE_CHECKING:
     from hopd.progress import Bar
@@ -142,7 +143,7 @@ class KLProbe:
 
     def __init__(self, model: PreTrainedModel, sequences: list[tuple[list[int], int]],
                  chunk: int = 8):
-        self.model, self.chunk = model, chunk
+        self.model = model
         device = next(model.parameters()).device
         self.batches = []
         for i in range(0, len(sequences), chunk):
@@ -174,8 +175,7 @@ class KLProbe:
         total = 0.0
         with only_layers(self.model, keep):
             for batch, p_N_V in zip(self.batches, self.full):
-                q_N_V = self._logp(batch)
-                total += float((p_N_V.exp() * (p_N_V - q_N_V)).sum())
+                total += float(divergence(self._logp(batch), p_N_V, "fkl").sum())
         return total / self.tokens
 
 

@@ -181,7 +181,6 @@ def test_hopd_prune_writes_a_student_with_the_teachers_tokenizer(tiny_gguf, tmp_
     assert student.chat_template == teacher.chat_template
 
 
-
 def _kl_by_hand(full, pruned, sequences) -> float:
     """Mean per-token KL(full || pruned) over the answer positions, each sequence run alone."""
     total, count = 0.0, 0
