@@ -53,3 +53,38 @@ def test_readme_recipe_is_the_script():
     theirs = recipe_settings(script, r"COMMON=\((.*?)\)")
     assert len(ours) == 3 and any("loss.kind=sft" in s for s in ours[1:]), ours
     assert ours == theirs
+
+
+def test_loop_anatomy_reads_an_answer_by_hand():
+    import importlib.util
+    import sys
+    spec = importlib.util.spec_from_file_location("loop_anatomy",
+                                                  ROOT / "benchmarks" / "loop_anatomy.py")
+    la = sys.modules["loop_anatomy"] = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(la)
+    eos = 9
+    loop = [5, 6] * 10  # 20 tokens, 2 distinct bigrams of 19: a loop; no EOS (cut by the budget)
+    r = la.read_answer(loop, [-0.5] * 10 + [-0.1] * 10, [5, eos] + [6, 5] * 9, eos)
+    assert r.loops and r.missed_stop  # the teacher's top-1 was EOS at position 1
+    assert r.nll_first == [0.5] * 10 and r.nll_second == [0.1] * 10
+    assert sum(r.teacher_agrees) == 1  # position 0 only: then EOS, then out of phase
+    ended = [1, 2, 3, eos]  # stops where the teacher's top-1 is EOS: no missed stop
+    r = la.read_answer(ended, [-1.0, -2.0, -3.0, -0.5], [1, 2, 4, eos], eos)
+    assert not r.loops and not r.missed_stop and r.teacher_agrees == [True, True, False, True]
+    assert r.nll_first == [1.0, 2.0] and r.nll_second == [3.0, 0.5]
+    s = la.summary([r])
+    assert s["teacher_top1_agrees"] == 0.75 and s["missed_stops"] == 0 and s["answers"] == 1
+
+
+def test_loop_anatomy_runs_on_the_testbed_pair():
+    proc = subprocess.run(["python", str(ROOT / "benchmarks" / "loop_anatomy.py"), "--model",
+                           "testbed:student", "--teacher", "testbed:teacher", "--task",
+                           "chain:default", "--n", "8", "--budget", "48", "--prefixes", "4"],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    res = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert res["looping"]["answers"] + res["other"]["answers"] == res["n"] == 8
+    # the bundled student was distilled from this teacher: a position shifted by one would
+    # leave the teacher's top-1 agreeing with few of its tokens
+    assert res["other"]["teacher_top1_agrees"] > 0.9
+    assert "missed stops" in proc.stdout

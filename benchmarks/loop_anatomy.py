@@ -1,0 +1,140 @@
+"""Where a distilled student's loops come from, read against its teacher.
+
+For the student's greedy answers to held-out prompts, the teacher scores every token (teacher
+forcing), and the script prints, for the looping answers (`hopd.quality.loops`) and the others:
+the teacher's NLL per token in each answer's first and second half, how often the teacher's own
+top-1 token is the one the student wrote, and how many answers go on past a position where the
+teacher's top-1 was EOS ("missed stops"). Then the teacher itself continues each looping answer
+greedily from the student's first k tokens, and the script counts how many of those
+continuations loop: if the teacher loops too, the loop was decided by the first k tokens.
+
+    python benchmarks/loop_anatomy.py --model runs/real/opd/model
+    python benchmarks/loop_anatomy.py --model S --teacher T --n 65 --prefixes 8,16,32
+
+Prints a table and one JSON line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from dataclasses import dataclass
+
+import torch
+
+from hopd.models import load_model, load_tokenizer
+from hopd.quality import distinct_n, loops
+from hopd.rollout import sample
+from hopd.tasks import PromptSource, encode_prompts
+from hopd.teacher import score
+
+
+@dataclass
+class Reading:
+    """One greedy answer, read by the teacher."""
+
+    loops: bool
+    nll_first: list[float]  # the teacher's NLL of each token in the answer's first half
+    nll_second: list[float]  # ... and in its second half
+    teacher_agrees: list[bool]  # whether the teacher's top-1 is the token written
+    missed_stop: bool  # the teacher's top-1 was EOS before the answer's last token
+
+
+def read_answer(tokens: list[int], teacher_logp: list[float], teacher_top1: list[int],
+                eos: int) -> Reading:
+    """`tokens`: an answer as generated (its final EOS included when it stopped);
+    `teacher_logp[i]`, `teacher_top1[i]`: the teacher's log-prob of tokens[i] and its most likely
+    token at that position."""
+    n = len(tokens)
+    nll = [-x for x in teacher_logp[:n]]
+    return Reading(loops=loops([t for t in tokens if t != eos]),
+                   nll_first=nll[: n // 2], nll_second=nll[n // 2:],
+                   teacher_agrees=[a == b for a, b in zip(teacher_top1, tokens)],
+                   missed_stop=any(t == eos for t in teacher_top1[: n - 1]))
+
+
+def summary(readings: list[Reading]) -> dict[str, float]:
+    def mean(xs: list) -> float:
+        return sum(xs) / len(xs) if xs else float("nan")
+
+    return {"answers": len(readings),
+            "nll_first_half": mean([x for r in readings for x in r.nll_first]),
+            "nll_second_half": mean([x for r in readings for x in r.nll_second]),
+            "teacher_top1_agrees": mean([x for r in readings for x in r.teacher_agrees]),
+            "missed_stops": sum(r.missed_stop for r in readings)}
+
+
+def greedy_answers(model, prompts: list[list[int]], budget: int, eos: int, pad: int,
+                   batch: int = 8) -> list[list[int]]:
+    """Greedy answers, each with its final EOS when it stopped."""
+    out = []
+    for i in range(0, len(prompts), batch):
+        r = sample(model, prompts[i:i + batch], budget, eos_id=eos, pad_id=pad, greedy=True)
+        out += [[t for t, m in zip(ids, mask) if m]
+                for ids, mask in zip(r.response_ids_B_R.tolist(), r.response_mask_B_R.tolist())]
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--model", required=True, help="the student (a folder or a known name)")
+    ap.add_argument("--teacher", default="smollm2:135m-instruct")
+    ap.add_argument("--task", default="chat:prompts")
+    ap.add_argument("--split", default="test", choices=["val", "test"])
+    ap.add_argument("--n", type=int, default=32, help="held-out prompts")
+    ap.add_argument("--budget", type=int, default=128)
+    ap.add_argument("--prefixes", default="8,16,32",
+                    help="the teacher continues looping answers after these many tokens")
+    args = ap.parse_args()
+    tok = load_tokenizer(args.teacher)
+    teacher, student = load_model(args.teacher), load_model(args.model)
+    eos, pad = tok.eos_token_id, tok.pad_token_id
+    examples = PromptSource(args.task).eval_set(args.n, 0, args.split)
+    prompts = encode_prompts(tok, [e.prompt for e in examples])
+    answers, readings = [], []
+    for i in range(0, len(prompts), 8):  # the student answers, the teacher reads: 8 at a time
+        r = sample(student, prompts[i:i + 8], args.budget, eos_id=eos, pad_id=pad, greedy=True)
+        with torch.no_grad():
+            s = score(teacher, r, "topk", top_k=1)
+        for b, (ids, mask) in enumerate(zip(r.response_ids_B_R.tolist(),
+                                            r.response_mask_B_R.tolist())):
+            answers.append([t for t, m in zip(ids, mask) if m])
+            readings.append(read_answer(answers[-1], s.logp_B_R[b].tolist(),
+                                        s.topk_ids_B_R_K[b, :, 0].tolist(), eos))
+    looping = [i for i, r in enumerate(readings) if r.loops]
+    result = {"model": args.model, "teacher": args.teacher, "n": len(prompts),
+              "distinct_2": distinct_n(answers_of_text(answers, eos)),
+              "looping": summary([r for r in readings if r.loops]),
+              "other": summary([r for r in readings if not r.loops]),
+              "teacher_continues": {}}
+    for k in [int(x) for x in args.prefixes.split(",") if x]:
+        if not looping:
+            break
+        starts = [answers[i][:k] for i in looping]
+        cont = greedy_answers(teacher, [prompts[i] + s for i, s in zip(looping, starts)],
+                              args.budget - k, eos, pad)
+        whole = [s + c for s, c in zip(starts, cont)]
+        result["teacher_continues"][k] = sum(loops([t for t in w if t != eos]) for w in whole)
+
+    print(f"{args.model}: {len(prompts)} {args.split} prompts, greedy at L = {args.budget}, "
+          f"distinct-2 {result['distinct_2']:.3f}")
+    print("| answers | n | teacher NLL, first half | second half | teacher's top-1 agrees "
+          "| missed stops |")
+    print("|---|---|---|---|---|---|")
+    for name in ("looping", "other"):
+        s = result[name]
+        print(f"| {name} | {s['answers']} | {s['nll_first_half']:.3f} | {s['nll_second_half']:.3f}"
+              f" | {s['teacher_top1_agrees']:.2f} | {s['missed_stops']} |")
+    for k, v in result["teacher_continues"].items():
+        print(f"the teacher, continuing the {len(looping)} looping answers after their first {k}"
+              f" tokens, loops on {v}")
+    print(json.dumps(result))
+
+
+def answers_of_text(answers: list[list[int]], eos: int) -> list[list[int]]:
+    """The answers without EOS, as `hopd.quality.distinct_n` counts them."""
+    return [[t for t in a if t != eos] for a in answers]
+
+
+if __name__ == "__main__":
+    main()
