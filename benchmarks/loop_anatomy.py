@@ -40,6 +40,11 @@ class Reading:
     missed_stop: bool  # the teacher's top-1 was EOS before the answer's last token
 
 
+def strip_eos(answer: list[int], eos: int) -> list[int]:
+    """An answer as `hopd.quality` counts it: without its EOS."""
+    return [t for t in answer if t != eos]
+
+
 def read_answer(tokens: list[int], teacher_logp: list[float], teacher_top1: list[int],
                 eos: int) -> Reading:
     """`tokens`: an answer as generated (its final EOS included when it stopped);
@@ -47,7 +52,7 @@ def read_answer(tokens: list[int], teacher_logp: list[float], teacher_top1: list
     token at that position."""
     n = len(tokens)
     nll = [-x for x in teacher_logp[:n]]
-    return Reading(loops=loops([t for t in tokens if t != eos]),
+    return Reading(loops=loops(strip_eos(tokens, eos)),
                    nll_first=nll[: n // 2], nll_second=nll[n // 2:],
                    teacher_agrees=[a == b for a, b in zip(teacher_top1, tokens)],
                    missed_stop=any(t == eos for t in teacher_top1[: n - 1]))
@@ -103,18 +108,20 @@ def main() -> None:
                                         s.topk_ids_B_R_K[b, :, 0].tolist(), eos))
     looping = [i for i, r in enumerate(readings) if r.loops]
     result = {"model": args.model, "teacher": args.teacher, "n": len(prompts),
-              "distinct_2": distinct_n(answers_of_text(answers, eos)),
+              "distinct_2": distinct_n([strip_eos(a, eos) for a in answers]),
               "looping": summary([r for r in readings if r.loops]),
               "other": summary([r for r in readings if not r.loops]),
               "teacher_continues": {}}
     for k in [int(x) for x in args.prefixes.split(",") if x]:
         if not looping:
             break
-        starts = [answers[i][:k] for i in looping]
-        cont = greedy_answers(teacher, [prompts[i] + s for i, s in zip(looping, starts)],
-                              args.budget - k, eos, pad)
-        whole = [s + c for s, c in zip(starts, cont)]
-        result["teacher_continues"][k] = sum(loops([t for t in w if t != eos]) for w in whole)
+        # an answer that ended within its first k tokens stays as the student wrote it
+        go_on = [i for i in looping if eos not in answers[i][:k]]
+        cont = greedy_answers(teacher, [prompts[i] + answers[i][:k] for i in go_on],
+                              args.budget - k, eos, pad) if go_on else []
+        whole = {i: answers[i] for i in looping}
+        whole.update({i: answers[i][:k] + c for i, c in zip(go_on, cont)})
+        result["teacher_continues"][k] = sum(loops(strip_eos(w, eos)) for w in whole.values())
 
     print(f"{args.model}: {len(prompts)} {args.split} prompts, greedy at L = {args.budget}, "
           f"distinct-2 {result['distinct_2']:.3f}")
@@ -129,11 +136,6 @@ def main() -> None:
         print(f"the teacher, continuing the {len(looping)} looping answers after their first {k}"
               f" tokens, loops on {v}")
     print(json.dumps(result))
-
-
-def answers_of_text(answers: list[list[int]], eos: int) -> list[list[int]]:
-    """The answers without EOS, as `hopd.quality.distinct_n` counts them."""
-    return [[t for t in a if t != eos] for a in answers]
 
 
 if __name__ == "__main__":
