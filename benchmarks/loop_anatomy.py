@@ -11,7 +11,8 @@ continuations loop: if the teacher loops too, the loop was decided by the first 
     python benchmarks/loop_anatomy.py --model runs/real/opd/model
     python benchmarks/loop_anatomy.py --model S --teacher T --n 65 --prefixes 8,16,32
 
-Prints a table and one JSON line.
+Prints a table and one JSON line. Student and teacher must share the teacher's tokenizer, as a
+student made by `hopd prune` does.
 """
 
 from __future__ import annotations

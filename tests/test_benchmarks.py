@@ -6,6 +6,7 @@ import json
 import re
 import shlex
 import subprocess
+import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -57,7 +58,6 @@ def test_readme_recipe_is_the_script():
 
 def test_loop_anatomy_reads_an_answer_by_hand():
     import importlib.util
-    import sys
     spec = importlib.util.spec_from_file_location("loop_anatomy",
                                                   ROOT / "benchmarks" / "loop_anatomy.py")
     la = sys.modules["loop_anatomy"] = importlib.util.module_from_spec(spec)
@@ -77,7 +77,7 @@ def test_loop_anatomy_reads_an_answer_by_hand():
 
 
 def test_loop_anatomy_runs_on_the_testbed_pair():
-    proc = subprocess.run(["python", str(ROOT / "benchmarks" / "loop_anatomy.py"), "--model",
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "loop_anatomy.py"), "--model",
                            "testbed:student", "--teacher", "testbed:teacher", "--task",
                            "chain:default", "--n", "8", "--budget", "48", "--prefixes", "4"],
                           capture_output=True, text=True, timeout=300)
