@@ -19,13 +19,14 @@ from __future__ import annotations
 
 import argparse
 import json
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
 
 from hopd.models import load_model, load_tokenizer
 from hopd.quality import distinct_n, loops
-from hopd.rollout import sample
+from hopd.rollout import Rollout, sample
 from hopd.tasks import PromptSource, encode_prompts
 from hopd.teacher import score
 
@@ -70,15 +71,20 @@ def summary(readings: list[Reading]) -> dict[str, float]:
             "missed_stops": sum(r.missed_stop for r in readings)}
 
 
-def greedy_answers(model, prompts: list[list[int]], budget: int, eos: int, pad: int,
-                   batch: int = 8) -> list[list[int]]:
-    """Greedy answers, each with its final EOS when it stopped."""
-    out = []
+def greedy_batches(model, prompts: list[list[int]], budget: int, eos: int, pad: int,
+                   batch: int = 8) -> Iterator[tuple[Rollout, list[list[int]]]]:
+    """Greedy rollouts, `batch` prompts at a time, each with its answers (a row's tokens, with
+    its final EOS when it stopped)."""
     for i in range(0, len(prompts), batch):
         r = sample(model, prompts[i:i + batch], budget, eos_id=eos, pad_id=pad, greedy=True)
-        out += [[t for t, m in zip(ids, mask) if m]
-                for ids, mask in zip(r.response_ids_B_R.tolist(), r.response_mask_B_R.tolist())]
-    return out
+        yield r, [[t for t, m in zip(ids, mask) if m] for ids, mask in
+                  zip(r.response_ids_B_R.tolist(), r.response_mask_B_R.tolist())]
+
+
+def greedy_answers(model, prompts: list[list[int]], budget: int, eos: int, pad: int
+                   ) -> list[list[int]]:
+    """Greedy answers, each with its final EOS when it stopped."""
+    return [a for _, batch in greedy_batches(model, prompts, budget, eos, pad) for a in batch]
 
 
 def main() -> None:
@@ -98,15 +104,12 @@ def main() -> None:
     examples = PromptSource(args.task).eval_set(args.n, 0, args.split)
     prompts = encode_prompts(tok, [e.prompt for e in examples])
     answers, readings = [], []
-    for i in range(0, len(prompts), 8):  # the student answers, the teacher reads: 8 at a time
-        r = sample(student, prompts[i:i + 8], args.budget, eos_id=eos, pad_id=pad, greedy=True)
-        with torch.no_grad():
+    for r, batch in greedy_batches(student, prompts, args.budget, eos, pad):
+        with torch.no_grad():  # the teacher reads each batch of the student's answers
             s = score(teacher, r, "topk", top_k=1)
-        for b, (ids, mask) in enumerate(zip(r.response_ids_B_R.tolist(),
-                                            r.response_mask_B_R.tolist())):
-            answers.append([t for t, m in zip(ids, mask) if m])
-            readings.append(read_answer(answers[-1], s.logp_B_R[b].tolist(),
-                                        s.topk_ids_B_R_K[b, :, 0].tolist(), eos))
+        answers += batch
+        readings += [read_answer(a, s.logp_B_R[b].tolist(), s.topk_ids_B_R_K[b, :, 0].tolist(),
+                                 eos) for b, a in enumerate(batch)]
     looping = [i for i, r in enumerate(readings) if r.loops]
     result = {"model": args.model, "teacher": args.teacher, "n": len(prompts),
               "distinct_2": distinct_n([strip_eos(a, eos) for a in answers]),
