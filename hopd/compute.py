@@ -9,8 +9,9 @@ at the lengths hopd trains on it is small beside the weights' and the same for e
 one comparison at a given horizon.
 
 Per step, with P the prompt tokens and R the sampled response tokens (padding excluded):
-  sampling:  2 F_sampler (P + R)   (prefill, then one cached decode step per token)
-  teacher:   2 F_teacher (P + R)   (one scoring pass; none for SFT, whose sampler is the teacher)
+  sampling:  2 F_sampler (P + R)   (prefill, then one cached decode step per token; the sampler
+                                    is the teacher for SFT and supervised KD)
+  teacher:   2 F_teacher (P + R)   (one scoring pass; none for SFT, which needs only the tokens)
   learning:  6 F_student (P + R)   (forward and backward over prompt and response)
 """
 
@@ -42,9 +43,10 @@ def _numel(p: torch.Tensor) -> int:
 
 
 def step_flops(student: float, teacher: float, prompt_tokens: float, response_tokens: float,
-               sft: bool = False) -> float:
-    """The estimated FLOPs of one step (module docstring), from per-token forward costs."""
+               teacher_samples: bool = False, scored: bool = True) -> float:
+    """The estimated FLOPs of one step (module docstring), from per-token forward costs:
+    `teacher_samples` when the teacher writes the answers, `scored` when it also scores them."""
     tokens = prompt_tokens + response_tokens
-    sampler = teacher if sft else student
-    scoring = 0.0 if sft else teacher
+    sampler = teacher if teacher_samples else student
+    scoring = teacher if scored else 0.0
     return tokens * (sampler + scoring + 3.0 * student)

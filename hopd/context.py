@@ -171,12 +171,14 @@ class RunContext:
                                                        "eos_rate", "mean_length")}}
 
     def check_collapse(self, step: int, ev: dict[str, Any]) -> str | None:
-        """The collapse guard at an evaluation (mode-seeking losses only: sft and fkl cover the
-        teacher's answers and cannot win by collapsing); prints its warning once."""
+        """The collapse guard at an evaluation (mode-seeking losses on the student's own answers
+        only: sft and fkl cover the teacher's answers, and on the teacher's answers no loss can
+        win by collapsing); prints its warning once."""
         if "base" not in self.guard:
             self.guard["base"] = self.reference(ev)
             return None
-        if self.cfg.loss.kind in ("sft", "fkl") or not self.guard.get("recent"):
+        if self.cfg.loss.kind in ("sft", "fkl") or self.cfg.loss.teacher_rollouts or \
+                not self.guard.get("recent"):
             return None
         first, recent = self.guard["losses"], self.guard["recent"]
         warning = collapse_check(GuardReading(sum(first) / len(first),
@@ -276,8 +278,8 @@ def load_models(cfg: DistillConfig, inp: Inputs, ckpt: Path | None, device: str
 def make_sampler(cfg: DistillConfig, inp: Inputs, student: PreTrainedModel,
                  teacher: Teacher) -> Sampler:
     """The run's rollout engine (sampling.engine): the student's, or the teacher's for the SFT
-    baseline."""
-    sft, s = cfg.loss.kind == "sft", cfg.sampling
+    baseline and supervised KD (loss.rollouts=teacher)."""
+    sft, s = cfg.loss.teacher_rollouts, cfg.sampling
     model = teacher.model if sft else student
     greedy = sft and cfg.loss.sft_greedy
     eos, pad = inp.tok.eos_token_id, inp.tok.pad_token_id

@@ -274,7 +274,8 @@ def record(ctx: RunContext, batch: Batch, st: StepStats, step_time: float) -> di
     ctx.totals["prompts"] += batch.n_prompts
     cpu = ctx.dist.sum([time.process_time() - batch.cpu0])[0]  # every process's CPU time
     flops = step_flops(*ctx.flops_per_token, st.prompt_tokens, st.sampled_tokens,
-                       sft=ctx.cfg.loss.kind == "sft")
+                       teacher_samples=ctx.cfg.loss.teacher_rollouts,
+                       scored=ctx.cfg.loss.kind != "sft")
     ctx.totals["train_cpu_s"] += cpu
     ctx.totals["train_flops"] += flops
     n, cut = batch.n_prompts, st.cut_rows

@@ -39,10 +39,21 @@ class LossConfig:
     top_k: int = 0  # full-vocabulary losses on the teacher's top-k + tail (0: all tokens)
     gamma: float = 0.0  # sampled_rkl discount over future tokens (0: per-token advantage)
     clip_eps: float = 0.0  # sampled_rkl PPO-style ratio clipping (0: off)
+    rollouts: str = "student"  # whose answers: student (OPD) | teacher (supervised KD; sft's)
+
+    @property
+    def teacher_rollouts(self) -> bool:
+        """Whether the teacher, not the student, writes the step's answers."""
+        return self.kind == "sft" or self.rollouts == "teacher"
 
     def validate(self) -> None:
         C.check(self.kind in LOSSES,
                 f"loss.kind={self.kind!r}: choose one of {', '.join(LOSSES)}")
+        C.check(self.rollouts in ("student", "teacher"),
+                f"loss.rollouts={self.rollouts!r}: choose student (on-policy) or teacher")
+        C.check(not (self.kind == "sampled_rkl" and self.rollouts == "teacher"),
+                "loss.kind=sampled_rkl estimates the reverse KL from the student's own samples "
+                "and cannot use the teacher's: with loss.rollouts=teacher choose rkl, fkl or jsd")
         C.check(self.normalizer in NORMALIZERS,
                 f"loss.normalizer={self.normalizer!r}: choose one of "
                 f"{', '.join(NORMALIZERS)}")
@@ -193,11 +204,12 @@ class DistillConfig:
         C.check(not (self.parallel == "fsdp" and self.sampling.dtype),
                 "sampling.dtype with parallel=fsdp is not supported (the sampler's copy needs the "
                 "whole student on each rank): use parallel=ddp or leave sampling.dtype unset")
-        C.check(not (self.loss.kind == "sft" and self.teacher_url),
-                "loss.kind=sft samples answers from the teacher model itself: give teacher=PATH, "
+        how = "loss.kind=sft" if self.loss.kind == "sft" else "loss.rollouts=teacher"
+        C.check(not (self.loss.teacher_rollouts and self.teacher_url),
+                f"{how} samples answers from the teacher model itself: give teacher=PATH, "
                 "not teacher_url")
-        C.check(not (self.loss.kind == "sft" and self.teacher_system_prompt),
-                "loss.kind=sft trains the student on the teacher's answers to the student's own "
+        C.check(not (self.loss.teacher_rollouts and self.teacher_system_prompt),
+                f"{how} trains the student on the teacher's answers to the student's own "
                 "prompts: leave teacher_system_prompt empty")
         C.check(self.threads >= 0, f"threads={self.threads}: must be >= 0 (0: torch's default)")
         C.check(self.teacher_retries >= 0,

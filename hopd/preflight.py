@@ -69,7 +69,7 @@ def check_inputs(cfg: DistillConfig) -> Inputs:
 
         from hopd.vllm_sampler import check_model
 
-        path = t_path if cfg.loss.kind == "sft" else s_path
+        path = t_path if cfg.loss.teacher_rollouts else s_path
         check_model(AutoConfig.from_pretrained(str(path), trust_remote_code=cfg.trust_remote_code),
                     cfg.device.split(":")[0], budget)
     return inputs

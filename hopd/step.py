@@ -77,7 +77,7 @@ def opd_step(student: PreTrainedModel, teacher: Teacher | PreTrainedModel,
     step's stats.
 
     A step whose loss or gradient is not finite is skipped (no optimizer update). `sampler`
-    draws the rollouts (the student's; the teacher's for the SFT baseline, loss.kind=sft);
+    draws the rollouts (the student's; the teacher's for the SFT baseline and supervised KD);
     `learner` is the module that runs forward/backward (the DDP wrapper of `student` when
     distributed); `budget` is L, for the `constant` normaliser.
     """

@@ -246,6 +246,48 @@ def test_the_sft_baseline_samples_from_the_teacher(tmp_path, micro_pair):
     assert rec["loss"] == pytest.approx(float(nll), rel=1e-4)
 
 
+def test_supervised_kd_takes_the_forward_kl_on_the_teachers_answers(tmp_path, micro_pair):
+    """loss.rollouts=teacher with loss.kind=fkl (supervised KD): the first step's loss is the
+    forward KL(t || s) per token, over the whole vocabulary, at the teacher's own answers drawn
+    with the run's per-row seeds, computed here in float64 from the two models."""
+    import pytest
+    import torch
+
+    from hopd.models import load_model, load_tokenizer, response_logits
+    from hopd.progress import read_metrics
+    from hopd.rollout import row_seeds, sample
+    from hopd.tasks import PromptSource, encode_prompts
+
+    s, t = micro_pair
+    run = tmp_path / "kd"
+    assert main(["distill", "--out", str(run), "--quiet", f"student={s}", f"teacher={t}",
+                 "data=chain:tiny", "max_steps=1", "batch_size=4", "eval_n=4", "eval_every=0",
+                 "diag_every=0", "threads=1", "loss.kind=fkl", "loss.rollouts=teacher"]) == 0
+    (rec,) = [r for r in read_metrics(run / "metrics.jsonl") if "loss" in r]
+    source = PromptSource("chain:tiny")
+    tok = load_tokenizer(str(t))
+    prompts = encode_prompts(tok, [e.prompt for e in source.train_batch(0, 4, 0, start=0)])
+    teacher = load_model(str(t)).eval()
+    answers = sample(teacher, prompts, source.default_budget(), eos_id=tok.eos_token_id,
+                     pad_id=tok.pad_token_id, row_seeds=row_seeds(0, 0, range(4)))
+    with torch.no_grad():
+        lp = [response_logits(m.double(), answers.ids_B_T, answers.attn_B_T, answers.prompt_len,
+                              len(tok)).log_softmax(-1)
+              for m in (load_model(str(s)).eval(), teacher)]
+    s_lp, t_lp = lp
+    kl = (t_lp.exp() * (t_lp - s_lp)).sum(-1)
+    mask = answers.response_mask_B_R.double()
+    assert rec["loss"] == pytest.approx(float((kl * mask).sum() / mask.sum()), rel=1e-4)
+    # the student's own answers give another loss (the random pair's KL is small, so the
+    # margin is relative): the rollouts really were the teacher's
+    on_policy = tmp_path / "fkl"
+    assert main(["distill", "--out", str(on_policy), "--quiet", f"student={s}", f"teacher={t}",
+                 "data=chain:tiny", "max_steps=1", "batch_size=4", "eval_n=4", "eval_every=0",
+                 "diag_every=0", "threads=1", "loss.kind=fkl"]) == 0
+    (own,) = [r for r in read_metrics(on_policy / "metrics.jsonl") if "loss" in r]
+    assert own["loss"] != pytest.approx(rec["loss"], rel=1e-3)
+
+
 def test_compare_jobs_runs_in_parallel_with_the_numbers_of_a_serial_run(tmp_path, micro_pair,
                                                                          capsys):
     """`--jobs 2` runs the plan two at a time in fresh processes: every run folder is complete,

@@ -63,6 +63,8 @@ def _bad_cases(tmp: Path, pair: tuple[Path, Path], other_tok_model: Path) -> lis
         (D + good + ["grad_accum=8"], "exceeds batch_size"),
         (D + good + ["loss.kind=l2"], "loss.kind='l2'"),
         (D + good + ["loss.beta=2"], "loss.beta=2"),
+        (D + good + ["loss.rollouts=both"], "loss.rollouts='both'"),
+        (D + good + ["loss.rollouts=teacher"], "cannot use the teacher's"),
         (D + good + ["sampling.temperature=0"], "sampling.temperature=0"),
         (D + good + ["sampling.top_p=0"], "sampling.top_p=0"),
         (D + good + ["optim.lr=-1"], "optim.lr=-1"),
