@@ -20,8 +20,8 @@ python - "$OUT" <<'EOF'
 import json, sys
 from pathlib import Path
 out = Path(sys.argv[1])
-keys = ["eval_rkl", "eval_rkl_se", "eval_teacher_nll", "eval_distinct_2", "eval_looping",
-        "eval_mostly_one_token", "eval_max_run_share_max", "eval_eos_rate", "eval_mean_length"]
+keys = ["eval_rkl", "eval_rkl_se", "eval_teacher_nll", "eval_distinct_2", "eval_distinct_2_se",
+        "eval_looping", "eval_mostly_one_token", "eval_max_run_share_max", "eval_eos_rate", "eval_mean_length"]
 print("| stage | step | " + " | ".join(k[5:] for k in keys) + " | training s |")
 print("|---" * (len(keys) + 3) + "|")
 for stage in ("warm", "opd"):

@@ -45,8 +45,8 @@ from hopd.trackers import Trackers
 
 # what each evaluation record carries beside the accuracy, as eval_<key>
 QUALITY_KEYS = ("rkl", "rkl_se", "rkl_exact", "teacher_nll", "teacher_nll_se", "distinct_2",
-                "looping", "max_run_share", "max_run_share_max", "mostly_one_token", "eos_rate",
-                "mean_length", "student_entropy")
+                "distinct_2_se", "looping", "max_run_share", "max_run_share_max",
+                "mostly_one_token", "eos_rate", "mean_length", "student_entropy")
 GUARD_STEPS = 2  # the guard compares the mean loss of the first and of the latest 2 steps
 
 
@@ -167,8 +167,9 @@ class RunContext:
             return {"of": "student", **{k: first[k] for k in ("distinct_2", "mostly_one_token")}}
         ev = evaluate(self.teacher.model, self.inp.t_tok, self.eval_examples, None, self.budget,
                       seed=self.cfg.seed, system_prompt=self.teacher_system, kl_n=0)
-        return {"of": "teacher", **{k: ev[k] for k in ("distinct_2", "looping", "mostly_one_token",
-                                                       "eos_rate", "mean_length")}}
+        return {"of": "teacher", **{k: ev[k] for k in ("distinct_2", "distinct_2_se", "looping",
+                                                       "mostly_one_token", "eos_rate",
+                                                       "mean_length")}}
 
     def check_collapse(self, step: int, ev: dict[str, Any]) -> str | None:
         """The collapse guard at an evaluation (mode-seeking losses on the student's own answers

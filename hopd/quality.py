@@ -10,9 +10,10 @@ die. So every evaluation also measures:
   log s(y) - log t(y)). Reported as a mean per token with its standard error over prompts;
 - the teacher's NLL per token of the student's greedy answers, -mean_t log t(y_t);
 - degeneration of the greedy answers: distinct-2 (distinct token bigrams / bigrams, over all
-  answers), the share of answers that loop (under half of their own bigrams distinct, among at
-  least 16: pooled distinct-2 also falls as answers are added, since bigrams repeat across
-  answers, while this share does not), the share of each answer that its longest run of one
+  answers; with its jackknife standard error over answers), the share of answers that loop
+  (under half of their own bigrams distinct, among at least 16: pooled distinct-2 also falls
+  as answers are added, since bigrams repeat across answers, while this share does not), the
+  share of each answer that its longest run of one
   repeated token fills (mean and max over answers, and how many answers it fills past half),
   EOS rate, mean length, and the student's mean entropy at its own greedy positions.
 
@@ -27,6 +28,7 @@ own start is no yardstick.
 from __future__ import annotations
 
 import math
+from collections import Counter
 from dataclasses import dataclass
 from typing import Any
 
@@ -60,6 +62,27 @@ def distinct_n(answers: list[list[int]], n: int = 2) -> float:
     return len(set(grams)) / len(grams) if grams else math.nan
 
 
+def distinct_n_se(answers: list[list[int]], n: int = 2) -> float:
+    """The jackknife standard error of `distinct_n` over answers (leave one answer out; NaN with
+    fewer than two answers holding n-grams). A bootstrap would draw some answers twice, and a
+    duplicated answer repeats all its n-grams: it would bias distinct-n down. Each leave-one-out
+    value comes from global n-gram counts, so the cost is one pass over the n-grams."""
+    per = [Counter(tuple(a[i:i + n]) for i in range(len(a) - n + 1)) for a in answers]
+    per = [c for c in per if c]
+    total: Counter = Counter()
+    for c in per:
+        total.update(c)
+    k, grams, kinds = len(per), sum(total.values()), len(total)
+    if k < 2:
+        return math.nan
+    loo = []
+    for c in per:  # answer i's n-gram kinds found nowhere else leave with it
+        gone = sum(1 for g, m in c.items() if total[g] == m)
+        loo.append((kinds - gone) / (grams - sum(c.values())))
+    mean = sum(loo) / k
+    return math.sqrt((k - 1) / k * sum((v - mean) ** 2 for v in loo))
+
+
 def longest_run_share(answer: list[int]) -> float:
     """The share of an answer that its longest run of one repeated token fills (0 if empty)."""
     if not answer:
@@ -78,11 +101,11 @@ def loops(answer: list[int]) -> bool:
 
 
 def degeneration(answers: list[list[int]], ended: list[bool]) -> dict[str, float]:
-    """distinct-2, the looping share, the longest-run shares, EOS rate and mean length of greedy
-    answers."""
+    """distinct-2 (with its jackknife standard error), the looping share, the longest-run shares,
+    EOS rate and mean length of greedy answers."""
     shares = [longest_run_share(a) for a in answers]
     n = max(len(answers), 1)
-    return {"distinct_2": distinct_n(answers, 2),
+    return {"distinct_2": distinct_n(answers, 2), "distinct_2_se": distinct_n_se(answers, 2),
             "looping": sum(loops(a) for a in answers) / n,
             "max_run_share": sum(shares) / n,
             "max_run_share_max": max(shares, default=0.0),

@@ -18,6 +18,7 @@ from hopd.quality import (
     collapse_check,
     degeneration,
     distinct_n,
+    distinct_n_se,
     longest_run_share,
     loops,
     ratio_se,
@@ -41,6 +42,23 @@ def test_degeneration_metrics_by_hand():
     assert d["max_run_share"] == pytest.approx((0.2 + 0.8 + 0.0) / 3)
     assert d["eos_rate"] == pytest.approx(2 / 3) and d["mean_length"] == pytest.approx(10 / 3)
     assert math.isnan(distinct_n([[1], []], 2))
+
+
+def test_distinct_2_standard_error_by_hand_and_by_leaving_each_answer_out():
+    # leaving out [1,2,3,1,2] leaves 2 distinct of 4 bigrams; leaving out [7,7,7,7,5], 3 of 4;
+    # the empty answer holds no bigram and does not count: k = 2, values 0.5 and 0.75
+    answers = [[1, 2, 3, 1, 2], [7, 7, 7, 7, 5], []]
+    assert distinct_n_se(answers) == pytest.approx(math.sqrt(1 / 2 * 2 * 0.125 ** 2))
+    assert degeneration(answers, [True] * 3)["distinct_2_se"] == pytest.approx(0.125)
+    assert math.isnan(distinct_n_se([[1, 2, 3], [4]]))  # one answer with bigrams
+    g = torch.Generator().manual_seed(0)
+    many = [torch.randint(0, 6, (int(n),), generator=g).tolist()
+            for n in torch.randint(0, 30, (25,), generator=g)]
+    kept = [a for a in many if len(a) >= 2]
+    loo = [distinct_n(kept[:i] + kept[i + 1:]) for i in range(len(kept))]
+    k, mean = len(loo), sum(loo) / len(loo)
+    brute = math.sqrt((k - 1) / k * sum((v - mean) ** 2 for v in loo))
+    assert distinct_n_se(many) == pytest.approx(brute, rel=1e-12) and brute > 0
 
 
 def test_looping_by_hand():
