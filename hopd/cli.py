@@ -340,8 +340,8 @@ def _add_compare(sub: argparse._SubParsersAction) -> None:
     c.add_argument("config", nargs="?", help="base distill YAML (default: built-in defaults)")
     c.add_argument("--out", required=True, help="comparison folder")
     c.add_argument("--strategies", default="",
-                   help="comma list from opd,popd,topd10,topd25,adaptive,topd10_tb,sft (default: "
-                   "opd,popd,topd10,topd25); NAME@LR pins a strategy's learning rate")
+                   help="comma list from opd,popd,topd10,topd25,adaptive,topd10_tb,sft,kd "
+                   "(default: opd,popd,topd10,topd25); NAME@LR pins a strategy's learning rate")
     c.add_argument("--lrs", default="",
                    help="learning-rate grid, e.g. 3e-4,1e-3,3e-3: every strategy at every rate; "
                    "the report picks each one's rate on the val half and reports the test half")

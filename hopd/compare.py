@@ -44,6 +44,8 @@ STRATEGIES: dict[str, list[str]] = {
     "topd10_tb": ["horizon.kind=truncated", "horizon.fraction=0.1", "token_budget=true"],
     # the baseline every OPD paper beats: cross-entropy on the teacher's own answers
     "sft": ["horizon.kind=full", "loss.kind=sft"],
+    # and its word-level form: the teacher's whole distribution at each of its own tokens
+    "kd": ["horizon.kind=full", "loss.kind=fkl", "loss.rollouts=teacher"],
 }
 DEFAULT = ["opd", "popd", "topd10", "topd25"]
 

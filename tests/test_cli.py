@@ -286,6 +286,13 @@ def test_supervised_kd_takes_the_forward_kl_on_the_teachers_answers(tmp_path, mi
                  "diag_every=0", "threads=1", "loss.kind=fkl"]) == 0
     (own,) = [r for r in read_metrics(on_policy / "metrics.jsonl") if "loss" in r]
     assert own["loss"] != pytest.approx(rec["loss"], rel=1e-3)
+    # `hopd compare --strategies kd` is this setting
+    assert main(["compare", "--out", str(tmp_path / "cmp"), "--strategies", "kd", "--steps", "1",
+                 f"student={s}", f"teacher={t}", "data=chain:tiny", "batch_size=4", "eval_n=4",
+                 "eval_every=0", "diag_every=0", "threads=1", "--quiet"]) == 0
+    (kd,) = [r for r in read_metrics(tmp_path / "cmp" / "kd" / "seed0" / "metrics.jsonl")
+             if "loss" in r]
+    assert kd["loss"] == pytest.approx(rec["loss"], rel=1e-6)
 
 
 def test_compare_jobs_runs_in_parallel_with_the_numbers_of_a_serial_run(tmp_path, micro_pair,
