@@ -204,3 +204,24 @@ def test_hopd_eval_with_a_teacher_reports_the_held_out_kl(micro_pair, tmp_path, 
     res = json.loads(out.read_text())
     assert res["kl_n"] == 2 and res["rkl"] >= 0 and res["teacher_nll"] > 0
     assert res["rkl_exact"] is True and 0 <= res["distinct_2"] <= 1
+
+
+def test_the_evaluated_split_does_not_change_training(tmp_path, micro_pair):
+    """Settings are chosen on `val` evaluations and reported on `test` ones: the two runs train
+    the same student step for step (evaluations draw from their own seeded streams), so a
+    student chosen on val is the one a test-evaluated run of the same command trains."""
+    from hopd.progress import read_metrics
+
+    s, t = micro_pair
+    runs = {}
+    for split in ("test", "val"):
+        run = tmp_path / split
+        assert main(["distill", "--out", str(run), "--quiet", f"student={s}", f"teacher={t}",
+                     "data=chain:tiny", "max_steps=4", "batch_size=4", "eval_n=4",
+                     "eval_every=2", "eval_kl_n=4", "diag_every=0", "threads=1",
+                     f"eval_split={split}"]) == 0
+        runs[split] = read_metrics(run / "metrics.jsonl")
+    losses = {k: [r["loss"] for r in v if "loss" in r] for k, v in runs.items()}
+    kls = {k: [r["eval_rkl"] for r in v if "eval_rkl" in r] for k, v in runs.items()}
+    assert len(losses["test"]) == 4 and losses["test"] == losses["val"]
+    assert len(kls["test"]) == 3 and kls["test"] != kls["val"]  # other prompts were read
