@@ -178,7 +178,7 @@ class RunContext:
         if "base" not in self.guard:
             self.guard["base"] = self.reference(ev)
             return None
-        if self.cfg.loss.kind in ("sft", "fkl") or self.cfg.loss.teacher_rollouts or \
+        if self.cfg.loss.kind == "fkl" or self.cfg.loss.teacher_rollouts or \
                 not self.guard.get("recent"):
             return None
         first, recent = self.guard["losses"], self.guard["recent"]
@@ -280,14 +280,14 @@ def make_sampler(cfg: DistillConfig, inp: Inputs, student: PreTrainedModel,
                  teacher: Teacher) -> Sampler:
     """The run's rollout engine (sampling.engine): the student's, or the teacher's for the SFT
     baseline and supervised KD (loss.rollouts=teacher)."""
-    sft, s = cfg.loss.teacher_rollouts, cfg.sampling
-    model = teacher.model if sft else student
-    greedy = sft and cfg.loss.sft_greedy
+    by_teacher, s = cfg.loss.teacher_rollouts, cfg.sampling
+    model = teacher.model if by_teacher else student
+    greedy = by_teacher and cfg.loss.sft_greedy
     eos, pad = inp.tok.eos_token_id, inp.tok.pad_token_id
     if s.engine == "vllm":
         from hopd.vllm_sampler import VLLMSampler
 
-        return VLLMSampler(model, str(inp.t_path if sft else inp.s_path), eos_id=eos,
+        return VLLMSampler(model, str(inp.t_path if by_teacher else inp.s_path), eos_id=eos,
                            pad_id=pad, max_len=model.config.max_position_embeddings,
                            dtype=cfg.dtype, seed=cfg.seed, temperature=s.temperature,
                            top_k=s.top_k, top_p=s.top_p, greedy=greedy,

@@ -34,7 +34,7 @@ class TrainingStopped(RuntimeError):
 class LossConfig:
     kind: str = "sampled_rkl"  # sampled_rkl | rkl | fkl | jsd | sft (CE on the teacher's answers)
     normalizer: str = "token_mean"  # token_mean | seq_mean | constant | sum (see NORMALIZERS)
-    sft_greedy: bool = False  # sft: the teacher answers greedily (false: at sampling.temperature)
+    sft_greedy: bool = False  # teacher's answers (sft, kd) greedy (false: sampling.temperature)
     beta: float = 0.5  # jsd weight: 0 = forward KL, 1 = reverse KL
     top_k: int = 0  # full-vocabulary losses on the teacher's top-k + tail (0: all tokens)
     gamma: float = 0.0  # sampled_rkl discount over future tokens (0: per-token advantage)

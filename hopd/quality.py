@@ -13,9 +13,9 @@ die. So every evaluation also measures:
   answers; with its jackknife standard error over answers), the share of answers that loop
   (under half of their own bigrams distinct, among at least 16: pooled distinct-2 also falls
   as answers are added, since bigrams repeat across answers, while this share does not), the
-  share of each answer that its longest run of one
-  repeated token fills (mean and max over answers, and how many answers it fills past half),
-  EOS rate, mean length, and the student's mean entropy at its own greedy positions.
+  share of each answer that its longest run of one repeated token fills (mean and max over
+  answers, and how many answers it fills past half), EOS rate, mean length, and the student's
+  mean entropy at its own greedy positions.
 
 The guard (`collapse_check`) fires when the loss has fallen while the greedy answers have
 collapsed: distinct-2 at most half of the reference's, at least half of the answers mostly one
