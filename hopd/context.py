@@ -63,6 +63,7 @@ class RunContext:
     opt: torch.optim.Optimizer
     teacher: Teacher
     sampler: Sampler
+    greedy: HFSampler | None  # the student's greedy answers (loss.unlikelihood), else None
     rule: AdaptiveRule
     adaptive: AdaptiveState
     eval_examples: list[Example]
@@ -298,6 +299,20 @@ def make_sampler(cfg: DistillConfig, inp: Inputs, student: PreTrainedModel,
                      dtype=DTYPES[s.dtype] if s.dtype else None)
 
 
+def make_greedy(cfg: DistillConfig, inp: Inputs, student: PreTrainedModel, sampler: Sampler
+                ) -> HFSampler | None:
+    """The student's greedy sampler for loss.unlikelihood (None when it is off): the run's own
+    sampler's greedy twin when that is the student's HFSampler, else a new one (with its own
+    sampling.dtype copy, which the loop syncs too)."""
+    if not cfg.loss.unlikelihood:
+        return None
+    if isinstance(sampler, HFSampler) and sampler.model is student:
+        return sampler.greedy_twin()
+    dtype = DTYPES[cfg.sampling.dtype] if cfg.sampling.dtype else None
+    return HFSampler(student, inp.tok.eos_token_id, inp.tok.pad_token_id, greedy=True,
+                     cuda_graph=cfg.sampling.cuda_graph, dtype=dtype)
+
+
 def make_optimizer(params: list[torch.nn.Parameter], optim: OptimConfig
                    ) -> torch.optim.Optimizer:
     """AdamW, fused into one kernel over all weights where torch has one for them (CPU and CUDA
@@ -322,9 +337,11 @@ def setup(cfg: DistillConfig, run: Path, inp: Inputs, dist: Dist, *, ckpt: Path 
     rule = AdaptiveRule(inp.budget, h.adaptive_window, h.adaptive_growth, h.adaptive_factor,
                         h.adaptive_ratio, h.adaptive_threshold, h.adaptive_plateau,
                         h.adaptive_patience, h.adaptive_drift, h.adaptive_z)
+    sampler = make_sampler(cfg, inp, student, teacher)
     ctx = RunContext(
         cfg=cfg, run=run, dist=dist, inp=inp, student=student, learner=learner, opt=opt,
-        teacher=teacher, sampler=make_sampler(cfg, inp, student, teacher), rule=rule,
+        teacher=teacher, sampler=sampler, greedy=make_greedy(cfg, inp, student, sampler),
+        rule=rule,
         adaptive=AdaptiveState(initial_horizon(h, inp.budget)),
         eval_examples=inp.source.eval_set(cfg.eval_n, seed=cfg.seed, part=cfg.eval_split),
         log=None, flops_per_token=(forward_flops_per_token(student),

@@ -193,7 +193,7 @@ def train(ctx: RunContext, bar: Bar) -> tuple[int, int]:
                                     cfg, sampler=ctx.sampler, vocab=ctx.inp.vocab,
                                     teacher_prompts=batch.teacher_prompts,
                                     row_seeds=batch.row_seeds, dist=dist, learner=ctx.learner,
-                                    budget=ctx.budget)
+                                    budget=ctx.budget, greedy=ctx.greedy)
             except TeacherUnavailable as e:
                 with flag.saving():
                     ctx.save(batch.step)
@@ -211,6 +211,8 @@ def train(ctx: RunContext, bar: Bar) -> tuple[int, int]:
                     f"too large: optim.lr={cfg.optim.lr}); nothing was saved from this step and "
                     f"{ctx.checkpoint_note()}. Lower optim.lr")
             ctx.sampler.sync()
+            if ctx.greedy is not None and ctx.greedy.copy is not getattr(ctx.sampler, "copy", None):
+                ctx.greedy.sync()  # its own copy (a twin shares the sampler's, synced above)
             # one record; diagnostics and the adaptive horizon's move every diag_every steps
             rec = record(ctx, batch, st, time.perf_counter() - batch.t0)
             if due(cfg.diag_every, step) or due(cfg.probe_every, step):
@@ -276,6 +278,8 @@ def record(ctx: RunContext, batch: Batch, st: StepStats, step_time: float) -> di
     flops = step_flops(*ctx.flops_per_token, st.prompt_tokens, st.sampled_tokens,
                        teacher_samples=ctx.cfg.loss.teacher_rollouts,
                        scored=ctx.cfg.loss.kind != "sft")
+    # loss.unlikelihood: the greedy answers' decoding, and forward + backward on the repeaters
+    flops += ctx.flops_per_token[0] * (st.greedy_tokens + 3.0 * st.ul_tokens)
     ctx.totals["train_cpu_s"] += cpu
     ctx.totals["train_flops"] += flops
     n, cut = batch.n_prompts, st.cut_rows
@@ -292,6 +296,8 @@ def record(ctx: RunContext, batch: Batch, st: StepStats, step_time: float) -> di
         "tokens_per_s": st.sampled_tokens / max(st.sample_time_s, 1e-9),
         "lr": batch.lr, "grad_norm": st.grad_norm, "skipped": not st.finite,
         "rho_mean": st.rho_mean, "rho_max": st.rho_max, "act_mem_mb": st.act_mem_mb,
+        **({"ul_loss": st.ul_loss, "greedy_repeats": st.greedy_repeats}
+           if ctx.cfg.loss.unlikelihood else {}),
         "peak_mem_mb": peak_memory_mb(ctx.dist.device), **ctx.totals,
     }
 

@@ -40,6 +40,13 @@ class LossConfig:
     gamma: float = 0.0  # sampled_rkl discount over future tokens (0: per-token advantage)
     clip_eps: float = 0.0  # sampled_rkl PPO-style ratio clipping (0: off)
     rollouts: str = "student"  # whose answers: student (OPD) | teacher (supervised KD; sft's)
+    # sequence-level unlikelihood (Welleck et al., 2020): each step the student also answers
+    # the step's prompts greedily, and -log(1 - s(y)) on the tokens of every n-gram repeated
+    # within an answer is added with this weight (0: off), to unlearn the loops greedy decoding
+    # falls into, which a per-token teacher signal can reward (the teacher endorses a loop once
+    # it has started)
+    unlikelihood: float = 0.0
+    unlikelihood_n: int = 4  # n of the repeated n-grams it penalises
 
     @property
     def teacher_rollouts(self) -> bool:
@@ -61,6 +68,10 @@ class LossConfig:
         C.check(self.top_k >= 0, f"loss.top_k={self.top_k}: must be >= 0")
         C.check(0 <= self.gamma <= 1, f"loss.gamma={self.gamma}: must be in [0, 1]")
         C.check(self.clip_eps >= 0, f"loss.clip_eps={self.clip_eps}: must be >= 0")
+        C.check(math.isfinite(self.unlikelihood) and self.unlikelihood >= 0,
+                f"loss.unlikelihood={self.unlikelihood}: must be >= 0 (0: off; e.g. 1.0)")
+        C.check(self.unlikelihood_n >= 1,
+                f"loss.unlikelihood_n={self.unlikelihood_n}: must be >= 1 (e.g. 4)")
 
 
 @dataclass

@@ -189,6 +189,34 @@ def sft_loss(learner_logp_B_R: torch.Tensor, weight_B_R: torch.Tensor) -> torch.
     return -(learner_logp_B_R * weight_B_R.to(learner_logp_B_R.dtype)).sum()
 
 
+def repeated_ngrams(ids_B_R: torch.Tensor, mask_B_R: torch.Tensor, n: int) -> torch.Tensor:
+    """(B, R) bool: the tokens of every n-gram that already occurred, whole, earlier in its
+    row's response (masked positions only). These are sequence-level unlikelihood's negative
+    candidates (Welleck et al., 2020). An earlier occurrence must end before the n-gram
+    starts: in "a b a b a" with n = 2, "a b" at positions 2-3 repeats the one at 0-1 and "b a"
+    at 3-4 the one at 1-2, so positions 2, 3 and 4 are marked; in "x x x x", positions 2 and 3."""
+    out = torch.zeros(ids_B_R.shape, dtype=torch.bool)
+    for b, (row, m) in enumerate(zip(ids_B_R.tolist(), mask_B_R.tolist(), strict=True)):
+        tokens = row[:int(sum(m))]
+        first: dict[tuple[int, ...], int] = {}  # n-gram -> where its first occurrence ends
+        for s in range(len(tokens) - n + 1):
+            g = tuple(tokens[s:s + n])
+            if g in first and first[g] <= s:
+                out[b, s:s + n] = True
+            first.setdefault(g, s + n)
+    return out.to(ids_B_R.device)
+
+
+def unlikelihood(learner_logp_B_R: torch.Tensor, marks_B_R: torch.Tensor,
+                 num_tokens: int | float) -> torch.Tensor:
+    """-sum_t marks_t log(1 - s(y_t)) / num_tokens: pushes down the probability of each marked
+    token where it stands (sequence-level unlikelihood). log(1 - p) is computed as
+    log(-expm1(log p)), floored at TAIL_FLOOR so that p = 1 keeps a finite value and gradient."""
+    one_minus = (-torch.expm1(learner_logp_B_R)).clamp(min=TAIL_FLOOR)
+    marks = marks_B_R.to(learner_logp_B_R.dtype)
+    return -(torch.log(one_minus) * marks).sum() / max(float(num_tokens), 1.0)
+
+
 def entropy(logp_B_R_V: torch.Tensor) -> torch.Tensor:
     p = logp_B_R_V.exp()
     return -torch.where(p > 0, p * logp_B_R_V, torch.zeros_like(p)).sum(-1)

@@ -138,6 +138,13 @@ class HFSampler:
         finally:
             self.model.train(was)
 
+    def greedy_twin(self) -> HFSampler:
+        """A sampler of the same model that decodes greedily, sharing this one's copy (which
+        this one's `sync` keeps current) instead of making a second."""
+        twin = copy.copy(self)
+        twin.opts = {**self.opts, "greedy": True}
+        return twin
+
     @torch.no_grad()
     def sync(self) -> None:
         """The copy takes the model's current weights (cast); without a copy, nothing to do."""

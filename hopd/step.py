@@ -21,10 +21,12 @@ from hopd.losses import (
     chunked_distribution_loss,
     distribution_loss,
     positions_per_chunk,
+    repeated_ngrams,
     sampled_rkl,
     sft_loss,
     token_logprobs,
     token_weights,
+    unlikelihood,
 )
 from hopd.models import chunkable, hidden_states_out, response_logits
 from hopd.rollout import Rollout, Sampler, filter_logits
@@ -49,6 +51,13 @@ class StepStats:
     rho_max: float
     act_mem_mb: float  # activation memory autograd saved for backward (largest micro-batch)
     prompt_tokens: int = 0  # real (unpadded) prompt tokens of the step's rollouts
+    # loss.unlikelihood: its term (weighted, beside `loss`), the share of the student's greedy
+    # answer tokens inside a repeated n-gram, the greedy tokens decoded (prompts included) and
+    # the tokens run forward and backward for the term
+    ul_loss: float = 0.0
+    greedy_repeats: float = 0.0
+    greedy_tokens: int = 0
+    ul_tokens: int = 0
 
 
 def teacher_needs(loss: LossConfig) -> str:
@@ -71,21 +80,23 @@ def opd_step(student: PreTrainedModel, teacher: Teacher | PreTrainedModel,
              opt: torch.optim.Optimizer, prompts: list[list[int]], H: int, cfg: DistillConfig,
              *, sampler: Sampler, vocab: int, teacher_prompts: list[list[int]] | None = None,
              row_seeds: list[int] | None = None, dist: Dist | None = None,
-             learner: torch.nn.Module | None = None, budget: int = 0
-             ) -> tuple[Rollout, TeacherScores, StepStats]:
+             learner: torch.nn.Module | None = None, budget: int = 0,
+             greedy: Sampler | None = None) -> tuple[Rollout, TeacherScores, StepStats]:
     """One optimizer step of OPD at horizon H; returns the rollout, the teacher's scores and the
     step's stats.
 
     A step whose loss or gradient is not finite is skipped (no optimizer update). `sampler`
     draws the rollouts (the student's; the teacher's for the SFT baseline and supervised KD);
     `learner` is the module that runs forward/backward (the DDP wrapper of `student` when
-    distributed); `budget` is L, for the `constant` normaliser.
+    distributed); `budget` is L, for the `constant` normaliser. `greedy` is the student's greedy
+    sampler, which loss.unlikelihood needs: its answers to the same prompts, to the same H.
     """
     dist = dist or Dist.local()
     t0 = time.perf_counter()
     # 1. sample: <= H tokens per prompt
     with dist.full_weights(student):  # FSDP: the whole student on every rank while sampling
         rollout = sampler.sample(prompts, H, row_seeds=row_seeds)
+        answers = greedy.sample(prompts, H) if cfg.loss.unlikelihood and greedy else None
     t1 = time.perf_counter()
     # 2. score: one teacher forward pass over prompt + response (SFT needs none)
     if cfg.loss.kind == "sft":
@@ -102,6 +113,8 @@ def opd_step(student: PreTrainedModel, teacher: Teacher | PreTrainedModel,
     # 3. learn: per-token loss, backward over micro-batches, clip, AdamW
     opt.zero_grad(set_to_none=True)
     n_tokens, n_seqs = dist.sum([float(rollout.num_tokens), float(rollout.ids_B_T.size(0))])
+    ul = {} if answers is None else unlearn_repeats(
+        learner or student, answers, cfg.loss, vocab=vocab, grad_accum=cfg.grad_accum, dist=dist)
     local = learn(learner or student, rollout, scores, cfg.loss, sampling=cfg.sampling,
                   grad_accum=cfg.grad_accum, vocab=vocab, dist=dist, budget=budget,
                   totals=(int(n_tokens), n_seqs))
@@ -125,7 +138,40 @@ def opd_step(student: PreTrainedModel, teacher: Teacher | PreTrainedModel,
         teacher_time_s=t2 - t1, learn_time_s=t3 - t2, optim_time_s=t3 - t_opt,
         sampled_tokens=int(n_tokens),
         cut_rows=int(n_cut), sampled_rkl=rkl_sum / max(n_tokens, 1), rho_mean=rho_mean,
-        rho_max=local["rho_max"], act_mem_mb=local["act_mem_mb"], prompt_tokens=int(n_prompt))
+        rho_max=local["rho_max"], act_mem_mb=local["act_mem_mb"], prompt_tokens=int(n_prompt),
+        **ul)
+
+
+def unlearn_repeats(learner: torch.nn.Module, answers: Rollout, loss_cfg: LossConfig, *,
+                    vocab: int, grad_accum: int = 1, dist: Dist | None = None
+                    ) -> dict[str, float | int]:
+    """Sequence-level unlikelihood on the student's greedy `answers`: accumulates the gradient
+    of loss.unlikelihood x `losses.unlikelihood` over the tokens of their repeated n-grams,
+    divided by all their tokens (over every process), and returns the StepStats fields it
+    fills. Runs before the step's main backward, without the gradient all-reduce (`no_sync`),
+    so that the main backward reduces both. With one process only the answers that repeat are
+    run forward; with several, all of them, so that every rank runs the same passes."""
+    dist = dist or Dist.local()
+    marks = repeated_ngrams(answers.response_ids_B_R, answers.response_mask_B_R,
+                            loss_cfg.unlikelihood_n)
+    n_tokens, n_marked = dist.sum([float(answers.num_tokens), float(marks.sum())])
+    rows = torch.ones(marks.size(0), dtype=torch.bool) if dist.world > 1 else marks.any(-1).cpu()
+    idx = rows.nonzero().squeeze(-1).tolist()
+    mb = max(1, math.ceil(marks.size(0) / grad_accum))
+    total, run = 0.0, 0
+    for lo in range(0, len(idx), mb):
+        part = torch.tensor(idx[lo:lo + mb], device=answers.ids_B_T.device)
+        ids, attn = answers.ids_B_T[part], answers.attn_B_T[part]
+        with dist.no_sync(learner, skip=True):
+            logits = response_logits(learner, ids, attn, answers.prompt_len, vocab)
+            logp = token_logprobs(logits, answers.response_ids_B_R[part])
+            loss = loss_cfg.unlikelihood * unlikelihood(logp, marks[part], n_tokens)
+            (loss * dist.world).backward()
+        total += loss.item()
+        run += int(attn.sum())
+    total, decoded, run = dist.sum([total, float(answers.attn_B_T.sum()), float(run)])
+    return {"ul_loss": total, "greedy_repeats": n_marked / max(n_tokens, 1.0),
+            "greedy_tokens": int(decoded), "ul_tokens": int(run)}
 
 
 def learn(student: PreTrainedModel, rollout: Rollout, teacher: TeacherScores, loss_cfg: LossConfig,

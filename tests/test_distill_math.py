@@ -159,3 +159,72 @@ def test_importance_ratio_is_one_for_identical_weights_at_any_temperature(
                   vocab=len(tokenizer))
     assert stats["rho_mean"] == pytest.approx(1.0, abs=1e-5)
     assert stats["rho_max"] == pytest.approx(1.0, abs=1e-4)
+
+
+@pytest.mark.parametrize("accum", [1, 4])
+def test_unlikelihood_gradient_matches_brute_force(tokenizer, accum):
+    from hopd.losses import repeated_ngrams
+    from hopd.step import unlearn_repeats
+
+    student = tiny_llama("micro", tokenizer, seed=1).double()
+    # the term takes any answers; sampled ones of mixed lengths, n = 1, so that some repeat
+    prompts = [[1] + tokenizer(f"a={i}+{i};", add_special_tokens=False)["input_ids"]
+               for i in range(6)]
+    r = sample(student, prompts, 16, eos_id=14, pad_id=0, temperature=0.7,
+               generator=torch.Generator().manual_seed(0))
+    marks = repeated_ngrams(r.response_ids_B_R, r.response_mask_B_R, 1)
+    looped = marks.any(-1)
+    assert looped.any() and (~looped).any()  # some answers repeat, some do not
+    # brute force, float64, the whole batch at once: 0.7 * sum over marked tokens of
+    # -log(1 - s(y)), divided by every answer token
+    logits = student(input_ids=r.ids_B_T, attention_mask=r.attn_B_T).logits
+    p = logits[:, r.prompt_len - 1:-1].softmax(-1)
+    p_y = p.gather(-1, r.response_ids_B_R.unsqueeze(-1)).squeeze(-1)
+    ref = 0.7 * -(torch.log1p(-p_y) * marks).sum() / r.response_mask_B_R.sum()
+    student.zero_grad(set_to_none=True)
+    ref.backward()
+    want = _grads(student)
+    student.zero_grad(set_to_none=True)
+    stats = unlearn_repeats(student, r, LossConfig(kind="rkl", unlikelihood=0.7,
+                                                   unlikelihood_n=1),
+                            vocab=len(tokenizer), grad_accum=accum)
+    assert torch.allclose(_grads(student), want, rtol=1e-9, atol=1e-12)
+    assert stats["ul_loss"] == pytest.approx(ref.item(), rel=1e-9)
+    assert stats["greedy_repeats"] == pytest.approx(
+        float(marks.sum() / r.response_mask_B_R.sum()))
+    # only the answers that repeat ran forward and backward
+    assert stats["ul_tokens"] == int(r.attn_B_T[looped].sum()) < stats["greedy_tokens"]
+
+
+def test_an_opd_step_adds_the_unlikelihood_gradient_of_its_greedy_answers(tokenizer):
+    """opd_step with loss.unlikelihood: its gradient is the plain step's plus the term's on the
+    student's greedy answers to the same prompts at the same H (the greedy twin shares the
+    sampler's model), and the step reports the term."""
+    from hopd.distill_config import DistillConfig, OptimConfig
+    from hopd.rollout import HFSampler
+    from hopd.step import opd_step, unlearn_repeats
+
+    student = tiny_llama("micro", tokenizer, seed=1).double()
+    teacher = tiny_llama("micro", tokenizer, seed=2).double().eval()
+    prompts = [[1] + tokenizer(f"a={i}+{i};", add_special_tokens=False)["input_ids"]
+               for i in range(6)]
+    sampler = HFSampler(student, 14, 0)
+    opt = torch.optim.SGD(student.parameters(), lr=0.0)  # the gradients stay to be read
+    grads, stats = {}, {}
+    for weight in (0.0, 0.5):
+        cfg = DistillConfig(loss=LossConfig(kind="rkl", unlikelihood=weight, unlikelihood_n=2),
+                            optim=OptimConfig(grad_clip=1e9))
+        _, _, stats[weight] = opd_step(student, teacher, opt, prompts, 12, cfg, sampler=sampler,
+                                       vocab=len(tokenizer), greedy=sampler.greedy_twin(),
+                                       row_seeds=list(range(6)))
+        grads[weight] = _grads(student)
+    student.zero_grad(set_to_none=True)
+    answers = sample(student, prompts, 12, eos_id=14, pad_id=0, greedy=True)
+    ul = unlearn_repeats(student, answers, LossConfig(unlikelihood=0.5, unlikelihood_n=2),
+                         vocab=len(tokenizer))
+    assert ul["ul_loss"] > 0 and stats[0.5].ul_loss == pytest.approx(ul["ul_loss"], rel=1e-9)
+    assert stats[0.5].greedy_repeats == pytest.approx(ul["greedy_repeats"])
+    assert ul["greedy_repeats"] > 0
+    assert stats[0.0].ul_loss == 0.0 and stats[0.0].greedy_tokens == 0  # off: no greedy pass
+    assert stats[0.5].loss == pytest.approx(stats[0.0].loss, rel=1e-12)  # reported apart
+    assert torch.allclose(grads[0.5], grads[0.0] + _grads(student), rtol=1e-9, atol=1e-12)

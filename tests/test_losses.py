@@ -9,9 +9,11 @@ from hopd.losses import (
     discounted_returns,
     distribution_loss,
     divergence,
+    repeated_ngrams,
     sampled_rkl,
     token_logprobs,
     topk_with_tail,
+    unlikelihood,
 )
 
 B, R, V = 3, 5, 7
@@ -223,3 +225,65 @@ def test_chunked_full_vocabulary_loss_equals_the_direct_one(monkeypatch, kind, t
     assert torch.equal(direct[2].logp_B_R, chunks[2].logp_B_R)
     if teacher_form == "hidden":
         assert chunks[2].logp_B_R_V is None and chunks[2].hidden_B_R_D is not None
+
+
+def _repeats_ref(tokens, n):
+    """Welleck et al.'s candidates written out: token t is marked when some n-gram that holds
+    it already occurs whole in the tokens before that n-gram's start."""
+    marks = [False] * len(tokens)
+    for t in range(len(tokens)):
+        for start in range(max(0, t - n + 1), min(t, len(tokens) - n) + 1):
+            g = tokens[start:start + n]
+            if any(tokens[e:e + n] == g for e in range(0, start - n + 1)):
+                marks[t] = True
+    return marks
+
+
+def test_repeated_ngrams_hand_cases():
+    ids = torch.tensor([[1, 2, 1, 2, 1, 0], [7, 7, 7, 7, 9, 9], [5, 6, 5, 6, 5, 6]])
+    mask = torch.tensor([[1, 1, 1, 1, 1, 0], [1, 1, 1, 1, 1, 1], [1, 1, 1, 0, 0, 0]])
+    got = repeated_ngrams(ids, mask, 2).tolist()
+    assert got[0] == [False, False, True, True, True, False]  # "a b a b a": 2-3 and 3-4
+    assert got[1] == [False, False, True, True, False, False]  # "x x x x": only from 2
+    assert got[2] == [False] * 6  # the repeat lies past the mask: not the answer's
+    assert not repeated_ngrams(ids, mask, 4).any()  # no 4-gram repeats in these
+    assert repeated_ngrams(torch.tensor([[3, 4, 3]]), torch.ones(1, 3), 1).tolist() == \
+        [[False, False, True]]  # n = 1: any token seen before
+
+
+@pytest.mark.parametrize("n", [1, 2, 3, 4])
+def test_repeated_ngrams_match_brute_force(n):
+    g = torch.Generator().manual_seed(n)
+    ids = torch.randint(0, 2, (6, 20), generator=g)  # 2 symbols: plenty of repeats
+    lengths = [20, 17, 9, 4, 1, 0]
+    mask = torch.tensor([[1] * k + [0] * (20 - k) for k in lengths])
+    got = repeated_ngrams(ids, mask, n)
+    for b, k in enumerate(lengths):
+        assert got[b].tolist() == _repeats_ref(ids[b, :k].tolist(), n) + [False] * (20 - k)
+    assert got.any()
+
+
+def test_unlikelihood_matches_brute_force_value_and_gradient():
+    g = torch.Generator().manual_seed(3)
+    logits = torch.randn(B, R, V, generator=g)
+    logits[0, 1, 2] = 30.0  # p(y) = 1 - 1e-12: floored, finite
+    logits = logits.requires_grad_(True)
+    y = torch.randint(0, V, (B, R), generator=g)
+    y[0, 1] = 2
+    marks = torch.tensor([[0, 1, 1, 0, 1], [1, 0, 0, 0, 0], [0, 0, 0, 0, 0]], dtype=torch.bool)
+    loss = unlikelihood(token_logprobs(logits, y), marks, num_tokens=9)
+    # reference: 1 - p(y) summed over the other tokens, so that no log(1 - p) is formed
+    ref = torch.zeros(())
+    for b, t in marks.nonzero().tolist():
+        p = logits[b, t].softmax(-1)
+        others = p.sum() - p[y[b, t]] if (b, t) != (0, 1) else p[torch.arange(V) != 2].sum()
+        ref = ref - torch.log(others.clamp(min=1e-10))
+    ref = ref / 9
+    assert loss.item() == pytest.approx(ref.item(), rel=1e-10)
+    grad, = torch.autograd.grad(loss, logits)
+    grad_ref, = torch.autograd.grad(ref, logits)
+    assert torch.allclose(grad, grad_ref, rtol=1e-8, atol=1e-12)
+    assert torch.isfinite(grad).all() and grad[2].abs().sum() == 0  # unmarked rows: no pull
+    # its gradient on the marked token's own logit is p(y) (it pushes that token down)
+    p = logits[1, 0].softmax(-1)[y[1, 0]]
+    assert grad[1, 0, y[1, 0]].item() == pytest.approx(p.item() / 9, rel=1e-10)
