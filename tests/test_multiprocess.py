@@ -48,17 +48,28 @@ def _same_steps(one, two, steps=(1, 2, 3)):
         assert rb["grad_norm"] == pytest.approx(ra["grad_norm"], rel=1e-4, abs=1e-7)
 
 
-@pytest.mark.parametrize("loss", ["sampled_rkl", "fkl", "fkl-chunked"])
+@pytest.mark.parametrize("loss", ["sampled_rkl", "fkl", "fkl-chunked", "fkl-ul"])
 def test_two_ranks_match_one_process(tmp_path, micro_pair, loss):
     """fkl-chunked: the two ranks compute the loss a few positions at a time (the swapped-out
-    head under DDP, the teacher's log-probs from its hidden states), the one process directly."""
-    loss, _, chunked = loss.partition("-")
+    head under DDP, the teacher's log-probs from its hidden states), the one process directly.
+    fkl-ul: with loss.unlikelihood, whose pass runs before the main backward without the
+    all-reduce, on every greedy answer on two ranks and on the repeating ones alone on one."""
+    loss, _, variant = loss.partition("-")
+    extra = [f"loss.kind={loss}"] + (["loss.unlikelihood=1", "loss.unlikelihood_n=2"]
+                                     if variant == "ul" else [])
     one = tmp_path / "one"
-    assert main(_args(one, micro_pair, [f"loss.kind={loss}"])) == 0
+    assert main(_args(one, micro_pair, extra)) == 0
     two = tmp_path / "two"
-    _torchrun(two, micro_pair, [f"loss.kind={loss}", "grad_accum=2"],
-              env={"HOPD_CHUNK_ELEMENTS": "200"} if chunked else {})
+    _torchrun(two, micro_pair, extra + ["grad_accum=2"],
+              env={"HOPD_CHUNK_ELEMENTS": "200"} if variant == "chunked" else {})
     _same_steps(one, two)
+    if variant == "ul":
+        a = [r for r in read_metrics(one / "metrics.jsonl") if "loss" in r]
+        b = [r for r in read_metrics(two / "metrics.jsonl") if "loss" in r]
+        assert all(r["greedy_repeats"] > 0 for r in a)
+        for ra, rb in zip(a, b):
+            assert rb["ul_loss"] == pytest.approx(ra["ul_loss"], rel=1e-4)
+            assert rb["greedy_repeats"] == pytest.approx(ra["greedy_repeats"])
     if loss == "sampled_rkl":  # resume from step 2's checkpoint: step 3 comes out the same
         shutil.rmtree(two / "checkpoints" / "step_0000003")
         _torchrun(two, micro_pair, [f"loss.kind={loss}", "grad_accum=2"], resume=True)
