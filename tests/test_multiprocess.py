@@ -48,22 +48,24 @@ def _same_steps(one, two, steps=(1, 2, 3)):
         assert rb["grad_norm"] == pytest.approx(ra["grad_norm"], rel=1e-4, abs=1e-7)
 
 
-@pytest.mark.parametrize("loss", ["sampled_rkl", "fkl", "fkl-chunked", "fkl-ul"])
+@pytest.mark.parametrize("loss", ["sampled_rkl", "fkl", "fkl-chunked", "fkl-ul", "fkl-ul+fsdp"])
 def test_two_ranks_match_one_process(tmp_path, micro_pair, loss):
     """fkl-chunked: the two ranks compute the loss a few positions at a time (the swapped-out
     head under DDP, the teacher's log-probs from its hidden states), the one process directly.
     fkl-ul: with loss.unlikelihood, whose pass runs before the main backward without the
-    all-reduce, on every greedy answer on two ranks and on the repeating ones alone on one."""
+    all-reduce, on every greedy answer on two ranks and on the repeating ones alone on one
+    (+fsdp: the sharded student, its gradients reduce-scattered by the main backward)."""
     loss, _, variant = loss.partition("-")
     extra = [f"loss.kind={loss}"] + (["loss.unlikelihood=1", "loss.unlikelihood_n=2"]
-                                     if variant == "ul" else [])
+                                     if "ul" in variant else [])
     one = tmp_path / "one"
     assert main(_args(one, micro_pair, extra)) == 0
     two = tmp_path / "two"
-    _torchrun(two, micro_pair, extra + ["grad_accum=2"],
+    _torchrun(two, micro_pair, extra + ["grad_accum=2"] + (["parallel=fsdp"] if "fsdp" in
+                                                           variant else []),
               env={"HOPD_CHUNK_ELEMENTS": "200"} if variant == "chunked" else {})
     _same_steps(one, two)
-    if variant == "ul":
+    if "ul" in variant:
         a = [r for r in read_metrics(one / "metrics.jsonl") if "loss" in r]
         b = [r for r in read_metrics(two / "metrics.jsonl") if "loss" in r]
         assert all(r["greedy_repeats"] > 0 for r in a)
