@@ -45,7 +45,7 @@ class LossConfig:
     # within an answer is added with this weight (0: off), to unlearn the loops greedy decoding
     # falls into, which a per-token teacher signal can reward (the teacher endorses a loop once
     # it has started)
-    unlikelihood: float = 0.0
+    unlikelihood: float = 0.0  # weight of -log(1 - s(y)) on greedy answers' repeats (0: off)
     unlikelihood_n: int = 4  # n of the repeated n-grams it penalises
 
     @property
