@@ -91,12 +91,16 @@ def opd_step(student: PreTrainedModel, teacher: Teacher | PreTrainedModel,
     distributed); `budget` is L, for the `constant` normaliser. `greedy` is the student's greedy
     sampler, which loss.unlikelihood needs: its answers to the same prompts, to the same H.
     """
+    if cfg.loss.unlikelihood and greedy is None:
+        raise ValueError(f"loss.unlikelihood={cfg.loss.unlikelihood} needs the student's greedy "
+                         "answers: pass greedy= (context.make_greedy builds it), or set "
+                         "loss.unlikelihood=0")
     dist = dist or Dist.local()
     t0 = time.perf_counter()
     # 1. sample: <= H tokens per prompt
     with dist.full_weights(student):  # FSDP: the whole student on every rank while sampling
         rollout = sampler.sample(prompts, H, row_seeds=row_seeds)
-        answers = greedy.sample(prompts, H) if cfg.loss.unlikelihood and greedy else None
+        answers = greedy.sample(prompts, H) if cfg.loss.unlikelihood else None
     t1 = time.perf_counter()
     # 2. score: one teacher forward pass over prompt + response (SFT needs none)
     if cfg.loss.kind == "sft":

@@ -228,3 +228,7 @@ def test_an_opd_step_adds_the_unlikelihood_gradient_of_its_greedy_answers(tokeni
     assert stats[0.0].ul_loss == 0.0 and stats[0.0].greedy_tokens == 0  # off: no greedy pass
     assert stats[0.5].loss == pytest.approx(stats[0.0].loss, rel=1e-12)  # reported apart
     assert torch.allclose(grads[0.5], grads[0.0] + _grads(student), rtol=1e-9, atol=1e-12)
+    before = _grads(student)
+    with pytest.raises(ValueError, match="greedy="):  # the term asked for, without its answers
+        opd_step(student, teacher, opt, prompts, 12, cfg, sampler=sampler, vocab=len(tokenizer))
+    assert torch.equal(_grads(student), before)  # raised before any pass
