@@ -7,9 +7,12 @@ top-1 token is the one the student wrote, and how many answers go on past a posi
 teacher's top-1 was EOS ("missed stops"). Then the teacher itself continues each looping answer
 greedily from the student's first k tokens, and the script counts how many of those
 continuations loop: if the teacher loops too, the loop was decided by the first k tokens.
+`--against B` reads a second student on the same prompts and compares the two on the prompts
+where neither loops (`paired`).
 
     python benchmarks/loop_anatomy.py --model runs/real/opd/model
     python benchmarks/loop_anatomy.py --model S --teacher T --n 65 --prefixes 8,16,32
+    python benchmarks/loop_anatomy.py --model A --against B --split val --prefixes ""
 
 Prints a table and one JSON line. Student and teacher must share the teacher's tokenizer, as a
 student made by `hopd prune` does.
@@ -71,6 +74,33 @@ def summary(readings: list[Reading]) -> dict[str, float]:
             "missed_stops": sum(r.missed_stop for r in readings)}
 
 
+def paired(a: list[Reading], b: list[Reading]) -> dict[str, float]:
+    """Two students' readings on the same prompts, over the prompts where neither answer loops:
+    each one's teacher NLL per token and teacher top-1 agreement (pooled over tokens), and the
+    mean over those prompts of b's NLL per token minus a's, with its standard error and how
+    many prompts b reads worse on. A pairing takes the loops and the prompts' own difficulty
+    out of the comparison."""
+    both = [(x, y) for x, y in zip(a, b, strict=True) if not x.loops and not y.loops]
+
+    def nll(r: Reading) -> list[float]:
+        return r.nll_first + r.nll_second
+
+    def pooled(rs: list[Reading]) -> tuple[float, float]:
+        n = sum(len(nll(r)) for r in rs)
+        return (sum(sum(nll(r)) for r in rs) / n if n else float("nan"),
+                sum(sum(r.teacher_agrees) for r in rs) / n if n else float("nan"))
+
+    diffs = [sum(nll(y)) / len(nll(y)) - sum(nll(x)) / len(nll(x))
+             for x, y in both if nll(x) and nll(y)]
+    k = len(diffs)
+    mean = sum(diffs) / k if k else float("nan")
+    se = (sum((d - mean) ** 2 for d in diffs) / (k - 1) / k) ** 0.5 if k > 1 else float("nan")
+    (nll_a, agree_a), (nll_b, agree_b) = pooled([x for x, _ in both]), pooled([y for _, y in both])
+    return {"prompts": len(both), "nll_a": nll_a, "nll_b": nll_b, "agrees_a": agree_a,
+            "agrees_b": agree_b, "nll_diff": mean, "nll_diff_se": se,
+            "b_worse_on": sum(d > 0 for d in diffs)}
+
+
 def greedy_batches(model, prompts: list[list[int]], budget: int, eos: int, pad: int,
                    batch: int = 8) -> Iterator[tuple[Rollout, list[list[int]]]]:
     """Greedy rollouts, `batch` prompts at a time, each with its answers (a row's tokens, with
@@ -87,6 +117,19 @@ def greedy_answers(model, prompts: list[list[int]], budget: int, eos: int, pad: 
     return [a for _, batch in greedy_batches(model, prompts, budget, eos, pad) for a in batch]
 
 
+def read_student(student, teacher, prompts: list[list[int]], budget: int, eos: int, pad: int
+                 ) -> tuple[list[list[int]], list[Reading]]:
+    """The student's greedy answers to `prompts`, and the teacher's reading of each."""
+    answers, readings = [], []
+    for r, batch in greedy_batches(student, prompts, budget, eos, pad):
+        with torch.no_grad():  # the teacher reads each batch of the student's answers
+            s = score(teacher, r, "topk", top_k=1)
+        answers += batch
+        readings += [read_answer(a, s.logp_B_R[b].tolist(), s.topk_ids_B_R_K[b, :, 0].tolist(),
+                                 eos) for b, a in enumerate(batch)]
+    return answers, readings
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", required=True, help="the student (a folder or a known name)")
@@ -97,19 +140,16 @@ def main() -> None:
     ap.add_argument("--budget", type=int, default=128)
     ap.add_argument("--prefixes", default="8,16,32",
                     help="the teacher continues looping answers after these many tokens")
+    ap.add_argument("--against", default="",
+                    help="a second student, read on the same prompts and compared with the "
+                         "first on the prompts where neither loops")
     args = ap.parse_args()
     tok = load_tokenizer(args.teacher)
     teacher, student = load_model(args.teacher), load_model(args.model)
     eos, pad = tok.eos_token_id, tok.pad_token_id
     examples = PromptSource(args.task).eval_set(args.n, 0, args.split)
     prompts = encode_prompts(tok, [e.prompt for e in examples])
-    answers, readings = [], []
-    for r, batch in greedy_batches(student, prompts, args.budget, eos, pad):
-        with torch.no_grad():  # the teacher reads each batch of the student's answers
-            s = score(teacher, r, "topk", top_k=1)
-        answers += batch
-        readings += [read_answer(a, s.logp_B_R[b].tolist(), s.topk_ids_B_R_K[b, :, 0].tolist(),
-                                 eos) for b, a in enumerate(batch)]
+    answers, readings = read_student(student, teacher, prompts, args.budget, eos, pad)
     looping = [i for i, r in enumerate(readings) if r.loops]
     result = {"model": args.model, "teacher": args.teacher, "n": len(prompts),
               "distinct_2": distinct_n([strip_eos(a, eos) for a in answers]),
@@ -139,6 +179,13 @@ def main() -> None:
     for k, v in result["teacher_continues"].items():
         print(f"the teacher, continuing the {len(looping)} looping answers after their first {k}"
               f" tokens, loops on {v}")
+    if args.against:
+        _, theirs = read_student(load_model(args.against), teacher, prompts, args.budget, eos, pad)
+        p = result["paired"] = {"against": args.against, **paired(readings, theirs)}
+        print(f"against {args.against}, on the {p['prompts']} prompts where neither loops: "
+              f"teacher NLL {p['nll_a']:.3f} -> {p['nll_b']:.3f} (per prompt "
+              f"{p['nll_diff']:+.3f} +- {p['nll_diff_se']:.3f}, worse on {p['b_worse_on']}), "
+              f"teacher's top-1 agrees {p['agrees_a']:.2f} -> {p['agrees_b']:.2f}")
     print(json.dumps(result))
 
 

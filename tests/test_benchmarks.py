@@ -9,6 +9,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -74,12 +76,25 @@ def test_loop_anatomy_reads_an_answer_by_hand():
     assert r.nll_first == [1.0, 2.0] and r.nll_second == [3.0, 0.5]
     s = la.summary([r])
     assert s["teacher_top1_agrees"] == 0.75 and s["missed_stops"] == 0 and s["answers"] == 1
+    # two students on three prompts: the first prompt's answer loops for b, so only the
+    # other two pair; b reads 0.5 and 0.25 worse per token there
+    a = [r, la.read_answer([1, 2], [-1.0, -1.0], [1, 2], eos),
+         la.read_answer([3, 4], [-2.0, -2.0], [0, 0], eos)]
+    b = [la.read_answer(loop, [-0.1] * 20, [5, 6] * 10, eos),
+         la.read_answer([1, 2], [-1.0, -2.0], [1, 0], eos),
+         la.read_answer([3, 4, eos], [-2.0, -2.5, -2.25], [3, 0, 0], eos)]
+    p = la.paired(a, b)
+    assert p["prompts"] == 2 and p["b_worse_on"] == 2
+    assert p["nll_a"] == pytest.approx(6 / 4) and p["nll_b"] == pytest.approx(9.75 / 5)
+    assert p["nll_diff"] == pytest.approx(0.375) and p["nll_diff_se"] == pytest.approx(0.125)
+    assert p["agrees_a"] == 0.5 and p["agrees_b"] == pytest.approx(2 / 5)
 
 
 def test_loop_anatomy_runs_on_the_testbed_pair():
     proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "loop_anatomy.py"), "--model",
                            "testbed:student", "--teacher", "testbed:teacher", "--task",
-                           "chain:default", "--n", "8", "--budget", "48", "--prefixes", "4"],
+                           "chain:default", "--n", "8", "--budget", "48", "--prefixes", "4",
+                           "--against", "testbed:student"],
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
     res = json.loads(proc.stdout.strip().splitlines()[-1])
@@ -88,3 +103,6 @@ def test_loop_anatomy_runs_on_the_testbed_pair():
     # leave the teacher's top-1 agreeing with few of its tokens
     assert res["other"]["teacher_top1_agrees"] > 0.9
     assert "missed stops" in proc.stdout
+    # against itself: the same greedy answers, so no difference on any prompt
+    p = res["paired"]
+    assert p["prompts"] == res["other"]["answers"] and p["nll_diff"] == 0 and p["b_worse_on"] == 0
