@@ -22,13 +22,14 @@ from __future__ import annotations
 
 import argparse
 import json
+import statistics
 from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
 
 from hopd.models import load_model, load_tokenizer
-from hopd.quality import distinct_n, loops
+from hopd.quality import distinct_n, loops, ratio_se
 from hopd.rollout import Rollout, sample
 from hopd.tasks import PromptSource, encode_prompts
 from hopd.teacher import score
@@ -85,16 +86,15 @@ def paired(a: list[Reading], b: list[Reading]) -> dict[str, float]:
     def nll(r: Reading) -> list[float]:
         return r.nll_first + r.nll_second
 
-    def pooled(rs: list[Reading]) -> tuple[float, float]:
-        n = sum(len(nll(r)) for r in rs)
-        return (sum(sum(nll(r)) for r in rs) / n if n else float("nan"),
-                sum(sum(r.teacher_agrees) for r in rs) / n if n else float("nan"))
+    def pooled(rs: list[Reading]) -> tuple[float, float]:  # per token, over these answers
+        counts = [len(nll(r)) for r in rs]
+        return (ratio_se([sum(nll(r)) for r in rs], counts)[0],
+                ratio_se([sum(r.teacher_agrees) for r in rs], counts)[0])
 
-    diffs = [sum(nll(y)) / len(nll(y)) - sum(nll(x)) / len(nll(x))
+    diffs = [statistics.fmean(nll(y)) - statistics.fmean(nll(x))
              for x, y in both if nll(x) and nll(y)]
-    k = len(diffs)
-    mean = sum(diffs) / k if k else float("nan")
-    se = (sum((d - mean) ** 2 for d in diffs) / (k - 1) / k) ** 0.5 if k > 1 else float("nan")
+    mean = statistics.fmean(diffs) if diffs else float("nan")
+    se = statistics.stdev(diffs) / len(diffs) ** 0.5 if len(diffs) > 1 else float("nan")
     (nll_a, agree_a), (nll_b, agree_b) = pooled([x for x, _ in both]), pooled([y for _, y in both])
     return {"prompts": len(both), "nll_a": nll_a, "nll_b": nll_b, "agrees_a": agree_a,
             "agrees_b": agree_b, "nll_diff": mean, "nll_diff_se": se,
