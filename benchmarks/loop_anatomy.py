@@ -150,6 +150,7 @@ def main() -> None:
     examples = PromptSource(args.task).eval_set(args.n, 0, args.split)
     prompts = encode_prompts(tok, [e.prompt for e in examples])
     answers, readings = read_student(student, teacher, prompts, args.budget, eos, pad)
+    del student  # read: its memory is free before --against loads a second one
     looping = [i for i, r in enumerate(readings) if r.loops]
     result = {"model": args.model, "teacher": args.teacher, "n": len(prompts),
               "distinct_2": distinct_n([strip_eos(a, eos) for a in answers]),
