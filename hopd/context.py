@@ -30,7 +30,7 @@ from hopd.models import DTYPES, attach_lora, load_model
 from hopd.preflight import Inputs
 from hopd.progress import MetricsLog, clean_json
 from hopd.quality import GuardReading, collapse_check
-from hopd.rollout import HFSampler, Sampler
+from hopd.rollout import HFSampler, SampleAhead, Sampler
 from hopd.runstate import (
     latest_checkpoint,
     save_checkpoint,
@@ -280,7 +280,8 @@ def load_models(cfg: DistillConfig, inp: Inputs, ckpt: Path | None, device: str
 def make_sampler(cfg: DistillConfig, inp: Inputs, student: PreTrainedModel,
                  teacher: Teacher) -> Sampler:
     """The run's rollout engine (sampling.engine): the student's, or the teacher's for the SFT
-    baseline and supervised KD (loss.rollouts=teacher)."""
+    baseline and supervised KD (loss.rollouts=teacher), which sampling.ahead > 1 draws several
+    steps at a time (`SampleAhead`: `batches` plans them)."""
     by_teacher, s = cfg.loss.teacher_rollouts, cfg.sampling
     model = teacher.model if by_teacher else student
     greedy = by_teacher and cfg.loss.sft_greedy
@@ -288,15 +289,16 @@ def make_sampler(cfg: DistillConfig, inp: Inputs, student: PreTrainedModel,
     if s.engine == "vllm":
         from hopd.vllm_sampler import VLLMSampler
 
-        return VLLMSampler(model, str(inp.t_path if by_teacher else inp.s_path), eos_id=eos,
-                           pad_id=pad, max_len=model.config.max_position_embeddings,
-                           dtype=cfg.dtype, seed=cfg.seed, temperature=s.temperature,
-                           top_k=s.top_k, top_p=s.top_p, greedy=greedy,
-                           gpu_memory_utilization=s.vllm_gpu_memory,
-                           kv_cache_gib=s.vllm_cpu_kv_gib)
-    return HFSampler(model, eos, pad, temperature=s.temperature, top_k=s.top_k, top_p=s.top_p,
-                     greedy=greedy, cuda_graph=s.cuda_graph,
-                     dtype=DTYPES[s.dtype] if s.dtype else None)
+        sampler: Sampler = VLLMSampler(
+            model, str(inp.t_path if by_teacher else inp.s_path), eos_id=eos, pad_id=pad,
+            max_len=model.config.max_position_embeddings, dtype=cfg.dtype, seed=cfg.seed,
+            temperature=s.temperature, top_k=s.top_k, top_p=s.top_p, greedy=greedy,
+            gpu_memory_utilization=s.vllm_gpu_memory, kv_cache_gib=s.vllm_cpu_kv_gib)
+    else:
+        sampler = HFSampler(model, eos, pad, temperature=s.temperature, top_k=s.top_k,
+                            top_p=s.top_p, greedy=greedy, cuda_graph=s.cuda_graph,
+                            dtype=DTYPES[s.dtype] if s.dtype else None)
+    return SampleAhead(sampler) if s.ahead > 1 else sampler
 
 
 def make_greedy(cfg: DistillConfig, inp: Inputs, student: PreTrainedModel, sampler: Sampler

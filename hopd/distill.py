@@ -41,7 +41,7 @@ from hopd.distill_config import (  # noqa: F401  (re-exported: the loop's public
 )
 from hopd.preflight import Inputs, check_inputs, check_resume_config
 from hopd.progress import Bar
-from hopd.rollout import row_seeds
+from hopd.rollout import SampleAhead, row_seeds
 from hopd.runstate import (
     StopFlag,
     check_out,
@@ -152,29 +152,45 @@ class Batch:
 
 def batches(ctx: RunContext) -> Iterator[Batch]:
     """One batch per step until the budget is spent. Each is drawn when the loop asks for it,
-    so the schedules (H, LR) and the budget see every step before it."""
-    cfg, dist, step = ctx.cfg, ctx.dist, ctx.start
+    so the schedules (H, LR) and the budget see every step before it. A sampler that draws
+    several steps at once (sampling.ahead) is told the coming steps' rows first."""
+    cfg, step = ctx.cfg, ctx.start
     while not budget_spent(step, ctx.totals, cfg):
         t0, c0 = time.perf_counter(), time.process_time()
-        if dist.device.startswith("cuda"):
-            torch.cuda.reset_peak_memory_stats(dist.device)
-        k = schedule_step(step, ctx.totals, cfg)
-        H = ctx.adaptive.horizon if cfg.horizon.kind == "adaptive" else \
-            horizon_at(k, cfg.max_steps, ctx.budget, cfg.horizon)
-        lr = cfg.optim.lr * warmup_cosine(k, cfg.max_steps, cfg.optim.warmup_steps,
-                                          cfg.optim.min_lr_ratio)
-        n_prompts = cfg.batch_size
-        if cfg.token_budget:  # spend a short horizon's savings on more prompts
-            n_prompts = token_budget_batch(cfg.batch_size, H, ctx.budget, cfg.max_batch)
-            n_prompts -= n_prompts % dist.world
-        examples = ctx.source.train_batch(step, n_prompts, cfg.seed,
-                                          start=ctx.totals["prompts"])
-        per_rank = n_prompts // dist.world
-        rows = range(dist.rank * per_rank, (dist.rank + 1) * per_rank)  # this rank's slice
-        prompts, teacher_prompts = ctx.encode([examples[i].prompt for i in rows])
-        yield Batch(step, c0, t0, H, lr, n_prompts, prompts, teacher_prompts,
-                    row_seeds(cfg.seed, step, rows))
+        if ctx.dist.device.startswith("cuda"):
+            torch.cuda.reset_peak_memory_stats(ctx.dist.device)
+        batch = draw(ctx, step, ctx.totals["prompts"], t0, c0)
+        this = (batch.prompts, batch.H, batch.row_seeds)
+        if isinstance(ctx.sampler, SampleAhead) and not ctx.sampler.expects(*this):
+            plan, used = [this], ctx.totals["prompts"] + batch.n_prompts
+            for later in range(step + 1, min(step + cfg.sampling.ahead, cfg.max_steps)):
+                b = draw(ctx, later, used, t0, c0)  # known in advance: no time/token budget
+                plan.append((b.prompts, b.H, b.row_seeds))
+                used += b.n_prompts
+            ctx.sampler.plan(plan)
+        yield batch
         step += 1
+
+
+def draw(ctx: RunContext, step: int, used: int, t0: float, c0: float) -> Batch:
+    """Step `step`'s batch, after `used` prompts were drawn: its H and LR from the schedules,
+    its prompts (this rank's rows) and their row seeds."""
+    cfg, dist = ctx.cfg, ctx.dist
+    k = schedule_step(step, ctx.totals, cfg)
+    H = ctx.adaptive.horizon if cfg.horizon.kind == "adaptive" else \
+        horizon_at(k, cfg.max_steps, ctx.budget, cfg.horizon)
+    lr = cfg.optim.lr * warmup_cosine(k, cfg.max_steps, cfg.optim.warmup_steps,
+                                      cfg.optim.min_lr_ratio)
+    n_prompts = cfg.batch_size
+    if cfg.token_budget:  # spend a short horizon's savings on more prompts
+        n_prompts = token_budget_batch(cfg.batch_size, H, ctx.budget, cfg.max_batch)
+        n_prompts -= n_prompts % dist.world
+    examples = ctx.source.train_batch(step, n_prompts, cfg.seed, start=int(used))
+    per_rank = n_prompts // dist.world
+    rows = range(dist.rank * per_rank, (dist.rank + 1) * per_rank)  # this rank's slice
+    prompts, teacher_prompts = ctx.encode([examples[i].prompt for i in rows])
+    return Batch(step, c0, t0, H, lr, n_prompts, prompts, teacher_prompts,
+                 row_seeds(cfg.seed, step, rows))
 
 
 def train(ctx: RunContext, bar: Bar) -> tuple[int, int]:

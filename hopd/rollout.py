@@ -154,6 +154,75 @@ class HFSampler:
             mine.copy_(theirs)
 
 
+def take_rows(r: Rollout, rows: list[int]) -> Rollout:
+    """The rollout of `rows` alone, as `sample` would lay it out for those prompts: the columns
+    of left padding that none of them needs, and the decode columns after all of them were
+    done, are dropped."""
+    idx = torch.tensor(rows, dtype=torch.long, device=r.ids_B_T.device)
+    ids, attn = r.ids_B_T[idx], r.attn_B_T[idx]
+    used = attn[:, :r.prompt_len].any(0).nonzero()
+    first = int(used[0]) if len(used) else r.prompt_len
+    mask = r.response_mask_B_R[idx]
+    R = int(mask.sum(-1).max()) if len(rows) else 0
+    end = r.prompt_len + R
+    return Rollout(ids_B_T=ids[:, first:end], attn_B_T=attn[:, first:end],
+                   response_mask_B_R=mask[:, :R], sampler_logp_B_R=r.sampler_logp_B_R[idx, :R],
+                   prompt_len=r.prompt_len - first, cut_B=r.cut_B[idx], horizon=r.horizon)
+
+
+class SampleAhead:
+    """A frozen model's sampler (the teacher's, for the SFT warm start and supervised KD) that
+    draws several steps' rollouts in one batch. The loop announces the coming steps' rows with
+    `plan`; the first `sample` call among them decodes every planned row of its horizon at
+    once, and the next calls are served from that batch. The answers do not depend on the
+    step, since the model does not change, and with `row_seeds` each row's tokens do not depend
+    on the batch it shares (up to float rounding); but a decode step of 64 rows costs far less
+    than 8 steps of 8 on a CPU, whose matrix products are slow at a few rows. A call that
+    was not planned samples on its own."""
+
+    def __init__(self, inner: Sampler):
+        self.inner = inner
+        self.planned: list[tuple[list[list[int]], int, list[int]]] = []
+        self.ready: dict[tuple, Rollout] = {}
+
+    @staticmethod
+    def _key(prompts: list[list[int]], horizon: int, row_seeds: list[int] | None) -> tuple:
+        return (horizon, tuple(map(tuple, prompts)), tuple(row_seeds or ()))
+
+    def plan(self, steps: list[tuple[list[list[int]], int, list[int]]]) -> None:
+        """The coming steps' (prompts, horizon, row_seeds), replacing any earlier plan."""
+        self.planned, self.ready = list(steps), {}
+
+    def expects(self, prompts: list[list[int]], horizon: int, row_seeds: list[int]) -> bool:
+        """Whether this step is in the plan, still to be served (else: time to plan again)."""
+        key = self._key(prompts, horizon, row_seeds)
+        return key in self.ready or any(self._key(*step) == key for step in self.planned)
+
+    def sample(self, prompts: list[list[int]], horizon: int,
+               row_seeds: list[int] | None = None) -> Rollout:
+        key = self._key(prompts, horizon, row_seeds)
+        if row_seeds and key not in self.ready and self.expects(prompts, horizon, row_seeds):
+            self._draw(horizon)
+        if key in self.ready:
+            return self.ready.pop(key)
+        return self.inner.sample(prompts, horizon, row_seeds=row_seeds)
+
+    def _draw(self, horizon: int) -> None:
+        """Samples every planned step of this horizon in one batch."""
+        steps = [s for s in self.planned if s[1] == horizon]
+        self.planned = [s for s in self.planned if s[1] != horizon]
+        big = self.inner.sample([p for s in steps for p in s[0]], horizon,
+                                row_seeds=[x for s in steps for x in s[2]])
+        lo = 0
+        for prompts, _, seeds in steps:
+            self.ready[self._key(prompts, horizon, seeds)] = take_rows(
+                big, list(range(lo, lo + len(prompts))))
+            lo += len(prompts)
+
+    def sync(self) -> None:
+        self.inner.sync()
+
+
 def _uniforms(B: int, horizon: int, greedy: bool, row_seeds: list[int] | None,
               generator: torch.Generator | None, device: torch.device) -> torch.Tensor | None:
     """The (B, H) uniforms of inverse-CDF sampling, drawn up front (None when greedy)."""

@@ -106,3 +106,17 @@ def test_loop_anatomy_runs_on_the_testbed_pair():
     # against itself: the same greedy answers, so no difference on any prompt
     p = res["paired"]
     assert p["prompts"] == res["other"]["answers"] and p["nll_diff"] == 0 and p["b_worse_on"] == 0
+
+
+def test_sample_ahead_benchmark_reports_the_same_answers_sooner_or_later(tmp_path):
+    """benchmarks/sample_ahead.py on the testbed teacher: one table row per setting, and the
+    rows' tokens compared with one step at a time (fp32 on a CPU: the same)."""
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "sample_ahead.py"),
+                           "--model", "testbed:teacher", "--steps", "4", "--ahead", "1,2,4",
+                           "--repeats", "1", "--budget", "32"],
+                          capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    res = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert [r["ahead"] for r in res["results"]] == [1, 2, 4]
+    assert all(r["same_rows"] == 1.0 and r["s_per_step"] > 0 for r in res["results"])
+    assert res["results"][0]["speedup"] == 1.0

@@ -89,6 +89,10 @@ def test_a_bf16_sampler_trains_with_rho_near_one(tmp_path, micro_pair):
     (["distill", "--out", "X", "sampling.dtype=int8"], "sampling.dtype='int8': choose one of"),
     (["distill", "--out", "X", "sampling.dtype=bfloat16", "sampling.engine=vllm"],
      "is for engine=hf"),
+    (["distill", "--out", "X", "sampling.ahead=0"], "sampling.ahead=0: must be >= 1"),
+    (["distill", "--out", "X", "sampling.ahead=4"], "only the teacher's allow"),
+    (["distill", "--out", "X", "sampling.ahead=4", "loss.kind=sft", "max_time_s=60"],
+     "horizons known in advance"),
 ])
 def test_bad_input_exits_2_with_a_clear_line(args, needle, tmp_path, capsys, monkeypatch):
     monkeypatch.chdir(tmp_path)
@@ -244,6 +248,40 @@ def test_the_sft_baseline_samples_from_the_teacher(tmp_path, micro_pair):
         logp = token_logprobs(logits, answers.response_ids_B_R)
     nll = -(logp * answers.response_mask_B_R).sum() / answers.response_mask_B_R.sum()
     assert rec["loss"] == pytest.approx(float(nll), rel=1e-4)
+
+
+def test_sampling_ahead_gives_the_sft_run_of_one_step_at_a_time(tmp_path, micro_pair,
+                                                                 monkeypatch):
+    """sampling.ahead=3: the teacher's answers for steps 1-3, then step 4, are decoded in two
+    batches instead of four, and every step trains on the same answers (same losses), under a
+    progressive horizon whose H changes within a plan."""
+    import pytest
+
+    from hopd.progress import read_metrics
+    from hopd.rollout import HFSampler
+
+    calls = []
+    real = HFSampler.sample
+    monkeypatch.setattr(HFSampler, "sample",
+                        lambda self, p, h, **k: calls.append((len(p), h)) or real(self, p, h, **k))
+    s, t = micro_pair
+    losses = {}
+    for ahead in (1, 3):
+        calls.clear()
+        run = tmp_path / f"ahead{ahead}"
+        assert main(["distill", "--out", str(run), "--quiet", f"student={s}", f"teacher={t}",
+                     "data=chain:tiny", "max_steps=4", "batch_size=4", "eval_n=4",
+                     "eval_every=0", "diag_every=0", "threads=1", "loss.kind=sft",
+                     "horizon.kind=progressive", "horizon.start=0.5", "horizon.reach_at=0.5",
+                     "horizon.shape=step", "horizon.increments=1",
+                     f"sampling.ahead={ahead}"]) == 0
+        losses[ahead] = [r["loss"] for r in read_metrics(run / "metrics.jsonl") if "loss" in r]
+        horizons = [r["horizon"] for r in read_metrics(run / "metrics.jsonl") if "loss" in r]
+        assert len(set(horizons)) == 2  # H grows within the first plan
+        # ahead=3: step 1 (H=25) alone, steps 2-3 (H=50) together, then step 4
+        assert calls == ([(4, 25)] + [(4, 50)] * 3 if ahead == 1 else
+                         [(4, 25), (8, 50), (4, 50)])
+    assert losses[3] == pytest.approx(losses[1], rel=1e-5)
 
 
 def test_supervised_kd_takes_the_forward_kl_on_the_teachers_answers(tmp_path, micro_pair):

@@ -159,3 +159,39 @@ def test_a_bf16_sampler_copy_follows_the_learner_after_each_sync(tokenizer):
     # no copy without a dtype, or with the model's own: the learner samples itself
     assert HFSampler(model, -1, 0).copy is None
     assert HFSampler(model, -1, 0, dtype=torch.float32).copy is None
+
+
+def test_sample_ahead_gives_each_step_the_rollout_it_would_sample_alone(micro_model, tokenizer,
+                                                                          monkeypatch):
+    """sampling.ahead: three steps' rows decoded as one batch, each step served its own rows,
+    laid out (padding, columns) as if it had been sampled alone; one decode for the plan, and
+    a step that was not planned samples on its own."""
+    from hopd.rollout import HFSampler, SampleAhead
+
+    texts = [["a=1+2;", "a=3*4;b=a-1;c=b+b;d=c-1;"], ["a=5-5;", "a=7*7;"],
+             ["a=2+2;b=a*a;", "a=9-1;b=a+1;"]]
+    seeds = [[0, 1], [20, 45], [200, 201]]  # step 1's rows both stop within 2 tokens
+    steps = [(_prompts(tokenizer, t), 10, s) for t, s in zip(texts, seeds)]
+    opts = {"eos_id": 14, "pad_id": 0, "temperature": 3.0}
+    alone = [sample(micro_model, p, h, row_seeds=s, **opts) for p, h, s in steps]
+    inner = HFSampler(micro_model, 14, 0, temperature=3.0)
+    calls = []
+    real = inner.sample
+    monkeypatch.setattr(inner, "sample", lambda *a, **k: calls.append(len(a[0])) or real(*a, **k))
+    ahead = SampleAhead(inner)
+    assert not ahead.expects(*steps[0])
+    ahead.plan(steps)
+    assert all(ahead.expects(*step) for step in steps)
+    for (p, h, s), want in zip(steps, alone):
+        got = ahead.sample(p, h, row_seeds=s)
+        assert got.prompt_len == want.prompt_len and got.ids_B_T.equal(want.ids_B_T)
+        assert got.attn_B_T.equal(want.attn_B_T) and got.cut_B.equal(want.cut_B)
+        assert got.response_mask_B_R.equal(want.response_mask_B_R)
+        assert torch.allclose(got.sampler_logp_B_R, want.sampler_logp_B_R, atol=1e-5)
+    assert calls == [6] and not any(ahead.expects(*step) for step in steps)
+    # the plan's layouts differ, so the test checks the trimming: a longer prompt in step 0,
+    # and a step whose rows all stop before H
+    assert len({r.prompt_len for r in alone}) > 1
+    assert any(r.response_mask_B_R.size(1) < 10 for r in alone)
+    ahead.sample(steps[0][0], 10, row_seeds=[7, 8])  # not planned: sampled on its own
+    assert calls == [6, 2]

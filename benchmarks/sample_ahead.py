@@ -1,0 +1,104 @@
+"""The teacher's rollouts for the SFT warm start, one step at a time or several steps at once
+(`sampling.ahead`): seconds per step's answers, and whether the answers are the same.
+
+A warm start (loss.kind=sft, loss.rollouts=teacher) trains on the teacher's answers, which do
+not depend on the step; `sampling.ahead=N` decodes the next N steps' rows as one batch. Each
+setting here samples the same `--steps` steps of `--batch` prompts with the run's row seeds
+(so every row's tokens are the same whatever shares its batch, up to float rounding), at the
+full budget, interleaved over `--repeats` rounds; reports the median seconds per step, the ratio
+to one step at a time, and the share of rows whose tokens equal the one-at-a-time rows'.
+
+    python benchmarks/sample_ahead.py                      # the real pair's teacher (SmolLM2)
+    python benchmarks/sample_ahead.py --model testbed:teacher --steps 4 --ahead 1,2 --repeats 1
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+from common import commit, machine, median, print_table  # noqa: E402
+
+from hopd.models import load_model, load_tokenizer  # noqa: E402
+from hopd.rollout import HFSampler, Rollout, SampleAhead, row_seeds  # noqa: E402
+from hopd.tasks import PromptSource, encode_prompts  # noqa: E402
+
+
+def run(sampler: HFSampler, steps: list[tuple[list[list[int]], int, list[int]]], ahead: int
+        ) -> tuple[float, list[Rollout]]:
+    """Samples every step, planning `ahead` steps at a time as the training loop does; returns
+    the seconds and the rollouts."""
+    wrapped = SampleAhead(sampler)
+    out = []
+    t = time.perf_counter()
+    for lo in range(0, len(steps), ahead):
+        wrapped.plan(steps[lo:lo + ahead])
+        out += [wrapped.sample(p, h, row_seeds=s) for p, h, s in steps[lo:lo + ahead]]
+    return time.perf_counter() - t, out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", default="smollm2:135m-instruct",
+                    help="the teacher: a path, a packaged name or testbed:teacher")
+    ap.add_argument("--data", default="", help="prompts ('': chat:prompts, or the testbed's)")
+    ap.add_argument("--budget", type=int, default=128, help="new tokens at most per answer")
+    ap.add_argument("--batch", type=int, default=8, help="prompts per step")
+    ap.add_argument("--steps", type=int, default=8)
+    ap.add_argument("--ahead", default="1,4,8", help="steps per batch to compare (1 first)")
+    ap.add_argument("--repeats", type=int, default=2)
+    ap.add_argument("--threads", type=int, default=0)
+    args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    aheads = [int(a) for a in args.ahead.split(",")]
+    if aheads[0] != 1:
+        raise SystemExit(f"--ahead {args.ahead}: start with 1 (the reference)")
+    data = args.data or ("chain:default" if args.model.startswith("testbed:") else "chat:prompts")
+    model, tok = load_model(args.model).eval(), load_tokenizer(args.model)
+    source = PromptSource(data)
+    steps = []
+    for k in range(args.steps):
+        examples = source.train_batch(k, args.batch, 0)
+        steps.append((encode_prompts(tok, [e.prompt for e in examples]), args.budget,
+                      row_seeds(0, k, range(args.batch))))
+    sampler = HFSampler(model, tok.eos_token_id, tok.pad_token_id)
+    run(sampler, steps[:1], 1)  # warm-up
+    times: dict[int, list[float]] = {a: [] for a in aheads}
+    answers: dict[int, list[Rollout]] = {}
+    for _ in range(args.repeats):  # interleaved, so drift hits all alike
+        for a in aheads:
+            dt, answers[a] = run(sampler, steps, a)
+            times[a].append(dt)
+
+    def rows(rs: list[Rollout]) -> list[list[int]]:
+        return [ids[:n] for r in rs for ids, n in zip(r.response_ids_B_R.tolist(),
+                                                      r.response_mask_B_R.sum(-1).tolist())]
+
+    ref, base = rows(answers[1]), median(times[1]) / args.steps
+    result = []
+    for a in aheads:
+        same = sum(x == y for x, y in zip(rows(answers[a]), ref)) / len(ref)
+        per_step = median(times[a]) / args.steps
+        result.append({"ahead": a, "s_per_step": per_step, "speedup": base / per_step,
+                       "same_rows": same})
+    tokens = sum(len(r) for r in ref)
+    print(f"\nTeacher rollouts planned ahead: {machine('cpu')}, commit {commit()}")
+    print(f"model {args.model}, {args.steps} steps x {args.batch} prompts of {data}, at most "
+          f"{args.budget} new tokens ({tokens / len(ref):.0f} on average), temperature 1, "
+          f"median of {args.repeats}\n")
+    print_table(["sampling.ahead", "rows per batch", "s per step", "vs 1", "rows as at 1"],
+                [[r["ahead"], r["ahead"] * args.batch, f"{r['s_per_step']:.2f}",
+                  f"{r['speedup']:.2f}x", f"{r['same_rows']:.0%}"] for r in result])
+    print(json.dumps({"model": args.model, "batch": args.batch, "budget": args.budget,
+                      "results": result}))
+
+
+if __name__ == "__main__":
+    main()
