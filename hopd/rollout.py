@@ -182,7 +182,7 @@ class SampleAhead:
 
     def __init__(self, inner: Sampler):
         self.inner = inner
-        self.planned: list[tuple[list[list[int]], int, list[int]]] = []
+        self.planned: dict[tuple, tuple[list[list[int]], int, list[int]]] = {}  # by _key
         self.ready: dict[tuple, Rollout] = {}
 
     @staticmethod
@@ -191,17 +191,17 @@ class SampleAhead:
 
     def plan(self, steps: list[tuple[list[list[int]], int, list[int]]]) -> None:
         """The coming steps' (prompts, horizon, row_seeds), replacing any earlier plan."""
-        self.planned, self.ready = list(steps), {}
+        self.planned, self.ready = {self._key(*step): step for step in steps}, {}
 
     def expects(self, prompts: list[list[int]], horizon: int, row_seeds: list[int]) -> bool:
         """Whether this step is in the plan, still to be served (else: time to plan again)."""
         key = self._key(prompts, horizon, row_seeds)
-        return key in self.ready or any(self._key(*step) == key for step in self.planned)
+        return key in self.ready or key in self.planned
 
     def sample(self, prompts: list[list[int]], horizon: int,
                row_seeds: list[int] | None = None) -> Rollout:
         key = self._key(prompts, horizon, row_seeds)
-        if row_seeds and key not in self.ready and self.expects(prompts, horizon, row_seeds):
+        if row_seeds and key in self.planned:
             self._draw(horizon)
         if key in self.ready:
             return self.ready.pop(key)
@@ -209,14 +209,13 @@ class SampleAhead:
 
     def _draw(self, horizon: int) -> None:
         """Samples every planned step of this horizon in one batch."""
-        steps = [s for s in self.planned if s[1] == horizon]
-        self.planned = [s for s in self.planned if s[1] != horizon]
+        keys = [k for k in self.planned if k[0] == horizon]
+        steps = [self.planned.pop(k) for k in keys]
         big = self.inner.sample([p for s in steps for p in s[0]], horizon,
                                 row_seeds=[x for s in steps for x in s[2]])
         lo = 0
-        for prompts, _, seeds in steps:
-            self.ready[self._key(prompts, horizon, seeds)] = take_rows(
-                big, list(range(lo, lo + len(prompts))))
+        for key, (prompts, _, _) in zip(keys, steps):
+            self.ready[key] = take_rows(big, list(range(lo, lo + len(prompts))))
             lo += len(prompts)
 
     def sync(self) -> None:
