@@ -80,7 +80,8 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     res = evaluate(model, tok, examples, source.is_correct if source.has_answers else None,
                    budget, batch_size=args.batch_size, samples=args.samples,
                    temperature=args.temperature, seed=args.seed, keep_responses=args.show,
-                   progress=not args.quiet, teacher=teacher, kl_n=args.kl_n, vocab=vocab)
+                   progress=not args.quiet, teacher=teacher, kl_n=args.kl_n, vocab=vocab,
+                   cache=not args.no_cache)
     res.update({"model": args.model, "task": args.task, "teacher": args.teacher or None})
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
@@ -404,6 +405,9 @@ def _add_eval(sub: argparse._SubParsersAction) -> None:
                    help="run Python code shipped in the model folder (off: such a folder fails)")
     e.add_argument("--out", help="write the JSON result here")
     e.add_argument("--quiet", action="store_true", help="no progress output")
+    e.add_argument("--no-cache", action="store_true",
+                   help="evaluate even when the same weights and settings were evaluated before "
+                        "(the cache: $HOPD_CACHE, default ~/.cache/hopd)")
     e.set_defaults(func=_cmd_eval)
 
 

@@ -121,7 +121,7 @@ class RunContext:
                 check = self.source.is_correct if self.source.has_answers else None
                 args = (self.student, self.inp.tok, examples, check, self.budget)
                 kw = {"seed": self.cfg.seed, "system_prompt": self.cfg.system_prompt,
-                      "vocab": self.inp.vocab}
+                      "vocab": self.inp.vocab, "cache": self.cfg.eval_cache}
                 try:
                     ev = evaluate(*args, teacher=self.teacher, teacher_prompts=t_prompts,
                                   kl_n=n_kl, **kw)
@@ -141,7 +141,8 @@ class RunContext:
                "eval_mean_response_tokens": ev["mean_response_tokens"],
                "eval_truncated_fraction": ev["truncated_fraction"],
                "eval_time_s": ev["eval_time_s"], "eval_metric": self.metric,
-               **{f"eval_{k}": ev[k] for k in QUALITY_KEYS if k in ev}, **self.totals}
+               **{f"eval_{k}": ev[k] for k in QUALITY_KEYS if k in ev}, **self.totals,
+               **({"eval_cached": True} if ev.get("cached") else {})}
         first = "base" not in self.guard
         warning = self.check_collapse(step, ev)
         if warning:
@@ -167,7 +168,8 @@ class RunContext:
         if self.teacher.model is None:
             return {"of": "student", **{k: first[k] for k in ("distinct_2", "mostly_one_token")}}
         ev = evaluate(self.teacher.model, self.inp.t_tok, self.eval_examples, None, self.budget,
-                      seed=self.cfg.seed, system_prompt=self.teacher_system, kl_n=0)
+                      seed=self.cfg.seed, system_prompt=self.teacher_system, kl_n=0,
+                      cache=self.cfg.eval_cache)
         return {"of": "teacher", **{k: ev[k] for k in ("distinct_2", "distinct_2_se", "looping",
                                                        "mostly_one_token", "eos_rate",
                                                        "mean_length")}}

@@ -173,6 +173,8 @@ class DistillConfig:
     # accuracy when the data has reference answers, else rkl)
     eval_kl_n: int = 64  # held-out prompts per evaluation scored by the teacher (rkl, NLL; 0 off)
     collapse_stop: bool = False  # stop (state saved) when the collapse guard fires
+    eval_cache: bool = True  # read back an evaluation of the same weights and settings
+    # (hopd.evalcache: the warm start's last evaluation, the teacher's answers for the guard)
     diag_every: int = 10  # per-position diagnostics every N steps (0: off)
     diag_n: int = 16  # prompts sampled at the full budget for diagnostics
     diag_buckets: int = 16  # position buckets over [0, L)

@@ -14,6 +14,7 @@ from typing import Any
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from hopd import evalcache
 from hopd.progress import Bar
 from hopd.quality import (
     QualityAccumulator,
@@ -57,6 +58,7 @@ def evaluate(
     teacher_prompts: list[list[int]] | None = None,
     kl_n: int = 64,
     vocab: int | None = None,
+    cache: bool = True,
 ) -> dict[str, Any]:
     """Accuracy of `model` on `examples`: greedy when `samples == 1`, else `samples` draws each,
     and the quality metrics of `hopd.quality` on the first pass's answers.
@@ -68,13 +70,34 @@ def evaluate(
     Returns accuracy (mean over all generations), pass@k when sampling, mean response tokens
     (EOS included), the fraction of generations cut by the budget, decode tokens/s, and the
     quality metrics (distinct_2, max_run_share, eos_rate, student_entropy, rkl, teacher_nll...).
+
+    With `cache`, an evaluation of the same weights, prompts, settings and code is read back
+    from `hopd.evalcache` instead of run again (its result then says "cached": true, with the
+    time it took first as cached_eval_time_s).
     """
+    t0 = time.perf_counter()
+    prompts = encode_prompts(tokenizer, [e.prompt for e in examples], system_prompt)
+    cache_key = None
+    if cache and evalcache.cache_dir() is not None and \
+            (teacher is None or kl_n <= 0 or getattr(teacher, "model", None) is not None):
+        cache_key = evalcache.key({
+            "model": evalcache.weights_digest(model),
+            "teacher": None if teacher is None or kl_n <= 0 else
+            [type(teacher).__name__, evalcache.weights_digest(teacher.model)],
+            "prompts": prompts, "teacher_prompts": teacher_prompts,
+            "examples": [[e.prompt, e.answer] for e in examples],
+            "check": None if check is None else [getattr(check, "__module__", ""),
+                                                 getattr(check, "__qualname__", repr(check))],
+            "settings": [budget, batch_size, samples, temperature, seed, keep_responses, kl_n,
+                         vocab, str(next(model.parameters()).device.type)]})
+        hit = evalcache.lookup(cache_key)
+        if hit is not None:
+            return {**hit, "cached": True, "cached_eval_time_s": hit["eval_time_s"],
+                    "eval_time_s": time.perf_counter() - t0}
     was_training = model.training
     model.eval()
     gen = torch.Generator(device=next(model.parameters()).device).manual_seed(seed)
     correct, tokens, cut, responses = [], 0, 0, []
-    t0 = time.perf_counter()
-    prompts = encode_prompts(tokenizer, [e.prompt for e in examples], system_prompt)
     bar = Bar(samples * len(examples), "eval", enabled=progress)
     answers, ended, acc = [], [], QualityAccumulator.empty()
     eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
@@ -126,4 +149,6 @@ def evaluate(
         out[f"pass@{samples}"] = sum(any(c) for c in zip(*correct)) / len(examples)
     if keep_responses:
         out["examples"] = responses
+    if cache_key is not None:
+        evalcache.store(cache_key, out)
     return out

@@ -99,8 +99,11 @@ def opd_step(student: PreTrainedModel, teacher: Teacher | PreTrainedModel,
     t0 = time.perf_counter()
     # 1. sample: <= H tokens per prompt
     with dist.full_weights(student):  # FSDP: the whole student on every rank while sampling
-        rollout = sampler.sample(prompts, H, row_seeds=row_seeds)
-        answers = greedy.sample(prompts, H) if cfg.loss.unlikelihood else None
+        if cfg.loss.unlikelihood and getattr(greedy, "twin_of", None) is sampler:
+            rollout, answers = sampler.sample_with_greedy(prompts, H, row_seeds=row_seeds)
+        else:  # (the twin's answers come from the same batch of decode steps)
+            rollout = sampler.sample(prompts, H, row_seeds=row_seeds)
+            answers = greedy.sample(prompts, H) if cfg.loss.unlikelihood else None
     t1 = time.perf_counter()
     # 2. score: one teacher forward pass over prompt + response (SFT needs none)
     if cfg.loss.kind == "sft":

@@ -8,6 +8,12 @@ import torch
 from hopd.models import build_testbed_tokenizer, save_checkpoint, tiny_llama
 
 
+@pytest.fixture(autouse=True)
+def _no_eval_cache(monkeypatch):
+    """Tests evaluate afresh (hopd.evalcache off) unless one turns the cache on itself."""
+    monkeypatch.setenv("HOPD_CACHE", "off")
+
+
 @pytest.fixture(scope="session")
 def tokenizer():
     return build_testbed_tokenizer()

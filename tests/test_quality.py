@@ -225,3 +225,86 @@ def test_the_evaluated_split_does_not_change_training(tmp_path, micro_pair):
     kls = {k: [r["eval_rkl"] for r in v if "eval_rkl" in r] for k, v in runs.items()}
     assert len(losses["test"]) == 4 and losses["test"] == losses["val"]
     assert len(kls["test"]) == 3 and kls["test"] != kls["val"]  # other prompts were read
+
+
+def test_an_evaluation_of_the_same_weights_and_settings_is_read_back(micro_pair, tmp_path,
+                                                                    monkeypatch):
+    """hopd.evalcache: the same weights, teacher, prompts and settings are evaluated once; a
+    changed weight (student or teacher), setting or prompt evaluates afresh, and
+    HOPD_CACHE=off or cache=False never reads back."""
+    from hopd import evalcache
+    from hopd.evaluate import evaluate
+    from hopd.models import load_model, load_tokenizer
+    from hopd.tasks import PromptSource
+
+    monkeypatch.setenv("HOPD_CACHE", str(tmp_path / "cache"))
+    s, t = micro_pair
+    s, t = str(s), str(t)
+    tok, student, teacher = load_tokenizer(s), load_model(s), load_model(t)
+    source = PromptSource("chain:tiny")
+    examples = source.eval_set(4, seed=0, part="val")
+    calls = []
+    real = evalcache.store
+    monkeypatch.setattr(evalcache, "store", lambda k, r: calls.append(k) or real(k, r))
+
+    def run(model=student, t_model=teacher, **kw):
+        return evaluate(model, tok, examples, source.is_correct, 8, seed=0, kl_n=2,
+                        teacher=LocalTeacher(t_model, len(tok)), vocab=len(tok), **kw)
+
+    first = run()
+    again = run()
+    assert "cached" not in first and again["cached"] is True and len(calls) == 1
+    for k in ("accuracy", "rkl", "teacher_nll", "distinct_2", "student_entropy"):
+        assert again[k] == first[k]
+    assert again["cached_eval_time_s"] == first["eval_time_s"]
+    # a loaded copy of the same checkpoint has the same digest (a warm start's model folder)
+    assert run(model=load_model(s))["cached"] is True
+    assert "cached" not in run(cache=False) and len(calls) == 1
+    with torch.no_grad():
+        next(student.parameters()).view(-1)[0] += 1e-3
+    assert "cached" not in run() and len(calls) == 2  # one weight changed
+    assert "cached" not in run(t_model=load_model(s)) and len(calls) == 3  # another teacher
+    assert "cached" not in evaluate(student, tok, examples, source.is_correct, 9, seed=0,
+                                    kl_n=2, teacher=LocalTeacher(teacher, len(tok)),
+                                    vocab=len(tok))  # another budget
+    assert "cached" not in evaluate(student, tok, examples[:3], source.is_correct, 8, seed=0,
+                                    kl_n=2, teacher=LocalTeacher(teacher, len(tok)),
+                                    vocab=len(tok))  # other prompts
+    monkeypatch.setenv("HOPD_CACHE", "off")
+    assert "cached" not in run() and evalcache.cache_dir() is None
+
+
+def test_a_run_from_an_evaluated_model_reads_its_first_evaluation_back(micro_pair, tmp_path,
+                                                                      monkeypatch):
+    """A stage that starts from the model folder of a run evaluated with the same settings
+    (the recipe's warm start) reads its step-0 evaluation and the teacher's guard answers
+    back instead of decoding them again; eval_cache=false evaluates them."""
+    from hopd import evalcache
+    from hopd.progress import read_metrics
+
+    monkeypatch.setenv("HOPD_CACHE", str(tmp_path / "cache"))
+    s, t = micro_pair
+    common = [f"teacher={t}", "data=chain:tiny", "batch_size=4", "eval_n=4", "eval_kl_n=4",
+              "diag_every=0", "threads=1", "eval_split=val", "loss.kind=rkl", "--quiet"]
+    warm = tmp_path / "warm"
+    assert main(["distill", "--out", str(warm), f"student={s}", "max_steps=2", "eval_every=2",
+                 *common]) == 0
+    runs, stored = {}, {}
+    real = evalcache.store
+    for cache in ("true", "false"):
+        run, stored[cache] = tmp_path / f"stage_{cache}", []
+        monkeypatch.setattr(evalcache, "store",
+                            lambda k, r, into=stored[cache]: into.append(k) or real(k, r))
+        assert main(["distill", "--out", str(run), f"student={warm / 'model'}", "max_steps=1",
+                     "eval_every=1", f"eval_cache={cache}", *common]) == 0
+        runs[cache] = read_metrics(run / "metrics.jsonl")
+    warm_evals = [r for r in read_metrics(warm / "metrics.jsonl") if "eval_rkl" in r]
+    for cache, rows in runs.items():
+        first = [r for r in rows if "eval_rkl" in r][0]
+        assert first["step"] == 0 and first.get("eval_cached", False) == (cache == "true")
+        assert first["eval_rkl"] == warm_evals[-1]["eval_rkl"]  # the same weights, either way
+        assert first["eval_distinct_2"] == warm_evals[-1]["eval_distinct_2"]
+        assert first["guard_reference"] == warm_evals[0]["guard_reference"]
+    # with the cache only the step-1 evaluation ran (the teacher's answers were read back too)
+    assert len(stored["true"]) == 1 and stored["false"] == []
+    assert [r.get("eval_cached") for r in runs["true"] if "eval_rkl" in r] == [True, None]

@@ -1,3 +1,6 @@
+import copy
+
+import pytest
 import torch
 
 from hopd.rollout import filter_logits, left_pad, sample
@@ -195,3 +198,35 @@ def test_sample_ahead_gives_each_step_the_rollout_it_would_sample_alone(micro_mo
     assert any(r.response_mask_B_R.size(1) < 10 for r in alone)
     ahead.sample(steps[0][0], 10, row_seeds=[7, 8])  # not planned: sampled on its own
     assert calls == [6, 2]
+
+
+def test_sample_with_greedy_gives_both_halves_as_if_sampled_apart(micro_model, tokenizer):
+    """loss.unlikelihood's paired draw: the sampled rollouts and the greedy twin's answers come
+    from one batch of 2B rows, each half laid out, token for token, as a separate call's (a
+    float64 model, so that no rounding at the other batch size can part a row)."""
+    from hopd.rollout import HFSampler, pick_token
+
+    model = copy.deepcopy(micro_model).double()
+    prompts = _prompts(tokenizer, ["a=1+2;", "a=3*4;b=a-1;c=b+b;d=c-1;", "a=5-5;"])
+    seeds = [3, 20, 45]
+    sampler = HFSampler(model, 14, 0, temperature=3.0)
+    twin = sampler.greedy_twin()
+    assert twin.twin_of is sampler and sampler.twin_of is None
+    rollout, answers = sampler.sample_with_greedy(prompts, 10, row_seeds=seeds)
+    for got, want in ((rollout, sampler.sample(prompts, 10, row_seeds=seeds)),
+                      (answers, twin.sample(prompts, 10))):
+        assert got.prompt_len == want.prompt_len and got.ids_B_T.equal(want.ids_B_T)
+        assert got.attn_B_T.equal(want.attn_B_T) and got.cut_B.equal(want.cut_B)
+        assert got.response_mask_B_R.equal(want.response_mask_B_R)
+        assert torch.allclose(got.sampler_logp_B_R, want.sampler_logp_B_R, atol=1e-12)
+    # the halves differ (hot sampling against argmax), so taking the wrong rows would fail
+    assert not rollout.response_ids_B_R.equal(answers.response_ids_B_R)
+    with pytest.raises(ValueError, match="greedy already"):
+        twin.sample_with_greedy(prompts, 10)
+    # pick_token's flagged rows take the argmax of the unscaled softmax, the others sample
+    logits = torch.tensor([[0.0, 2.0, 1.0], [0.0, 2.0, 1.0]])
+    u = torch.tensor([[0.01], [0.01]])
+    tok, logp = pick_token(logits, u, 5.0, greedy_B=torch.tensor([True, False]))
+    assert tok.tolist() == [1, 0]
+    assert torch.allclose(logp[0], logits[0].log_softmax(-1))
+    assert torch.allclose(logp[1], (logits[1] / 5.0).log_softmax(-1))
