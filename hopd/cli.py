@@ -407,7 +407,7 @@ def _add_eval(sub: argparse._SubParsersAction) -> None:
     e.add_argument("--quiet", action="store_true", help="no progress output")
     e.add_argument("--no-cache", action="store_true",
                    help="evaluate even when the same weights and settings were evaluated before "
-                        "(the cache: $HOPD_CACHE, default ~/.cache/hopd)")
+                        "(the cache: $HOPD_CACHE_DIR/evals, default ~/.cache/hopd)")
     e.set_defaults(func=_cmd_eval)
 
 

@@ -9,8 +9,9 @@ torch and transformers, and a digest of the source of the code that evaluates), 
 `datasets` fingerprint names a transform's result. A changed weight, setting or line of code
 gives a new key; nothing is ever looked up by name or path.
 
-The cache lives in $HOPD_CACHE (default ~/.cache/hopd), under evals/; HOPD_CACHE=off, the
-distill setting eval_cache=false or `hopd eval --no-cache` turn it off.
+The cache lives beside the converted GGUF models, in $HOPD_CACHE_DIR (default ~/.cache/hopd),
+under evals/; HOPD_EVAL_CACHE=off, the distill setting eval_cache=false or `hopd eval
+--no-cache` turn it off.
 """
 
 from __future__ import annotations
@@ -26,17 +27,18 @@ from typing import Any
 import torch
 import transformers
 
-# the modules whose code decides an evaluation's numbers
+from hopd import gguf_models
+
+# the modules whose code decides an evaluation's numbers (tasks/: the answer checkers)
 _SOURCES = ("evaluate.py", "quality.py", "rollout.py", "fastgen.py", "teacher.py", "models.py",
-            "losses.py", "tasks/__init__.py")
+            "losses.py", "tasks/*.py")
 
 
 def cache_dir() -> Path | None:
-    """Where evaluations are kept; None when HOPD_CACHE=off (or 0, or empty)."""
-    where = os.environ.get("HOPD_CACHE", str(Path.home() / ".cache" / "hopd"))
-    if where.strip().lower() in ("", "0", "off", "false", "no"):
+    """Where evaluations are kept; None when HOPD_EVAL_CACHE is off (or 0, false, no)."""
+    if os.environ.get("HOPD_EVAL_CACHE", "").strip().lower() in ("0", "off", "false", "no"):
         return None
-    return Path(where) / "evals"
+    return gguf_models.cache_dir() / "evals"
 
 
 @lru_cache(maxsize=1)
@@ -44,18 +46,27 @@ def code_digest() -> str:
     """A digest of the evaluating code's source and the libraries' versions."""
     h = hashlib.sha256(f"{torch.__version__} {transformers.__version__}".encode())
     here = Path(__file__).parent
-    for name in _SOURCES:
-        h.update(name.encode() + (here / name).read_bytes())
+    for pattern in _SOURCES:
+        for path in sorted(here.glob(pattern)):
+            h.update(path.name.encode() + path.read_bytes())
     return h.hexdigest()
 
 
 def weights_digest(model: torch.nn.Module) -> str:
     """A digest of a model's class, config and every weight and buffer (names, dtypes, shapes,
-    bytes). A frozen model's digest is computed once and kept on it."""
+    bytes). A frozen model's (the teacher's) is kept on it until a tensor is replaced or
+    written in place (torch counts a tensor's in-place writes in its version; fused optimizer
+    kernels do not, so a model that trains is digested afresh every time)."""
+    state = model.state_dict(keep_vars=True)
+    stamp = None
+    if not any(p.requires_grad for p in model.parameters()):
+        try:
+            stamp = tuple((t.data_ptr(), t._version) for t in state.values())
+        except RuntimeError:  # inference-mode tensors keep no version
+            pass
     kept = getattr(model, "_hopd_digest", None)
-    frozen = not any(p.requires_grad for p in model.parameters())
-    if kept is not None and frozen:
-        return kept
+    if kept is not None and stamp is not None and kept[0] == stamp:
+        return kept[1]
     h = hashlib.sha256(type(model).__name__.encode())
     config = getattr(model, "config", None)
     if config is not None:
@@ -64,13 +75,13 @@ def weights_digest(model: torch.nn.Module) -> str:
                   "architectures"):
             c.pop(k, None)
         h.update(json.dumps(c, sort_keys=True, default=str).encode())
-    for name, t in model.state_dict().items():
+    for name, t in state.items():
         t = t.detach()
         h.update(f"{name} {t.dtype} {tuple(t.shape)}".encode())
-        h.update(t.cpu().contiguous().view(torch.uint8).numpy().data)  # (shape () views fine)
+        h.update(t.cpu().contiguous().view(torch.uint8).numpy().data)
     digest = h.hexdigest()
-    if frozen:
-        model._hopd_digest = digest
+    if stamp is not None:
+        model._hopd_digest = (stamp, digest)
     return digest
 
 
@@ -101,5 +112,5 @@ def store(k: str, result: dict[str, Any]) -> None:
         with tempfile.NamedTemporaryFile("w", dir=where, suffix=".tmp", delete=False) as f:
             json.dump(result, f)
         os.replace(f.name, where / f"{k}.json")
-    except OSError:
+    except (OSError, TypeError, ValueError):  # (a result JSON cannot hold is not kept)
         pass

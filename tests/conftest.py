@@ -11,7 +11,7 @@ from hopd.models import build_testbed_tokenizer, save_checkpoint, tiny_llama
 @pytest.fixture(autouse=True)
 def _no_eval_cache(monkeypatch):
     """Tests evaluate afresh (hopd.evalcache off) unless one turns the cache on itself."""
-    monkeypatch.setenv("HOPD_CACHE", "off")
+    monkeypatch.setenv("HOPD_EVAL_CACHE", "off")
 
 
 @pytest.fixture(scope="session")

@@ -120,3 +120,16 @@ def test_sample_ahead_benchmark_reports_the_same_answers_sooner_or_later(tmp_pat
     assert [r["ahead"] for r in res["results"]] == [1, 2, 4]
     assert all(r["same_rows"] == 1.0 and r["s_per_step"] > 0 for r in res["results"])
     assert res["results"][0]["speedup"] == 1.0
+
+
+def test_ul_paired_benchmark_reports_the_same_rows_from_one_call(tmp_path):
+    """benchmarks/ul_paired.py on the testbed student: the paired call's sampled and greedy
+    rows against two calls' (fp32 on a CPU: the same), and a time for each."""
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "ul_paired.py"),
+                           "--model", "testbed:student", "--steps", "2", "--horizon", "16",
+                           "--repeats", "1"],
+                          capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    res = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert res["same_rows"] == 1.0 and res["horizon"] == 16
+    assert res["s_per_step_apart"] > 0 and res["s_per_step_paired"] > 0

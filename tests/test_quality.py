@@ -231,13 +231,14 @@ def test_an_evaluation_of_the_same_weights_and_settings_is_read_back(micro_pair,
                                                                     monkeypatch):
     """hopd.evalcache: the same weights, teacher, prompts and settings are evaluated once; a
     changed weight (student or teacher), setting or prompt evaluates afresh, and
-    HOPD_CACHE=off or cache=False never reads back."""
+    HOPD_EVAL_CACHE=off or cache=False never reads back."""
     from hopd import evalcache
     from hopd.evaluate import evaluate
     from hopd.models import load_model, load_tokenizer
     from hopd.tasks import PromptSource
 
-    monkeypatch.setenv("HOPD_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("HOPD_EVAL_CACHE", "on")
+    monkeypatch.setenv("HOPD_CACHE_DIR", str(tmp_path / "cache"))
     s, t = micro_pair
     s, t = str(s), str(t)
     tok, student, teacher = load_tokenizer(s), load_model(s), load_model(t)
@@ -263,14 +264,24 @@ def test_an_evaluation_of_the_same_weights_and_settings_is_read_back(micro_pair,
     with torch.no_grad():
         next(student.parameters()).view(-1)[0] += 1e-3
     assert "cached" not in run() and len(calls) == 2  # one weight changed
-    assert "cached" not in run(t_model=load_model(s)) and len(calls) == 3  # another teacher
+    opt = torch.optim.AdamW(student.parameters(), lr=1e-3, fused=True)  # (keeps torch's
+    for p in student.parameters():  # version counters as they were)
+        p.grad = torch.ones_like(p)
+    opt.step()
+    assert "cached" not in run() and len(calls) == 3  # an optimizer step
+    assert "cached" not in run(t_model=load_model(s)) and len(calls) == 4  # another teacher
+    teacher.requires_grad_(False)  # a frozen teacher's digest is kept on it ...
+    assert run()["cached"] is True and teacher._hopd_digest
+    with torch.no_grad():
+        next(teacher.parameters()).view(-1)[0] += 1e-3
+    assert "cached" not in run() and len(calls) == 5  # ... until a weight is written
     assert "cached" not in evaluate(student, tok, examples, source.is_correct, 9, seed=0,
                                     kl_n=2, teacher=LocalTeacher(teacher, len(tok)),
                                     vocab=len(tok))  # another budget
     assert "cached" not in evaluate(student, tok, examples[:3], source.is_correct, 8, seed=0,
                                     kl_n=2, teacher=LocalTeacher(teacher, len(tok)),
                                     vocab=len(tok))  # other prompts
-    monkeypatch.setenv("HOPD_CACHE", "off")
+    monkeypatch.setenv("HOPD_EVAL_CACHE", "off")
     assert "cached" not in run() and evalcache.cache_dir() is None
 
 
@@ -282,7 +293,8 @@ def test_a_run_from_an_evaluated_model_reads_its_first_evaluation_back(micro_pai
     from hopd import evalcache
     from hopd.progress import read_metrics
 
-    monkeypatch.setenv("HOPD_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("HOPD_EVAL_CACHE", "on")
+    monkeypatch.setenv("HOPD_CACHE_DIR", str(tmp_path / "cache"))
     s, t = micro_pair
     common = [f"teacher={t}", "data=chain:tiny", "batch_size=4", "eval_n=4", "eval_kl_n=4",
               "diag_every=0", "threads=1", "eval_split=val", "loss.kind=rkl", "--quiet"]

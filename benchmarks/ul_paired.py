@@ -1,0 +1,104 @@
+"""The student's rollouts and its greedy answers for `loss.unlikelihood`, decoded apart (two
+calls of B rows) or paired (one call of 2B rows, what an OPD step does when the greedy sampler
+is the run sampler's twin): seconds per step, and whether the rows are the same.
+
+A step with loss.unlikelihood decodes the student twice on the same prompts to the same H:
+sampled rows for the loss and greedy rows for the term. On a CPU, whose matrix products at a few
+rows are bound by reading the weights, one decode step of 2B rows costs far less than two of B.
+Each mode draws the same `--steps` steps of `--batch` prompts with the run's row seeds,
+interleaved over `--repeats` rounds; reports the median seconds per step, the ratio, and the
+share of rows (sampled and greedy) whose tokens equal the apart rows' (the rest part through
+float rounding at the other batch size).
+
+    python benchmarks/ul_paired.py                          # SmolLM2-135M-Instruct, H = 32
+    python benchmarks/ul_paired.py --model runs/real/warm/model
+    python benchmarks/ul_paired.py --model testbed:student --steps 2 --horizon 8 --repeats 1
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+from common import commit, machine, median, print_table  # noqa: E402
+
+from hopd.models import load_model, load_tokenizer  # noqa: E402
+from hopd.rollout import HFSampler, Rollout, row_seeds  # noqa: E402
+from hopd.tasks import PromptSource, encode_prompts  # noqa: E402
+
+
+def run(sampler: HFSampler, steps: list[tuple[list[list[int]], list[int]]], horizon: int,
+        paired: bool) -> tuple[float, list[Rollout]]:
+    """Every step's sampled rollout and greedy answers; returns the seconds and the rollouts
+    (sampled, greedy, sampled, ...)."""
+    twin = sampler.greedy_twin()
+    out: list[Rollout] = []
+    t = time.perf_counter()
+    for prompts, seeds in steps:
+        if paired:
+            out += sampler.sample_with_greedy(prompts, horizon, row_seeds=seeds)
+        else:
+            out += [sampler.sample(prompts, horizon, row_seeds=seeds),
+                    twin.sample(prompts, horizon)]
+    return time.perf_counter() - t, out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", default="smollm2:135m-instruct",
+                    help="the student: a path, a packaged name or testbed:student")
+    ap.add_argument("--data", default="", help="prompts ('': chat:prompts, or the testbed's)")
+    ap.add_argument("--horizon", type=int, default=32, help="H: new tokens at most per row")
+    ap.add_argument("--batch", type=int, default=8, help="prompts per step")
+    ap.add_argument("--steps", type=int, default=6)
+    ap.add_argument("--repeats", type=int, default=2)
+    ap.add_argument("--threads", type=int, default=0)
+    args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    data = args.data or ("chain:default" if args.model.startswith("testbed:") else "chat:prompts")
+    model, tok = load_model(args.model).eval(), load_tokenizer(args.model)
+    source = PromptSource(data)
+    steps = []
+    for k in range(args.steps):
+        examples = source.train_batch(k, args.batch, 0)
+        steps.append((encode_prompts(tok, [e.prompt for e in examples]),
+                      row_seeds(0, k, range(args.batch))))
+    sampler = HFSampler(model, tok.eos_token_id, tok.pad_token_id)
+    run(sampler, steps[:1], args.horizon, paired=True)  # warm-up
+    times: dict[bool, list[float]] = {False: [], True: []}
+    rollouts: dict[bool, list[Rollout]] = {}
+    for _ in range(args.repeats):  # interleaved, so drift hits both alike
+        for paired in (False, True):
+            dt, rollouts[paired] = run(sampler, steps, args.horizon, paired)
+            times[paired].append(dt)
+
+    def rows(rs: list[Rollout]) -> list[list[int]]:
+        return [ids[:n] for r in rs for ids, n in zip(r.response_ids_B_R.tolist(),
+                                                      r.response_mask_B_R.sum(-1).tolist())]
+
+    apart, paired = rows(rollouts[False]), rows(rollouts[True])
+    same = sum(x == y for x, y in zip(apart, paired)) / len(apart)
+    s_apart, s_paired = (median(times[m]) / args.steps for m in (False, True))
+    print(f"\nUnlikelihood's greedy answers beside the rollouts: {machine('cpu')}, "
+          f"commit {commit()}")
+    print(f"model {args.model}, {args.steps} steps x {args.batch} prompts of {data}, H = "
+          f"{args.horizon}, sampled rows at temperature 1 and greedy rows, median of "
+          f"{args.repeats}\n")
+    print_table(["decode", "rows per call", "s per step", "vs apart", "rows as apart"],
+                [["apart", args.batch, f"{s_apart:.2f}", "1.00x", "100%"],
+                 ["paired", 2 * args.batch, f"{s_paired:.2f}", f"{s_apart / s_paired:.2f}x",
+                  f"{same:.0%}"]])
+    print(json.dumps({"model": args.model, "batch": args.batch, "horizon": args.horizon,
+                      "s_per_step_apart": s_apart, "s_per_step_paired": s_paired,
+                      "speedup": s_apart / s_paired, "same_rows": same}))
+
+
+if __name__ == "__main__":
+    main()
