@@ -139,3 +139,28 @@ def print_table(header: list[str], rows: list[list[str]]) -> None:
     print("-" * len(line))
     for r in rows:
         print("  ".join(str(c).rjust(w) for c, w in zip(r, widths)))
+
+
+def sampling_steps(model_name: str, data: str, steps: int, batch: int):
+    """A model (eval mode), its tokenizer, the prompt set's name and `steps` training steps of
+    `batch` encoded prompts each with the run's row seeds, as the training loop draws them
+    ('' data: chat:prompts, or the testbed's chains for a testbed model)."""
+    from hopd.models import load_model, load_tokenizer
+    from hopd.rollout import row_seeds
+    from hopd.tasks import PromptSource, encode_prompts
+
+    data = data or ("chain:default" if model_name.startswith("testbed:") else "chat:prompts")
+    model, tok = load_model(model_name).eval(), load_tokenizer(model_name)
+    source = PromptSource(data)
+    out = []
+    for k in range(steps):
+        examples = source.train_batch(k, batch, 0)
+        out.append((encode_prompts(tok, [e.prompt for e in examples]),
+                    row_seeds(0, k, range(batch))))
+    return model, tok, data, out
+
+
+def response_rows(rollouts) -> list[list[int]]:
+    """Every row's response tokens (up to and including EOS), over a list of rollouts."""
+    return [ids[:n] for r in rollouts for ids, n in zip(r.response_ids_B_R.tolist(),
+                                                        r.response_mask_B_R.sum(-1).tolist())]

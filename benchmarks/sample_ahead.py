@@ -23,11 +23,16 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import commit, machine, median, print_table  # noqa: E402
+from common import (  # noqa: E402
+    commit,
+    machine,
+    median,
+    print_table,
+    response_rows,
+    sampling_steps,
+)
 
-from hopd.models import load_model, load_tokenizer  # noqa: E402
-from hopd.rollout import HFSampler, Rollout, SampleAhead, row_seeds  # noqa: E402
-from hopd.tasks import PromptSource, encode_prompts  # noqa: E402
+from hopd.rollout import HFSampler, Rollout, SampleAhead  # noqa: E402
 
 
 def run(sampler: HFSampler, steps: list[tuple[list[list[int]], int, list[int]]], ahead: int
@@ -60,14 +65,8 @@ def main() -> None:
     aheads = [int(a) for a in args.ahead.split(",")]
     if aheads[0] != 1:
         raise SystemExit(f"--ahead {args.ahead}: start with 1 (the reference)")
-    data = args.data or ("chain:default" if args.model.startswith("testbed:") else "chat:prompts")
-    model, tok = load_model(args.model).eval(), load_tokenizer(args.model)
-    source = PromptSource(data)
-    steps = []
-    for k in range(args.steps):
-        examples = source.train_batch(k, args.batch, 0)
-        steps.append((encode_prompts(tok, [e.prompt for e in examples]), args.budget,
-                      row_seeds(0, k, range(args.batch))))
+    model, tok, data, drawn = sampling_steps(args.model, args.data, args.steps, args.batch)
+    steps = [(prompts, args.budget, seeds) for prompts, seeds in drawn]
     sampler = HFSampler(model, tok.eos_token_id, tok.pad_token_id)
     run(sampler, steps[:1], 1)  # warm-up
     times: dict[int, list[float]] = {a: [] for a in aheads}
@@ -77,14 +76,10 @@ def main() -> None:
             dt, answers[a] = run(sampler, steps, a)
             times[a].append(dt)
 
-    def rows(rs: list[Rollout]) -> list[list[int]]:
-        return [ids[:n] for r in rs for ids, n in zip(r.response_ids_B_R.tolist(),
-                                                      r.response_mask_B_R.sum(-1).tolist())]
-
-    ref, base = rows(answers[1]), median(times[1]) / args.steps
+    ref, base = response_rows(answers[1]), median(times[1]) / args.steps
     result = []
     for a in aheads:
-        same = sum(x == y for x, y in zip(rows(answers[a]), ref)) / len(ref)
+        same = sum(x == y for x, y in zip(response_rows(answers[a]), ref)) / len(ref)
         per_step = median(times[a]) / args.steps
         result.append({"ahead": a, "s_per_step": per_step, "speedup": base / per_step,
                        "same_rows": same})

@@ -26,11 +26,16 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import commit, machine, median, print_table  # noqa: E402
+from common import (  # noqa: E402
+    commit,
+    machine,
+    median,
+    print_table,
+    response_rows,
+    sampling_steps,
+)
 
-from hopd.models import load_model, load_tokenizer  # noqa: E402
-from hopd.rollout import HFSampler, Rollout, row_seeds  # noqa: E402
-from hopd.tasks import PromptSource, encode_prompts  # noqa: E402
+from hopd.rollout import HFSampler, Rollout  # noqa: E402
 
 
 def run(sampler: HFSampler, steps: list[tuple[list[list[int]], list[int]]], horizon: int,
@@ -62,14 +67,7 @@ def main() -> None:
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    data = args.data or ("chain:default" if args.model.startswith("testbed:") else "chat:prompts")
-    model, tok = load_model(args.model).eval(), load_tokenizer(args.model)
-    source = PromptSource(data)
-    steps = []
-    for k in range(args.steps):
-        examples = source.train_batch(k, args.batch, 0)
-        steps.append((encode_prompts(tok, [e.prompt for e in examples]),
-                      row_seeds(0, k, range(args.batch))))
+    model, tok, data, steps = sampling_steps(args.model, args.data, args.steps, args.batch)
     sampler = HFSampler(model, tok.eos_token_id, tok.pad_token_id)
     run(sampler, steps[:1], args.horizon, paired=True)  # warm-up
     times: dict[bool, list[float]] = {False: [], True: []}
@@ -79,11 +77,7 @@ def main() -> None:
             dt, rollouts[paired] = run(sampler, steps, args.horizon, paired)
             times[paired].append(dt)
 
-    def rows(rs: list[Rollout]) -> list[list[int]]:
-        return [ids[:n] for r in rs for ids, n in zip(r.response_ids_B_R.tolist(),
-                                                      r.response_mask_B_R.sum(-1).tolist())]
-
-    apart, paired = rows(rollouts[False]), rows(rollouts[True])
+    apart, paired = response_rows(rollouts[False]), response_rows(rollouts[True])
     same = sum(x == y for x, y in zip(apart, paired)) / len(apart)
     s_apart, s_paired = (median(times[m]) / args.steps for m in (False, True))
     print(f"\nUnlikelihood's greedy answers beside the rollouts: {machine('cpu')}, "
