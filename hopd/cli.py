@@ -43,6 +43,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     quiet_hf()
     import torch
 
+    from hopd import evalcache
     from hopd.evaluate import evaluate
     from hopd.models import load_model, load_tokenizer
     from hopd.progress import clean_json
@@ -82,6 +83,10 @@ def _cmd_eval(args: argparse.Namespace) -> int:
                    temperature=args.temperature, seed=args.seed, keep_responses=args.show,
                    progress=not args.quiet, teacher=teacher, kl_n=args.kl_n, vocab=vocab,
                    cache=not args.no_cache)
+    if res.get("cached"):
+        print(f"hopd eval: the same weights, prompts and settings were evaluated before "
+              f"({res['cached_eval_time_s']:.0f} s then); read back from {evalcache.cache_dir()}"
+              " (--no-cache evaluates again)", file=sys.stderr)
     res.update({"model": args.model, "task": args.task, "teacher": args.teacher or None})
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)

@@ -320,3 +320,23 @@ def test_a_run_from_an_evaluated_model_reads_its_first_evaluation_back(micro_pai
     # with the cache only the step-1 evaluation ran (the teacher's answers were read back too)
     assert len(stored["true"]) == 1 and stored["false"] == []
     assert [r.get("eval_cached") for r in runs["true"] if "eval_rkl" in r] == [True, None]
+
+
+def test_hopd_eval_says_when_it_reads_an_evaluation_back(micro_pair, tmp_path, monkeypatch,
+                                                         capsys):
+    """hopd eval run twice on the same model and settings: the second reads the first back and
+    says so on stderr; --no-cache evaluates again (and says nothing)."""
+    monkeypatch.setenv("HOPD_EVAL_CACHE", "on")
+    monkeypatch.setenv("HOPD_CACHE_DIR", str(tmp_path / "cache"))
+    s, t = micro_pair
+    args = ["eval", "--model", str(s), "--teacher", str(t), "--task", "chain:tiny", "--n", "3",
+            "--kl-n", "2", "--budget", "8", "--quiet"]
+    outs = []
+    for extra in ([], [], ["--no-cache"]):
+        assert main(args + extra) == 0
+        cap = capsys.readouterr()
+        outs.append((json.loads(cap.out), cap.err))
+    assert "cached" not in outs[0][0] and "read back" not in outs[0][1]
+    assert outs[1][0]["cached"] is True and "read back from" in outs[1][1]
+    assert outs[1][0]["rkl"] == outs[0][0]["rkl"]
+    assert "cached" not in outs[2][0] and "read back" not in outs[2][1]
