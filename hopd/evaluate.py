@@ -83,7 +83,8 @@ def evaluate(
         cache_key = evalcache.key({
             "model": evalcache.weights_digest(model),
             "teacher": None if teacher is None or kl_n <= 0 else
-            [type(teacher).__name__, evalcache.weights_digest(teacher.model)],
+            [type(teacher).__name__, getattr(teacher, "vocab", None),
+             evalcache.weights_digest(teacher.model)],
             "prompts": prompts, "teacher_prompts": teacher_prompts,
             "examples": [[e.prompt, e.answer] for e in examples],
             "check": None if check is None else [getattr(check, "__module__", ""),

@@ -100,8 +100,9 @@ def opd_step(student: PreTrainedModel, teacher: Teacher | PreTrainedModel,
     # 1. sample: <= H tokens per prompt
     with dist.full_weights(student):  # FSDP: the whole student on every rank while sampling
         if cfg.loss.unlikelihood and getattr(greedy, "twin_of", None) is sampler:
+            # the twin's greedy answers decoded in the same batch as the rollouts
             rollout, answers = sampler.sample_with_greedy(prompts, H, row_seeds=row_seeds)
-        else:  # (the twin's answers come from the same batch of decode steps)
+        else:
             rollout = sampler.sample(prompts, H, row_seeds=row_seeds)
             answers = greedy.sample(prompts, H) if cfg.loss.unlikelihood else None
     t1 = time.perf_counter()
