@@ -141,22 +141,35 @@ def print_table(header: list[str], rows: list[list[str]]) -> None:
         print("  ".join(str(c).rjust(w) for c, w in zip(r, widths)))
 
 
-def sampling_steps(model_name: str, data: str, steps: int, batch: int):
-    """A model (eval mode), its tokenizer, the prompt set's name and `steps` training steps of
-    `batch` encoded prompts each with the run's row seeds, as the training loop draws them
-    ('' data: chat:prompts, or the testbed's chains for a testbed model)."""
+def add_sampling_args(ap, steps: int) -> None:
+    """--data, --batch, --steps, --repeats and --threads, which `sampling_steps` reads."""
+    ap.add_argument("--data", default="", help="prompts ('': chat:prompts, or the testbed's)")
+    ap.add_argument("--batch", type=int, default=8, help="prompts per step")
+    ap.add_argument("--steps", type=int, default=steps)
+    ap.add_argument("--repeats", type=int, default=2)
+    ap.add_argument("--threads", type=int, default=0)
+
+
+def sampling_steps(args):
+    """With `add_sampling_args`' settings (and --model): the model (eval mode), its tokenizer,
+    the prompt set's name and `--steps` training steps of `--batch` encoded prompts each with
+    the run's row seeds, as the training loop draws them ('' data: chat:prompts, or the
+    testbed's chains for a testbed model)."""
     from hopd.models import load_model, load_tokenizer
     from hopd.rollout import row_seeds
     from hopd.tasks import PromptSource, encode_prompts
 
-    data = data or ("chain:default" if model_name.startswith("testbed:") else "chat:prompts")
-    model, tok = load_model(model_name).eval(), load_tokenizer(model_name)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    name = args.model
+    data = args.data or ("chain:default" if name.startswith("testbed:") else "chat:prompts")
+    model, tok = load_model(name).eval(), load_tokenizer(name)
     source = PromptSource(data)
     out = []
-    for k in range(steps):
-        examples = source.train_batch(k, batch, 0)
+    for k in range(args.steps):
+        examples = source.train_batch(k, args.batch, 0)
         out.append((encode_prompts(tok, [e.prompt for e in examples]),
-                    row_seeds(0, k, range(batch))))
+                    row_seeds(0, k, range(args.batch))))
     return model, tok, data, out
 
 

@@ -20,10 +20,9 @@ import sys
 import time
 from pathlib import Path
 
-import torch
-
 sys.path.insert(0, str(Path(__file__).parent))
 from common import (  # noqa: E402
+    add_sampling_args,
     commit,
     machine,
     median,
@@ -52,20 +51,14 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default="smollm2:135m-instruct",
                     help="the teacher: a path, a packaged name or testbed:teacher")
-    ap.add_argument("--data", default="", help="prompts ('': chat:prompts, or the testbed's)")
     ap.add_argument("--budget", type=int, default=128, help="new tokens at most per answer")
-    ap.add_argument("--batch", type=int, default=8, help="prompts per step")
-    ap.add_argument("--steps", type=int, default=8)
     ap.add_argument("--ahead", default="1,4,8", help="steps per batch to compare (1 first)")
-    ap.add_argument("--repeats", type=int, default=2)
-    ap.add_argument("--threads", type=int, default=0)
+    add_sampling_args(ap, steps=8)
     args = ap.parse_args()
-    if args.threads:
-        torch.set_num_threads(args.threads)
     aheads = [int(a) for a in args.ahead.split(",")]
     if aheads[0] != 1:
         raise SystemExit(f"--ahead {args.ahead}: start with 1 (the reference)")
-    model, tok, data, drawn = sampling_steps(args.model, args.data, args.steps, args.batch)
+    model, tok, data, drawn = sampling_steps(args)
     steps = [(prompts, args.budget, seeds) for prompts, seeds in drawn]
     sampler = HFSampler(model, tok.eos_token_id, tok.pad_token_id)
     run(sampler, steps[:1], 1)  # warm-up

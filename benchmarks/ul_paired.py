@@ -23,10 +23,9 @@ import sys
 import time
 from pathlib import Path
 
-import torch
-
 sys.path.insert(0, str(Path(__file__).parent))
 from common import (  # noqa: E402
+    add_sampling_args,
     commit,
     machine,
     median,
@@ -58,16 +57,10 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default="smollm2:135m-instruct",
                     help="the student: a path, a packaged name or testbed:student")
-    ap.add_argument("--data", default="", help="prompts ('': chat:prompts, or the testbed's)")
     ap.add_argument("--horizon", type=int, default=32, help="H: new tokens at most per row")
-    ap.add_argument("--batch", type=int, default=8, help="prompts per step")
-    ap.add_argument("--steps", type=int, default=6)
-    ap.add_argument("--repeats", type=int, default=2)
-    ap.add_argument("--threads", type=int, default=0)
+    add_sampling_args(ap, steps=6)
     args = ap.parse_args()
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    model, tok, data, steps = sampling_steps(args.model, args.data, args.steps, args.batch)
+    model, tok, data, steps = sampling_steps(args)
     sampler = HFSampler(model, tok.eos_token_id, tok.pad_token_id)
     run(sampler, steps[:1], args.horizon, paired=True)  # warm-up
     times: dict[bool, list[float]] = {False: [], True: []}

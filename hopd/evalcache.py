@@ -107,10 +107,13 @@ def store(k: str, result: dict[str, Any]) -> None:
     where = cache_dir()
     if where is None:
         return
+    tmp = None
     try:
         where.mkdir(parents=True, exist_ok=True)
         with tempfile.NamedTemporaryFile("w", dir=where, suffix=".tmp", delete=False) as f:
+            tmp = Path(f.name)
             json.dump(result, f)
-        os.replace(f.name, where / f"{k}.json")
+        os.replace(tmp, where / f"{k}.json")
     except (OSError, TypeError, ValueError):  # (a result JSON cannot hold is not kept)
-        pass
+        if tmp is not None:
+            tmp.unlink(missing_ok=True)
