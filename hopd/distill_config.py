@@ -159,7 +159,8 @@ class DistillConfig:
     max_time_s: float = 0.0  # stop after this much training time (0: no limit)
     max_tokens: int = 0  # stop after this many sampled tokens (0: no limit)
     batch_size: int = 32  # prompts (rollouts) per optimizer step
-    grad_accum: int = 1  # micro-batches per optimizer step (same gradient, less memory)
+    # several micro-batches hold rows of like length, each run to its own longest response
+    grad_accum: int = 1  # micro-batches per optimizer step (same gradient; less memory, padding)
     horizon: HorizonConfig = field(default_factory=HorizonConfig)
     loss: LossConfig = field(default_factory=LossConfig)
     sampling: SamplingConfig = field(default_factory=SamplingConfig)

@@ -7,7 +7,9 @@ works unchanged on a local checkpoint pair.
 
 from __future__ import annotations
 
+import inspect
 import json
+import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -18,6 +20,7 @@ from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
 from transformers import (
     AutoModelForCausalLM,
     AutoTokenizer,
+    DynamicCache,
     LlamaConfig,
     LlamaForCausalLM,
     PreTrainedModel,
@@ -297,6 +300,13 @@ def hidden_states_out(model: torch.nn.Module) -> Iterator[torch.nn.Module]:
         base.set_output_embeddings(head)
 
 
+def cache_kw(model: torch.nn.Module) -> str:
+    """The forward() keyword for a KV cache: `cache` in newer transformers, else
+    `past_key_values`."""
+    params = inspect.signature(base_model(model).forward).parameters
+    return "cache" if "cache" in params else "past_key_values"
+
+
 def positions_from_mask(attn_B_T: torch.Tensor) -> torch.Tensor:
     """Position ids that start at 0 on each row's first real token (left padding)."""
     return (attn_B_T.cumsum(-1) - 1).clamp(min=0)
@@ -304,9 +314,103 @@ def positions_from_mask(attn_B_T: torch.Tensor) -> torch.Tensor:
 
 def response_logits(model: PreTrainedModel, ids_B_T: torch.Tensor, attn_B_T: torch.Tensor,
                     prompt_len: int, vocab: int | None = None) -> torch.Tensor:
-    """(B, R, V) logits predicting each response token; V cut to `vocab` when given."""
+    """(B, R, V) logits predicting each response token; V cut to `vocab` when given.
+
+    When every row's prompt starts with the same tokens (a chat template's system prompt), and
+    the model allows it (`shares_prefix`), those tokens run once, as one row, and the rows
+    continue from their keys and values (`shared_prefix_logits`): the same logits and, through
+    the keys and values, the same gradient, for fewer tokens' work."""
     R = ids_B_T.size(1) - prompt_len
-    out = model(input_ids=ids_B_T, attention_mask=attn_B_T,
-                position_ids=positions_from_mask(attn_B_T), logits_to_keep=R + 1)
-    logits = out.logits[:, :-1, :]
+    C = shared_prefix_len(ids_B_T, attn_B_T, prompt_len) if shares_prefix(model) else 0
+    if C:
+        logits = shared_prefix_logits(model, ids_B_T, attn_B_T, C, R)
+    else:
+        out = model(input_ids=ids_B_T, attention_mask=attn_B_T,
+                    position_ids=positions_from_mask(attn_B_T), logits_to_keep=R + 1)
+        logits = out.logits[:, :-1, :]
     return logits[..., :vocab] if vocab is not None else logits
+
+
+# A shared prefix shorter than this is not worth the second forward call it costs.
+MIN_SHARED_PREFIX = 16
+SHARED_PREFIX_TYPES = {"llama", "mistral", "qwen2", "qwen3"}  # causal decoders, standard cache
+
+
+def shares_prefix(model: torch.nn.Module) -> bool:
+    """Whether `model` may run a shared prompt prefix once: one process (DDP and FSDP expect
+    one forward per backward), a Llama-family decoder with full attention (a sliding window
+    would see other keys in the two layouts), no gradient checkpointing (which drops the
+    cache). HOPD_SHARE_PREFIX=off turns it off."""
+    if os.environ.get("HOPD_SHARE_PREFIX", "").lower() in ("off", "0", "false"):
+        return False
+    if isinstance(model, torch.nn.parallel.DistributedDataParallel) or (
+            torch.distributed.is_available() and torch.distributed.is_initialized()
+            and torch.distributed.get_world_size() > 1):
+        return False
+    base = _base(model)
+    conf = getattr(base, "config", None)
+    return (getattr(conf, "model_type", None) in SHARED_PREFIX_TYPES
+            and not (getattr(conf, "sliding_window", None)
+                     and getattr(conf, "use_sliding_window", True))
+            and not getattr(base, "is_gradient_checkpointing", False))
+
+
+def shared_prefix_len(ids_B_T: torch.Tensor, attn_B_T: torch.Tensor, prompt_len: int) -> int:
+    """How many tokens every row's prompt starts with alike, after its left padding; each row
+    keeps at least its last prompt token out of it. 0 when under MIN_SHARED_PREFIX, for one
+    row, or when a prompt has padding other than on its left."""
+    B = ids_B_T.size(0)
+    prompt = attn_B_T[:, :prompt_len]
+    starts = (prompt.cumsum(-1) == 0).sum(-1)  # each row's left padding
+    n = prompt_len - int(starts.max()) - 1  # the shortest prompt, less its last token
+    if B < 2 or n < MIN_SHARED_PREFIX or int(prompt.sum()) != int((prompt_len - starts).sum()):
+        return 0
+    cols = starts[:, None] + torch.arange(n, device=ids_B_T.device)
+    first = ids_B_T.gather(1, cols)
+    same = (first == first[:1]).all(0)
+    C = n if bool(same.all()) else int(same.int().argmin())  # the first column that differs
+    return C if C >= MIN_SHARED_PREFIX else 0
+
+
+def shared_prefix_logits(model: torch.nn.Module, ids_B_T: torch.Tensor, attn_B_T: torch.Tensor,
+                         C: int, R: int) -> torch.Tensor:
+    """(B, R, V) logits as `response_logits` computes them, with each row's first C real
+    tokens (alike in every row: `shared_prefix_len`) run once as one row; gradients reach that
+    pass through its keys and values."""
+    cache = prefix_cache(model, ids_B_T, attn_B_T, C)
+    rest_ids, mask = without_prefix(ids_B_T, attn_B_T, C)
+    out = model(input_ids=rest_ids, attention_mask=mask,
+                position_ids=positions_from_mask(mask)[:, C:], use_cache=True,
+                logits_to_keep=R + 1, **{cache_kw(model): cache})
+    return out.logits[:, :-1, :]
+
+
+def prefix_cache(model: torch.nn.Module, ids_B_T: torch.Tensor, attn_B_T: torch.Tensor,
+                 C: int) -> DynamicCache:
+    """The keys and values of the rows' shared first C real tokens, computed as one row and
+    expanded to every row (a cache for `without_prefix`'s rows to continue from)."""
+    B = ids_B_T.size(0)
+    start = int((attn_B_T[0].cumsum(-1) == 0).sum())
+    device = ids_B_T.device
+    pre = model(input_ids=ids_B_T[:1, start:start + C],
+                attention_mask=torch.ones(1, C, dtype=attn_B_T.dtype, device=device),
+                position_ids=torch.arange(C, device=device)[None], use_cache=True,
+                logits_to_keep=1, **{cache_kw(model): DynamicCache()})
+    return DynamicCache(ddp_cache_data=[
+        (layer.keys.expand(B, -1, -1, -1), layer.values.expand(B, -1, -1, -1))
+        for layer in pre.past_key_values.layers])
+
+
+def without_prefix(ids_B_T: torch.Tensor, attn_B_T: torch.Tensor, C: int
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The rows with their first C real tokens taken out, (B, T - C) (left padding moves up
+    against the rest), and the attention mask of prefix + rest, (B, T): C ones, then the
+    rest's own; positions from that mask continue from C."""
+    B, T = ids_B_T.shape
+    starts = (attn_B_T.cumsum(-1) == 0).sum(-1, keepdim=True)
+    # column j of the rest is column j of the row inside its left padding, j + C after it
+    j = torch.arange(T - C, device=ids_B_T.device)[None].expand(B, -1)
+    cols = j + C * (j >= starts)
+    rest_attn = attn_B_T.gather(1, cols)
+    mask = torch.cat([torch.ones_like(attn_B_T[:, :C]), rest_attn], dim=-1)
+    return ids_B_T.gather(1, cols), mask

@@ -13,7 +13,6 @@ Layout: prompts are left-padded to a common length P, so every response starts a
 from __future__ import annotations
 
 import copy
-import inspect
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol
@@ -22,7 +21,15 @@ import torch
 from transformers import DynamicCache, PreTrainedModel
 
 from hopd.fastgen import StaticDecoder, supports
-from hopd.models import base_model, positions_from_mask
+from hopd.models import (
+    base_model,
+    cache_kw,
+    positions_from_mask,
+    prefix_cache,
+    shared_prefix_len,
+    shares_prefix,
+    without_prefix,
+)
 
 
 @dataclass
@@ -71,13 +78,6 @@ def filter_logits(logits_B_V: torch.Tensor, top_k: int = 0, top_p: float = 1.0) 
         drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
         logits_B_V = logits_B_V.masked_fill(drop, float("-inf"))
     return logits_B_V
-
-
-def cache_kw(model: PreTrainedModel) -> str:
-    """The forward() keyword for a KV cache: `cache` in newer transformers, else
-    `past_key_values`."""
-    params = inspect.signature(base_model(model).forward).parameters
-    return "cache" if "cache" in params else "past_key_values"
 
 
 def row_seeds(seed: int, step: int, rows: range | list[int], stream: str = "train"
@@ -300,19 +300,28 @@ def pick_token(logits_B_V: torch.Tensor, u_B_1: torch.Tensor | None, temperature
 
 def _prefill(model: PreTrainedModel, prompt_B_P: torch.Tensor, prompt_attn_B_P: torch.Tensor,
              length: int, fast: bool, static: bool, match_hf: bool = True
-             ) -> tuple[torch.Tensor, DynamicCache | None, StaticDecoder | None]:
-    """One forward over the prompts: the first logits, and the cache the decode steps extend
-    (the static buffers of the fast path when `fast` and the model supports it)."""
-    cache = DynamicCache()
-    logits_B_V = model(input_ids=prompt_B_P, attention_mask=prompt_attn_B_P,
-                       position_ids=positions_from_mask(prompt_attn_B_P), use_cache=True,
-                       logits_to_keep=1, **{cache_kw(model): cache}).logits[:, -1].float()
+             ) -> tuple[torch.Tensor, DynamicCache | None, StaticDecoder | None, torch.Tensor]:
+    """One forward over the prompts: the first logits, the cache the decode steps extend (the
+    static buffers of the fast path when `fast` and the model supports it) and the attention
+    mask of its columns (the prompts' own, or with a shared prefix first: `without_prefix`)."""
+    C = shared_prefix_len(prompt_B_P, prompt_attn_B_P, prompt_B_P.size(1)) \
+        if shares_prefix(model) else 0
+    if C:  # the prefix every prompt starts with (a system prompt) runs once
+        cache = prefix_cache(model, prompt_B_P, prompt_attn_B_P, C)
+        ids_B_P, attn_B_P = without_prefix(prompt_B_P, prompt_attn_B_P, C)
+        positions = positions_from_mask(attn_B_P)[:, C:]
+    else:
+        cache, ids_B_P, attn_B_P = DynamicCache(), prompt_B_P, prompt_attn_B_P
+        positions = positions_from_mask(attn_B_P)
+    logits_B_V = model(input_ids=ids_B_P, attention_mask=attn_B_P, position_ids=positions,
+                       use_cache=True, logits_to_keep=1,
+                       **{cache_kw(model): cache}).logits[:, -1].float()
     if not (fast and supports(model, length)):
-        return logits_B_V, cache, None
+        return logits_B_V, cache, None, attn_B_P
     decoder = StaticDecoder(model, prompt_B_P.size(0), length, static=static,
                             match_hf=match_hf)
-    decoder.load_prefill(cache, prompt_attn_B_P)
-    return logits_B_V, None, decoder  # the static buffers hold the prompt's K/V now
+    decoder.load_prefill(cache, attn_B_P)
+    return logits_B_V, None, decoder, attn_B_P  # the static buffers hold the prompt's K/V now
 
 
 def _decode(pick: Callable[[], torch.Tensor], advance: Callable[[torch.Tensor], None],
@@ -397,11 +406,12 @@ def sample(
         greedy_B = torch.tensor(greedy_rows, dtype=torch.bool, device=device)
 
     graph = cuda_graph and device.type == "cuda"
-    logits_B_V, cache, decoder = _prefill(model, prompt_B_P, prompt_attn_B_P, P + horizon,
-                                          fast=fast, static=graph, match_hf=match_hf)
+    logits_B_V, cache, decoder, cache_attn = _prefill(model, prompt_B_P, prompt_attn_B_P,
+                                                      P + horizon, fast=fast, static=graph,
+                                                      match_hf=match_hf)
     graph = graph and decoder is not None
     positions = positions_from_mask(prompt_attn_B_P)[:, -1].clone()  # each row's last token
-    attn = [prompt_attn_B_P]
+    attn = [cache_attn]
     column = torch.zeros(1, dtype=torch.long, device=device)  # the response column t
 
     # pick() and advance() touch device-side state only, so a CUDA graph can replay them

@@ -209,28 +209,29 @@ def learn(student: PreTrainedModel, rollout: Rollout, teacher: TeacherScores, lo
     # full-vocabulary losses on long or wide steps: logits a chunk of positions at a time
     chunk = teacher_in is not None and (teacher.hidden_B_R_D is not None
                                         or chunked(student, rollout, vocab, grad_accum))
-    for lo in range(0, B, mb):
-        rows = slice(lo, lo + mb)
-        mask = rollout.response_mask_B_R[rows]
+    R = rollout.response_mask_B_R.size(1)
+    for lo, rows, cols in micro_batches(rollout, mb):
+        mask = rollout.response_mask_B_R[rows, :cols]
         weight = None if loss_cfg.normalizer == "token_mean" and kind != "sft" else \
-            token_weights(mask, loss_cfg.normalizer, n_tokens, n_seqs, budget or mask.size(1))
+            token_weights(mask, loss_cfg.normalizer, n_tokens, n_seqs, budget or R)
+        ids, attn, prompt_len = trimmed(rollout, rows, cols)
         with dist.no_sync(student, skip=lo + mb < B), count_saved_bytes() as saved, \
                 (hidden_states_out(student) if chunk else nullcontext()) as head:
-            logits = response_logits(student, rollout.ids_B_T[rows], rollout.attn_B_T[rows],
-                                     rollout.prompt_len, None if chunk else vocab)
+            logits = response_logits(student, ids, attn, prompt_len, None if chunk else vocab)
             if kind == "sampled_rkl":
                 learner_logp = token_logprobs(as_sampled(logits, sampling),
-                                              rollout.response_ids_B_R[rows])
-                loss, s = sampled_rkl(learner_logp, rollout.sampler_logp_B_R[rows],
-                                      teacher.logp_B_R[rows], mask, n_tokens,
+                                              rollout.response_ids_B_R[rows, :cols])
+                loss, s = sampled_rkl(learner_logp, rollout.sampler_logp_B_R[rows, :cols],
+                                      teacher.logp_B_R[rows, :cols], mask, n_tokens,
                                       gamma=loss_cfg.gamma, clip_eps=loss_cfg.clip_eps,
                                       weight_B_R=weight)
                 stats["rho_mean"] += s["rho_mean"] * float(mask.sum()) / max(n_tokens, 1)
                 stats["rho_max"] = max(stats["rho_max"], s["rho_max"])
             elif kind == "sft":
-                loss = sft_loss(token_logprobs(logits, rollout.response_ids_B_R[rows]), weight)
+                loss = sft_loss(token_logprobs(logits, rollout.response_ids_B_R[rows, :cols]),
+                                weight)
             else:
-                sub = {k: v[rows] if isinstance(v, torch.Tensor) else v
+                sub = {k: v[rows, :cols] if isinstance(v, torch.Tensor) else v
                        for k, v in teacher_in.items()}
                 if head is not None:  # `logits` are the last hidden states here
                     loss = chunked_distribution_loss(logits, head, sub, mask, n_tokens, kind,
@@ -243,6 +244,31 @@ def learn(student: PreTrainedModel, rollout: Rollout, teacher: TeacherScores, lo
         act_bytes = max(act_bytes, saved.bytes)
         total += loss.item()
     return {"loss": total, "act_mem_mb": act_bytes / 2**20, **stats}
+
+
+def micro_batches(rollout: Rollout, mb: int) -> list[tuple[int, torch.Tensor, int]]:
+    """The step's micro-batches of `mb` rows: (first index, row indices, response columns).
+    With several, rows go longest response first, so that each micro-batch holds rows of like
+    length and runs only up to its own longest response (`cols`); one micro-batch keeps the
+    rows' order and every column."""
+    B, R = rollout.response_mask_B_R.shape
+    if mb >= B:
+        return [(0, torch.arange(B, device=rollout.ids_B_T.device), R)]
+    lengths = rollout.response_mask_B_R.sum(-1)
+    order = torch.argsort(lengths, descending=True, stable=True)
+    return [(lo, order[lo:lo + mb], max(1, int(lengths[order[lo]])))
+            for lo in range(0, B, mb)]
+
+
+def trimmed(rollout: Rollout, rows: torch.Tensor, cols: int
+            ) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """(ids, attention mask, prompt length) of `rows` up to response column `cols`, without
+    the left-padding columns that all of them share: the same tokens at the same positions,
+    for less work."""
+    attn = rollout.attn_B_T[rows, :rollout.prompt_len + cols]
+    pad = int((attn[:, :rollout.prompt_len].cumsum(-1) == 0).sum(-1).min())
+    ids = rollout.ids_B_T[rows, pad:rollout.prompt_len + cols]
+    return ids, attn[:, pad:], rollout.prompt_len - pad
 
 
 def as_sampled(logits_B_R_V: torch.Tensor, sampling: SamplingConfig) -> torch.Tensor:

@@ -133,3 +133,19 @@ def test_ul_paired_benchmark_reports_the_same_rows_from_one_call(tmp_path):
     res = json.loads(proc.stdout.strip().splitlines()[-1])
     assert res["same_rows"] == 1.0 and res["horizon"] == 16
     assert res["s_per_step_apart"] > 0 and res["s_per_step_paired"] > 0
+
+
+def test_shared_prefix_benchmark_times_each_setting_at_the_same_loss(tmp_path):
+    """benchmarks/shared_prefix.py on the testbed pair (no shared prefix there: its prompts
+    start at once with the program): a time for each setting, and grad_accum's trimmed
+    micro-batches at the same loss (float rounding only)."""
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "shared_prefix.py"),
+                           "--model", "testbed:student", "--teacher", "testbed:teacher",
+                           "--steps", "2", "--horizon", "24", "--repeats", "1",
+                           "--accum", "1,4"],
+                          capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    res = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert sorted(res["seconds"]) == ["off/1", "on/1", "on/4"]
+    assert all(v["learn"] > 0 and v["teacher"] > 0 for v in res["seconds"].values())
+    assert res["shared_prefix"] == [0, 0] and res["loss_max_diff"] < 1e-5

@@ -17,8 +17,9 @@ def _grads(model):
 
 
 @pytest.mark.parametrize("kind,top_k", [("sampled_rkl", 0), ("rkl", 0), ("fkl", 0), ("jsd", 0),
-                                        ("rkl", 5)])
+                                        ("rkl", 5), ("sft", 0)])
 def test_batch8_accum1_equals_batch2_accum4(tokenizer, kind, top_k):
+    """Also: micro-batches of rows of like length run only up to their longest response."""
     student = tiny_llama("micro", tokenizer, seed=1).double()
     teacher = tiny_llama("micro", tokenizer, seed=2).double().eval()
     prompts = [[1] + tokenizer(f"a={i}+{i};", add_special_tokens=False)["input_ids"]
@@ -30,12 +31,18 @@ def test_batch8_accum1_equals_batch2_accum4(tokenizer, kind, top_k):
     assert r.cut_B.any() and (~r.cut_B).any()
     need = "sampled" if kind == "sampled_rkl" else ("topk" if top_k else "full")
     scores = score(teacher, r, need, top_k)
-    grads = []
+    grads, work = [], []
+    shapes = []
+    student.register_forward_hook(lambda m, a, kw, out: shapes.append(kw["input_ids"].shape),
+                                  with_kwargs=True)
     for accum in (1, 4):
         student.zero_grad(set_to_none=True)
+        shapes.clear()
         stats = learn(student, r, scores, LossConfig(kind=kind, top_k=top_k), grad_accum=accum,
                       vocab=len(tokenizer))
         grads.append((_grads(student), stats["loss"]))
+        work.append(sum(b * t for b, t in shapes))
+    assert work[1] < work[0] == r.ids_B_T.numel()  # padding columns trimmed per micro-batch
     assert torch.allclose(grads[0][0], grads[1][0], rtol=1e-9, atol=1e-12)
     assert grads[0][1] == pytest.approx(grads[1][1], rel=1e-9)
     assert grads[0][0].abs().sum() > 0

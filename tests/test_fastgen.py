@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+from archs import ARCHS, COMMON
 from transformers import (
     GPT2Config,
     GPT2LMHeadModel,
@@ -9,23 +10,10 @@ from transformers import (
     LlamaForCausalLM,
     MistralConfig,
     MistralForCausalLM,
-    Qwen2Config,
-    Qwen2ForCausalLM,
-    Qwen3Config,
-    Qwen3ForCausalLM,
 )
 
 from hopd.fastgen import supports
 from hopd.rollout import sample
-
-COMMON = dict(vocab_size=50, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-              num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128)
-ARCHS = {
-    "llama": lambda: LlamaForCausalLM(LlamaConfig(**COMMON)),
-    "mistral": lambda: MistralForCausalLM(MistralConfig(**COMMON, sliding_window=None)),
-    "qwen2": lambda: Qwen2ForCausalLM(Qwen2Config(**COMMON)),
-    "qwen3": lambda: Qwen3ForCausalLM(Qwen3Config(**COMMON, head_dim=8)),
-}
 
 
 @pytest.mark.parametrize("arch", sorted(ARCHS))
