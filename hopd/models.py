@@ -392,13 +392,14 @@ def prefix_cache(model: torch.nn.Module, ids_B_T: torch.Tensor, attn_B_T: torch.
     B = ids_B_T.size(0)
     start = int((attn_B_T[0].cumsum(-1) == 0).sum())
     device = ids_B_T.device
-    pre = model(input_ids=ids_B_T[:1, start:start + C],
-                attention_mask=torch.ones(1, C, dtype=attn_B_T.dtype, device=device),
-                position_ids=torch.arange(C, device=device)[None], use_cache=True,
-                logits_to_keep=1, **{cache_kw(model): DynamicCache()})
+    one = DynamicCache()  # filled by the forward, whatever the output calls it
+    model(input_ids=ids_B_T[:1, start:start + C],
+          attention_mask=torch.ones(1, C, dtype=attn_B_T.dtype, device=device),
+          position_ids=torch.arange(C, device=device)[None], use_cache=True, logits_to_keep=1,
+          **{cache_kw(model): one})
     return DynamicCache(ddp_cache_data=[
         (layer.keys.expand(B, -1, -1, -1), layer.values.expand(B, -1, -1, -1))
-        for layer in pre.past_key_values.layers])
+        for layer in one.layers])
 
 
 def without_prefix(ids_B_T: torch.Tensor, attn_B_T: torch.Tensor, C: int
