@@ -3,10 +3,11 @@
 For the student's greedy answers to held-out prompts, the teacher scores every token (teacher
 forcing), and the script prints, for the looping answers (`hopd.quality.loops`) and the others:
 the teacher's NLL per token in each answer's first and second half, how often the teacher's own
-top-1 token is the one the student wrote, and how many answers go on past a position where the
-teacher's top-1 was EOS ("missed stops"). Then the teacher itself continues each looping answer
-greedily from the student's first k tokens, and the script counts how many of those
-continuations loop: if the teacher loops too, the loop was decided by the first k tokens.
+top-1 token is the one the student wrote, how many answers go on past a position where the
+teacher's top-1 was EOS ("missed stops"), and where each looping answer's first repeated 4-gram
+starts (within H, the unlikelihood term sees it). Then the teacher itself continues each
+looping answer greedily from the student's first k tokens, and the script counts how many of
+those continuations loop: if the teacher loops too, the loop was decided by the first k tokens.
 `--against B` reads a second student on the same prompts and compares the two on the prompts
 where neither loops (`paired`).
 
@@ -28,6 +29,7 @@ from dataclasses import dataclass
 
 import torch
 
+from hopd.losses import repeated_ngrams
 from hopd.models import load_model, load_tokenizer
 from hopd.quality import distinct_n, loops, ratio_se
 from hopd.rollout import Rollout, sample
@@ -44,11 +46,22 @@ class Reading:
     nll_second: list[float]  # ... and in its second half
     teacher_agrees: list[bool]  # whether the teacher's top-1 is the token written
     missed_stop: bool  # the teacher's top-1 was EOS before the answer's last token
+    first_repeat: int  # where the answer's first repeated 4-gram starts (-1: none)
 
 
 def strip_eos(answer: list[int], eos: int) -> list[int]:
     """An answer as `hopd.quality` counts it: without its EOS."""
     return [t for t in answer if t != eos]
+
+
+def first_repeat(answer: list[int], n: int = 4) -> int:
+    """The position where `answer`'s first repeated n-gram starts (an n-gram that occurred,
+    whole, earlier: the tokens loss.unlikelihood pushes down, `losses.repeated_ngrams`); -1 when
+    none repeats."""
+    ids = torch.tensor([answer or [0]])
+    marks = repeated_ngrams(ids, torch.ones_like(ids) if answer else torch.zeros_like(ids), n)
+    at = marks[0].nonzero()
+    return int(at[0]) if len(at) else -1
 
 
 def read_answer(tokens: list[int], teacher_logp: list[float], teacher_top1: list[int],
@@ -61,7 +74,8 @@ def read_answer(tokens: list[int], teacher_logp: list[float], teacher_top1: list
     return Reading(loops=loops(strip_eos(tokens, eos)),
                    nll_first=nll[: n // 2], nll_second=nll[n // 2:],
                    teacher_agrees=[a == b for a, b in zip(teacher_top1, tokens)],
-                   missed_stop=any(t == eos for t in teacher_top1[: n - 1]))
+                   missed_stop=any(t == eos for t in teacher_top1[: n - 1]),
+                   first_repeat=first_repeat(strip_eos(tokens, eos)))
 
 
 def summary(readings: list[Reading]) -> dict[str, float]:
@@ -135,7 +149,8 @@ def main() -> None:
     ap.add_argument("--model", required=True, help="the student (a folder or a known name)")
     ap.add_argument("--teacher", default="smollm2:135m-instruct")
     ap.add_argument("--task", default="chat:prompts")
-    ap.add_argument("--split", default="test", choices=["val", "test"])
+    ap.add_argument("--split", default="test", choices=["val", "test", "eval"],
+                    help="eval: both halves of the held-out prompts")
     ap.add_argument("--n", type=int, default=32, help="held-out prompts")
     ap.add_argument("--budget", type=int, default=128)
     ap.add_argument("--prefixes", default="8,16,32",
@@ -155,6 +170,7 @@ def main() -> None:
     result = {"model": args.model, "teacher": args.teacher, "n": len(prompts),
               "distinct_2": distinct_n([strip_eos(a, eos) for a in answers]),
               "looping": summary([r for r in readings if r.loops]),
+              "loop_starts": sorted(readings[i].first_repeat for i in looping),
               "other": summary([r for r in readings if not r.loops]),
               "teacher_continues": {}}
     for k in [int(x) for x in args.prefixes.split(",") if x]:
@@ -177,6 +193,7 @@ def main() -> None:
         s = result[name]
         print(f"| {name} | {s['answers']} | {s['nll_first_half']:.3f} | {s['nll_second_half']:.3f}"
               f" | {s['teacher_top1_agrees']:.2f} | {s['missed_stops']} |")
+    print(f"the looping answers' first repeated 4-gram starts at token {result['loop_starts']}")
     for k, v in result["teacher_continues"].items():
         print(f"the teacher, continuing the {len(looping)} looping answers after their first {k}"
               f" tokens, loops on {v}")

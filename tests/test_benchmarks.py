@@ -68,6 +68,9 @@ def test_loop_anatomy_reads_an_answer_by_hand():
     loop = [5, 6] * 10  # 20 tokens, 2 distinct bigrams of 19: a loop; no EOS (cut by the budget)
     r = la.read_answer(loop, [-0.5] * 10 + [-0.1] * 10, [5, eos] + [6, 5] * 9, eos)
     assert r.loops and r.missed_stop  # the teacher's top-1 was EOS at position 1
+    # "5 6 5 6" first ends at 4; the one starting at 2 overlaps it, the one at 4 repeats it
+    assert r.first_repeat == 4 and la.first_repeat([1, 2, 3, 4, 1, 2, 3]) == -1
+    assert la.first_repeat([7, 1, 2, 3, 4, 9, 1, 2, 3, 4]) == 6 and la.first_repeat([]) == -1
     assert r.nll_first == [0.5] * 10 and r.nll_second == [0.1] * 10
     assert sum(r.teacher_agrees) == 1  # position 0 only: then EOS, then out of phase
     ended = [1, 2, 3, eos]  # stops where the teacher's top-1 is EOS: no missed stop
