@@ -58,9 +58,10 @@ def first_repeat(answer: list[int], n: int = 4) -> int:
     """The position where `answer`'s first repeated n-gram starts (an n-gram that occurred,
     whole, earlier: the tokens loss.unlikelihood pushes down, `losses.repeated_ngrams`); -1 when
     none repeats."""
-    ids = torch.tensor([answer or [0]])
-    marks = repeated_ngrams(ids, torch.ones_like(ids) if answer else torch.zeros_like(ids), n)
-    at = marks[0].nonzero()
+    if not answer:
+        return -1
+    ids = torch.tensor([answer])
+    at = repeated_ngrams(ids, torch.ones_like(ids), n)[0].nonzero()
     return int(at[0]) if len(at) else -1
 
 

@@ -314,21 +314,38 @@ def positions_from_mask(attn_B_T: torch.Tensor) -> torch.Tensor:
 
 def response_logits(model: PreTrainedModel, ids_B_T: torch.Tensor, attn_B_T: torch.Tensor,
                     prompt_len: int, vocab: int | None = None) -> torch.Tensor:
-    """(B, R, V) logits predicting each response token; V cut to `vocab` when given.
+    """(B, R, V) logits predicting each response token; V cut to `vocab` when given (a prompt
+    prefix every row shares runs once: `forward_inputs`)."""
+    R = ids_B_T.size(1) - prompt_len
+    out = model(**forward_inputs(model, ids_B_T, attn_B_T, prompt_len), logits_to_keep=R + 1)
+    logits = out.logits[:, :-1, :]
+    return logits[..., :vocab] if vocab is not None else logits
+
+
+def forward_inputs(model: torch.nn.Module, ids_B_T: torch.Tensor, attn_B_T: torch.Tensor,
+                   prompt_len: int, cache: bool = False) -> dict:
+    """The keyword arguments of `model`'s forward over left-padded rows whose first
+    `prompt_len` columns are prompts; with `cache`, a KV cache that the forward fills.
 
     When every row's prompt starts with the same tokens (a chat template's system prompt), and
-    the model allows it (`shares_prefix`), those tokens run once, as one row, and the rows
-    continue from their keys and values (`shared_prefix_logits`): the same logits and, through
-    the keys and values, the same gradient, for fewer tokens' work."""
-    R = ids_B_T.size(1) - prompt_len
+    the model allows it (`shares_prefix`), those tokens run here once, as one row, and the
+    arguments are the rows without them (`without_prefix`), continuing from their keys and
+    values (`prefix_cache`): the same logits and, through the keys and values, the same
+    gradient, for fewer tokens' work. The attention mask then covers prefix + rest."""
     C = shared_prefix_len(ids_B_T, attn_B_T, prompt_len) if shares_prefix(model) else 0
-    if C:
-        logits = shared_prefix_logits(model, ids_B_T, attn_B_T, C, R)
-    else:
-        out = model(input_ids=ids_B_T, attention_mask=attn_B_T,
-                    position_ids=positions_from_mask(attn_B_T), logits_to_keep=R + 1)
-        logits = out.logits[:, :-1, :]
-    return logits[..., :vocab] if vocab is not None else logits
+    if not C:
+        kw = {"input_ids": ids_B_T, "attention_mask": attn_B_T,
+              "position_ids": positions_from_mask(attn_B_T)}
+        return {**kw, "use_cache": True, cache_kw(model): DynamicCache()} if cache else kw
+    rest_ids, mask = without_prefix(ids_B_T, attn_B_T, C)
+    return {"input_ids": rest_ids, "attention_mask": mask,
+            "position_ids": positions_from_mask(mask)[:, C:], "use_cache": True,
+            cache_kw(model): prefix_cache(model, ids_B_T, attn_B_T, C)}
+
+
+def left_padding(attn_B_T: torch.Tensor) -> torch.Tensor:
+    """(B,) each row's padding columns before its first real token."""
+    return (attn_B_T.cumsum(-1) == 0).sum(-1)
 
 
 # A shared prefix shorter than this is not worth the second forward call it costs.
@@ -361,7 +378,7 @@ def shared_prefix_len(ids_B_T: torch.Tensor, attn_B_T: torch.Tensor, prompt_len:
     row, or when a prompt has padding other than on its left."""
     B = ids_B_T.size(0)
     prompt = attn_B_T[:, :prompt_len]
-    starts = (prompt.cumsum(-1) == 0).sum(-1)  # each row's left padding
+    starts = left_padding(prompt)
     n = prompt_len - int(starts.max()) - 1  # the shortest prompt, less its last token
     if B < 2 or n < MIN_SHARED_PREFIX or int(prompt.sum()) != int((prompt_len - starts).sum()):
         return 0
@@ -372,25 +389,12 @@ def shared_prefix_len(ids_B_T: torch.Tensor, attn_B_T: torch.Tensor, prompt_len:
     return C if C >= MIN_SHARED_PREFIX else 0
 
 
-def shared_prefix_logits(model: torch.nn.Module, ids_B_T: torch.Tensor, attn_B_T: torch.Tensor,
-                         C: int, R: int) -> torch.Tensor:
-    """(B, R, V) logits as `response_logits` computes them, with each row's first C real
-    tokens (alike in every row: `shared_prefix_len`) run once as one row; gradients reach that
-    pass through its keys and values."""
-    cache = prefix_cache(model, ids_B_T, attn_B_T, C)
-    rest_ids, mask = without_prefix(ids_B_T, attn_B_T, C)
-    out = model(input_ids=rest_ids, attention_mask=mask,
-                position_ids=positions_from_mask(mask)[:, C:], use_cache=True,
-                logits_to_keep=R + 1, **{cache_kw(model): cache})
-    return out.logits[:, :-1, :]
-
-
 def prefix_cache(model: torch.nn.Module, ids_B_T: torch.Tensor, attn_B_T: torch.Tensor,
                  C: int) -> DynamicCache:
     """The keys and values of the rows' shared first C real tokens, computed as one row and
     expanded to every row (a cache for `without_prefix`'s rows to continue from)."""
     B = ids_B_T.size(0)
-    start = int((attn_B_T[0].cumsum(-1) == 0).sum())
+    start = int(left_padding(attn_B_T[:1]))
     device = ids_B_T.device
     one = DynamicCache()  # filled by the forward, whatever the output calls it
     model(input_ids=ids_B_T[:1, start:start + C],
@@ -408,7 +412,7 @@ def without_prefix(ids_B_T: torch.Tensor, attn_B_T: torch.Tensor, C: int
     against the rest), and the attention mask of prefix + rest, (B, T): C ones, then the
     rest's own; positions from that mask continue from C."""
     B, T = ids_B_T.shape
-    starts = (attn_B_T.cumsum(-1) == 0).sum(-1, keepdim=True)
+    starts = left_padding(attn_B_T)[:, None]
     # column j of the rest is column j of the row inside its left padding, j + C after it
     j = torch.arange(T - C, device=ids_B_T.device)[None].expand(B, -1)
     cols = j + C * (j >= starts)

@@ -21,15 +21,7 @@ import torch
 from transformers import DynamicCache, PreTrainedModel
 
 from hopd.fastgen import StaticDecoder, supports
-from hopd.models import (
-    base_model,
-    cache_kw,
-    positions_from_mask,
-    prefix_cache,
-    shared_prefix_len,
-    shares_prefix,
-    without_prefix,
-)
+from hopd.models import base_model, cache_kw, forward_inputs, positions_from_mask
 
 
 @dataclass
@@ -303,19 +295,10 @@ def _prefill(model: PreTrainedModel, prompt_B_P: torch.Tensor, prompt_attn_B_P: 
              ) -> tuple[torch.Tensor, DynamicCache | None, StaticDecoder | None, torch.Tensor]:
     """One forward over the prompts: the first logits, the cache the decode steps extend (the
     static buffers of the fast path when `fast` and the model supports it) and the attention
-    mask of its columns (the prompts' own, or with a shared prefix first: `without_prefix`)."""
-    C = shared_prefix_len(prompt_B_P, prompt_attn_B_P, prompt_B_P.size(1)) \
-        if shares_prefix(model) else 0
-    if C:  # the prefix every prompt starts with (a system prompt) runs once
-        cache = prefix_cache(model, prompt_B_P, prompt_attn_B_P, C)
-        ids_B_P, attn_B_P = without_prefix(prompt_B_P, prompt_attn_B_P, C)
-        positions = positions_from_mask(attn_B_P)[:, C:]
-    else:
-        cache, ids_B_P, attn_B_P = DynamicCache(), prompt_B_P, prompt_attn_B_P
-        positions = positions_from_mask(attn_B_P)
-    logits_B_V = model(input_ids=ids_B_P, attention_mask=attn_B_P, position_ids=positions,
-                       use_cache=True, logits_to_keep=1,
-                       **{cache_kw(model): cache}).logits[:, -1].float()
+    mask of its columns (the prompts' own, or with a shared prefix first: `forward_inputs`)."""
+    kw = forward_inputs(model, prompt_B_P, prompt_attn_B_P, prompt_B_P.size(1), cache=True)
+    cache, attn_B_P = kw[cache_kw(model)], kw["attention_mask"]
+    logits_B_V = model(**kw, logits_to_keep=1).logits[:, -1].float()
     if not (fast and supports(model, length)):
         return logits_B_V, cache, None, attn_B_P
     decoder = StaticDecoder(model, prompt_B_P.size(0), length, static=static,

@@ -28,7 +28,7 @@ from hopd.losses import (
     token_weights,
     unlikelihood,
 )
-from hopd.models import chunkable, hidden_states_out, response_logits
+from hopd.models import chunkable, hidden_states_out, left_padding, response_logits
 from hopd.rollout import Rollout, Sampler, filter_logits
 from hopd.teacher import LocalTeacher, Teacher, TeacherScores
 
@@ -266,7 +266,7 @@ def trimmed(rollout: Rollout, rows: torch.Tensor, cols: int
     the left-padding columns that all of them share: the same tokens at the same positions,
     for less work."""
     attn = rollout.attn_B_T[rows, :rollout.prompt_len + cols]
-    pad = int((attn[:, :rollout.prompt_len].cumsum(-1) == 0).sum(-1).min())
+    pad = int(left_padding(attn[:, :rollout.prompt_len]).min())
     ids = rollout.ids_B_T[rows, pad:rollout.prompt_len + cols]
     return ids, attn[:, pad:], rollout.prompt_len - pad
 

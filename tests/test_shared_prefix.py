@@ -96,7 +96,7 @@ def test_models_that_may_not_share_run_the_plain_forward(monkeypatch):
     assert not shares_prefix(model)
     monkeypatch.delenv("HOPD_SHARE_PREFIX")
     ids, attn, P = batch([[31, 32], [33]])
-    monkeypatch.setattr(models, "shared_prefix_logits",
+    monkeypatch.setattr(models, "prefix_cache",
                         lambda *a: pytest.fail("took the shared path"))
     monkeypatch.setattr(models, "shares_prefix", lambda m: False)
     assert response_logits(model, ids, attn, P).shape == (2, 6, 50)
