@@ -45,8 +45,9 @@ from hopd.trackers import Trackers
 
 # what each evaluation record carries beside the accuracy, as eval_<key>
 QUALITY_KEYS = ("rkl", "rkl_se", "rkl_exact", "teacher_nll", "teacher_nll_se", "distinct_2",
-                "distinct_2_se", "looping", "max_run_share", "max_run_share_max",
-                "mostly_one_token", "eos_rate", "mean_length", "student_entropy")
+                "distinct_2_se", "distinct_2_within", "distinct_2_across", "looping",
+                "max_run_share", "max_run_share_max", "mostly_one_token", "eos_rate",
+                "mean_length", "student_entropy")
 GUARD_STEPS = 2  # the guard compares the mean loss of the first and of the latest 2 steps
 
 

@@ -62,6 +62,20 @@ def distinct_n(answers: list[list[int]], n: int = 2) -> float:
     return len(set(grams)) / len(grams) if grams else math.nan
 
 
+def distinct_parts(answers: list[list[int]], n: int = 2) -> tuple[float, float]:
+    """`distinct_n` as the product of two shares (NaN with no n-grams): `within`, the n-grams
+    that are distinct inside their own answer, summed over answers, over all n-grams (what
+    loops lower; it does not change as answers are added), and `across`, the distinct n-grams
+    of all answers over that sum (1 when no n-gram occurs in two answers; lowered by phrases
+    that many answers share, and falling as answers are added)."""
+    own = [len(set(tuple(a[i:i + n]) for i in range(len(a) - n + 1))) for a in answers]
+    grams = sum(max(len(a) - n + 1, 0) for a in answers)
+    if not grams:
+        return math.nan, math.nan
+    kinds = len({tuple(a[i:i + n]) for a in answers for i in range(len(a) - n + 1)})
+    return sum(own) / grams, kinds / sum(own)
+
+
 def distinct_n_se(answers: list[list[int]], n: int = 2) -> float:
     """The jackknife standard error of `distinct_n` over answers (leave one answer out; NaN with
     fewer than two answers holding n-grams). A bootstrap would draw some answers twice, and a
@@ -101,11 +115,13 @@ def loops(answer: list[int]) -> bool:
 
 
 def degeneration(answers: list[list[int]], ended: list[bool]) -> dict[str, float]:
-    """distinct-2 (with its jackknife standard error), the looping share, the longest-run shares,
-    EOS rate and mean length of greedy answers."""
+    """distinct-2 (with its jackknife standard error and its two factors, `distinct_parts`),
+    the looping share, the longest-run shares, EOS rate and mean length of greedy answers."""
     shares = [longest_run_share(a) for a in answers]
     n = max(len(answers), 1)
+    within, across = distinct_parts(answers, 2)
     return {"distinct_2": distinct_n(answers, 2), "distinct_2_se": distinct_n_se(answers, 2),
+            "distinct_2_within": within, "distinct_2_across": across,
             "looping": sum(loops(a) for a in answers) / n,
             "max_run_share": sum(shares) / n,
             "max_run_share_max": max(shares, default=0.0),

@@ -152,3 +152,58 @@ def test_shared_prefix_benchmark_times_each_setting_at_the_same_loss(tmp_path):
     assert sorted(res["seconds"]) == ["off/1", "on/1", "on/4"]
     assert all(v["learn"] > 0 and v["teacher"] > 0 for v in res["seconds"].values())
     assert res["shared_prefix"] == [0, 0] and res["loss_max_diff"] < 1e-5
+
+
+def _run_folder(path: Path, readings: list[dict], **cfg) -> Path:
+    """A run folder as `hopd distill` leaves it: config.yaml and metrics.jsonl with evaluations
+    (each reading's missing fields filled with harmless values)."""
+    path.mkdir(parents=True)
+    (path / "config.yaml").write_text(json.dumps({"budget": 128, "max_steps": 240, **cfg}))
+    lines = [{"eval_accuracy": None, "eval_metric": "rkl", "train_time_s": 10.0 * r["step"],
+              "eval_rkl_se": 0.02, "eval_distinct_2_se": 0.03, "eval_looping": 0.1,
+              "eval_mostly_one_token": 0.0, **r} for r in readings]
+    (path / "metrics.jsonl").write_text("\n".join(map(json.dumps, lines)) + "\n")
+    return path
+
+
+def test_real_frontier_reads_each_mark_and_the_trend_by_hand(tmp_path):
+    """benchmarks/real_frontier.py on hand-made run folders: which marks each reading meets
+    against the pruned student's (KL at most half, NLL below, distinct-2 >= 0.5, no answer mostly
+    one token), the least-squares line through the final readings, and the plot written."""
+    def reading(step, rkl, nll, d2, **kw):
+        return {"step": step, "eval_rkl": rkl, "eval_teacher_nll": nll, "eval_distinct_2": d2,
+                **kw}
+
+    warm = _run_folder(tmp_path / "warm", [reading(0, 1.0, 1.1, 0.3, guard_reference={
+        "of": "teacher", "distinct_2": 0.6})], loss={"kind": "sft"})
+    a = _run_folder(tmp_path / "a" / "opd", [reading(0, 0.5, 0.9, 0.3),
+                                             reading(120, 0.6, 1.2, 0.4),
+                                             reading(240, 0.5, 1.0, 0.5)],
+                    loss={"kind": "rkl", "unlikelihood": 0.1}, optim={"lr": 2e-4},
+                    horizon={"kind": "truncated", "fraction": 0.25})
+    b = _run_folder(tmp_path / "b" / "opd", [reading(60, 0.4, 1.3, 0.7,
+                                                     eval_mostly_one_token=1 / 32)],
+                    loss={"kind": "rkl"}, horizon={"kind": "full"}, max_steps=60)
+    c = _run_folder(tmp_path / "c", [reading(60, 0.45, 1.2, 0.6)], loss={"kind": "fkl"},
+                    horizon={"kind": "full"})
+    out = tmp_path / "frontier.png"
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "real_frontier.py"),
+                           str(a), str(b), str(c), "--pruned", str(warm), "--out", str(out)],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    rows = [line.split(" | ") for line in proc.stdout.splitlines() if line.startswith("| a/")
+            or line.startswith("| b/") or line.startswith("| c ")]
+    assert [(r[0], r[2]) for r in rows] == [("| a/opd", "120"), ("| a/opd", "240"),
+                                            ("| b/opd", "60"), ("| c", "60")]  # no step 0
+    assert rows[0][1] == "rkl H=32 ul=0.1 lr=0.0002 240 steps"
+    assert rows[0][5] == "-40%" and rows[0][-1] == "not KL halved, NLL below, distinct-2 |"
+    assert rows[1][-1] == "all |"  # KL 0.5 is half of 1.0, NLL 1.0 < 1.1, distinct-2 0.5
+    assert rows[2][-1] == "not NLL below, no mostly-one |"
+    assert rows[3][-1] == "not NLL below |"
+    # final readings (1.0, 0.5), (1.3, 0.7), (1.2, 0.6); means 7/6 and 0.6: sxy = 0.03,
+    # sxx = 0.14/3, syy = 0.02, so slope 9/14, r = 0.03 / sqrt(0.14/3 x 0.02) = 0.98, and at
+    # NLL 1.1: 0.6 + 9/14 x (1.1 - 7/6) = 0.557
+    fit = proc.stdout.splitlines()[-2]
+    assert "= -0.150 + 0.643 x teacher NLL (r = 0.98)" in fit, fit
+    assert "at the pruned student's NLL 1.100 it reads 0.557" in fit, fit
+    assert out.stat().st_size > 10_000

@@ -19,6 +19,7 @@ from hopd.quality import (
     degeneration,
     distinct_n,
     distinct_n_se,
+    distinct_parts,
     longest_run_share,
     loops,
     ratio_se,
@@ -42,6 +43,27 @@ def test_degeneration_metrics_by_hand():
     assert d["max_run_share"] == pytest.approx((0.2 + 0.8 + 0.0) / 3)
     assert d["eos_rate"] == pytest.approx(2 / 3) and d["mean_length"] == pytest.approx(10 / 3)
     assert math.isnan(distinct_n([[1], []], 2))
+
+
+def test_distinct_2_parts_by_hand():
+    # [1,2,3,1,2]: 3 of its 4 bigrams distinct within it; [7,7,7,7,5]: 2 of 4; none shared
+    answers = [[1, 2, 3, 1, 2], [7, 7, 7, 7, 5], []]
+    assert distinct_parts(answers) == pytest.approx((5 / 8, 1.0))
+    # no repeat inside either answer, (1,2) in both: 4 of 4 within, 3 kinds of those 4 across
+    shared = [[1, 2, 3], [1, 2, 4]]
+    assert distinct_parts(shared) == pytest.approx((1.0, 3 / 4))
+    d = degeneration(shared + [[5, 5, 5, 5]], [True] * 3)  # 3 more bigrams, 1 kind
+    assert (d["distinct_2_within"], d["distinct_2_across"]) == pytest.approx((5 / 7, 4 / 5))
+    assert d["distinct_2"] == pytest.approx(4 / 7) == d["distinct_2_within"] * d[
+        "distinct_2_across"]
+    # the same answers twice: within unchanged, across (and distinct-2) halved
+    assert distinct_parts(answers * 2) == pytest.approx((5 / 8, 0.5))
+    assert all(math.isnan(x) for x in distinct_parts([[1], []]))
+    g = torch.Generator().manual_seed(1)
+    many = [torch.randint(0, 5, (int(n),), generator=g).tolist()
+            for n in torch.randint(0, 25, (20,), generator=g)]
+    within, across = distinct_parts(many)
+    assert within * across == pytest.approx(distinct_n(many), rel=1e-12) and across < 1
 
 
 def test_distinct_2_standard_error_by_hand_and_by_leaving_each_answer_out():
@@ -184,6 +206,8 @@ def test_without_collapse_stop_the_guard_warns_once_and_the_report_flags_it(
     first = next(x for x in lines if "eval_accuracy" in x)
     assert first["guard_reference"]["of"] == "teacher"  # the teacher's answers, measured
     assert 0 <= first["eval_distinct_2"] <= 1 and first["eval_rkl"] >= 0
+    assert first["eval_distinct_2"] == pytest.approx(first["eval_distinct_2_within"]
+                                                     * first["eval_distinct_2_across"])
     assert main(["report", str(run)]) == 0
     assert "Collapse flagged" in (run / "report.md").read_text()
 
