@@ -7,10 +7,9 @@ real-pair issue's marks drawn: distinct-2 >= 0.5, and a teacher NLL below the pr
 Looping answers are easy for the teacher to predict (it endorses a loop once it has started), so
 fewer loops raise the NLL: a try that moves a point up tends to move it right. A least-squares
 line through the runs' final readings says what distinct-2 the tries reach at the pruned
-student's NLL. The table beside
-the plot gives every reading with the held-out KL's change against the pruned student's and
-which of the marks it meets (KL at most half, NLL below, distinct-2 >= 0.5, no answer mostly one
-token).
+student's NLL. The table beside the plot gives every reading with the held-out KL's change
+against the pruned student's and which of the marks it meets (KL at most half, NLL below,
+distinct-2 >= 0.5, no answer mostly one token).
 
     python benchmarks/real_frontier.py runs/real/r3/opd runs/real/topd_ul0.2 \
         --pruned runs/real/r3/warm --out docs/real_pair_frontier.png
