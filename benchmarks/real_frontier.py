@@ -98,14 +98,16 @@ def table(runs: list[Run], pruned: dict) -> list[str]:
     return lines
 
 
-def plot(runs: list[Run], pruned: dict, teacher_d2: float | None, out: Path) -> None:
+def plot(runs: list[Run], pruned: dict, fit: dict[str, float] | None, teacher_d2: float | None,
+         out: Path) -> None:
     from hopd.report_plots import plt  # matplotlib with the Agg backend
 
     fig, ax = plt.subplots(figsize=(7.5, 5.5))
     name = names(runs)
     colors = plt.get_cmap("tab20").colors
-    for i, run in enumerate(r for r in runs if readings(r)):
-        pts = readings(run)
+    shown = [(run, readings(run)) for run in runs]
+    shown = [(run, pts) for run, pts in shown if pts]
+    for i, (run, pts) in enumerate(shown):
         x = [e["eval_teacher_nll"] for e in pts]
         y = [e["eval_distinct_2"] for e in pts]
         line, = ax.plot(x, y, "o^sDv"[i % 5] + "-", color=colors[i % 20], alpha=0.85,
@@ -119,10 +121,9 @@ def plot(runs: list[Run], pruned: dict, teacher_d2: float | None, out: Path) -> 
     ax.axvline(pruned["eval_teacher_nll"], color="k", ls="--", lw=1)
     ax.plot(pruned["eval_teacher_nll"], pruned["eval_distinct_2"], "kx", ms=9,
             label="the pruned student")
-    fit = trend(runs, pruned)
     if fit is not None:
-        xs = [min(e["eval_teacher_nll"] for r in runs for e in readings(r)),
-              max(e["eval_teacher_nll"] for r in runs for e in readings(r))]
+        nll = [e["eval_teacher_nll"] for _, pts in shown for e in pts]
+        xs = [min(nll), max(nll)]
         ax.plot(xs, [fit["intercept"] + fit["slope"] * x for x in xs], color="grey", lw=1,
                 label=f"least squares over the final readings (r = {fit['r']:.2f})")
     if teacher_d2 is not None:
@@ -159,7 +160,7 @@ def main(argv: list[str] | None = None) -> None:
               f"{fit['slope']:.3f} x teacher NLL (r = {fit['r']:.2f}); at the pruned student's "
               f"NLL {pruned['eval_teacher_nll']:.3f} it reads {fit['at_pruned_nll']:.3f}")
     if args.out:
-        plot(runs, pruned, ref.get("distinct_2") if ref.get("of") == "teacher" else None,
+        plot(runs, pruned, fit, ref.get("distinct_2") if ref.get("of") == "teacher" else None,
              args.out)
         print(f"wrote {args.out}")
 

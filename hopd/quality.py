@@ -56,9 +56,14 @@ def answers_of(ids_B_R: torch.Tensor, mask_B_R: torch.Tensor, eos_id: int
     return out, ended
 
 
+def ngrams(answer: list[int], n: int) -> list[tuple[int, ...]]:
+    """An answer's n-grams in order (none when it is shorter than n)."""
+    return [tuple(answer[i:i + n]) for i in range(len(answer) - n + 1)]
+
+
 def distinct_n(answers: list[list[int]], n: int = 2) -> float:
     """Distinct n-grams over all n-grams of all answers (Li et al. 2016); NaN with none."""
-    grams = [tuple(a[i:i + n]) for a in answers for i in range(len(a) - n + 1)]
+    grams = [g for a in answers for g in ngrams(a, n)]
     return len(set(grams)) / len(grams) if grams else math.nan
 
 
@@ -68,12 +73,12 @@ def distinct_parts(answers: list[list[int]], n: int = 2) -> tuple[float, float]:
     loops lower; it does not change as answers are added), and `across`, the distinct n-grams
     of all answers over that sum (1 when no n-gram occurs in two answers; lowered by phrases
     that many answers share, and falling as answers are added)."""
-    own = [len(set(tuple(a[i:i + n]) for i in range(len(a) - n + 1))) for a in answers]
-    grams = sum(max(len(a) - n + 1, 0) for a in answers)
+    per = [ngrams(a, n) for a in answers]
+    grams = sum(map(len, per))
     if not grams:
         return math.nan, math.nan
-    kinds = len({tuple(a[i:i + n]) for a in answers for i in range(len(a) - n + 1)})
-    return sum(own) / grams, kinds / sum(own)
+    own = sum(len(set(g)) for g in per)
+    return own / grams, len({x for g in per for x in g}) / own
 
 
 def distinct_n_se(answers: list[list[int]], n: int = 2) -> float:
@@ -81,7 +86,7 @@ def distinct_n_se(answers: list[list[int]], n: int = 2) -> float:
     fewer than two answers holding n-grams). A bootstrap would draw some answers twice, and a
     duplicated answer repeats all its n-grams: it would bias distinct-n down. Each leave-one-out
     value comes from global n-gram counts, so the cost is one pass over the n-grams."""
-    per = [Counter(tuple(a[i:i + n]) for i in range(len(a) - n + 1)) for a in answers]
+    per = [Counter(ngrams(a, n)) for a in answers]
     per = [c for c in per if c]
     total: Counter = Counter()
     for c in per:
