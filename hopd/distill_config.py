@@ -301,7 +301,6 @@ def resolve_device(device: str) -> str:
 def check_paths(cfg: DistillConfig) -> None:
     """The named files and folders exist: checked before torch or transformers is imported, so
     a typo in a path is reported at once (everything else about them is checked later)."""
-    from hopd.gguf_models import PACKAGED, is_gguf, packaged_file
     from hopd.tasks import chat_prompts, is_chain
 
     for key in ("data", "eval_data"):
@@ -312,15 +311,33 @@ def check_paths(cfg: DistillConfig) -> None:
                                 f"{chat_prompts.NAME}, a JSONL file or a saved dataset folder")
     for key in ("student", "teacher", "teacher_tokenizer"):
         value = getattr(cfg, key)
-        if not value or (key == "teacher" and cfg.teacher_url):
-            continue
-        if value in PACKAGED:
-            packaged_file(value)
-        elif is_gguf(value):
-            if not Path(value).is_file():
-                raise C.ConfigError(f"{key}={value!r}: no such .gguf file")
-        elif not value.startswith("testbed:") and not Path(value).is_dir():
-            raise missing_model(value, key)
+        if value and not (key == "teacher" and cfg.teacher_url):
+            check_model_name(value, key)
+
+
+# the teacher, and one warm student per regime of the testbed: `student` makes errors spread along
+# its worked solutions; `student-fork` solves with the worked style or guesses with a shortcut,
+# choosing at its first response token (success decided early); their folders in hopd/checkpoints
+BUNDLED = {"testbed:teacher": "teacher", "testbed:student": "student",
+           "testbed:student-fork": "student-fork"}
+
+
+def check_model_name(name: str, key: str = "model") -> None:
+    """`name` is a bundled name, an installed packaged GGUF name, a .gguf file or a folder:
+    checked before torch or transformers is imported (what the folder holds is checked when it
+    loads)."""
+    from hopd.gguf_models import PACKAGED, is_gguf, packaged_file
+
+    if name in PACKAGED:
+        packaged_file(name)
+    elif is_gguf(name):
+        if not Path(name).is_file():
+            raise C.ConfigError(f"{key}={name!r}: no such .gguf file")
+    elif name.startswith("testbed:"):
+        if name not in BUNDLED:
+            raise C.ConfigError(f"unknown bundled model {name!r}: choose one of {sorted(BUNDLED)}")
+    elif not Path(name).is_dir():
+        raise missing_model(name, key)
 
 
 def missing_model(name: str, key: str = "model") -> C.ConfigError:

@@ -29,7 +29,7 @@ from transformers import (
 )
 
 from hopd.config import ConfigError
-from hopd.distill_config import missing_model
+from hopd.distill_config import BUNDLED, check_model_name
 from hopd.tasks.chain import VARIABLES
 
 SPECIALS = ["<pad>", "<bos>", "<eos>", "<unk>"]
@@ -41,12 +41,7 @@ CHAT_TEMPLATE = (
     "{% if message['role'] == 'assistant' %}{{ message['content'] + eos_token }}"
     "{% else %}{{ message['content'] + '\n' }}{% endif %}{% endfor %}"
 )
-BUNDLED_DIR = Path(__file__).parent / "checkpoints"
-# the teacher, and one warm student per regime of the testbed: `student` makes errors spread along
-# its worked solutions; `student-fork` solves with the worked style or guesses with a shortcut,
-# choosing at its first response token (success decided early)
-BUNDLED = {"testbed:teacher": "teacher", "testbed:student": "student",
-           "testbed:student-fork": "student-fork"}
+BUNDLED_DIR = Path(__file__).parent / "checkpoints"  # the folders of distill_config.BUNDLED
 
 
 def build_testbed_tokenizer() -> PreTrainedTokenizerFast:
@@ -111,6 +106,7 @@ def resolve_model_path(name: str) -> Path:
     a packaged GGUF name such as `smollm2:135m-instruct` (converted once into hopd's cache)."""
     from hopd.gguf_models import cached_folder, is_gguf
 
+    check_model_name(name)
     if is_gguf(name):
         return cached_folder(name)
     if name in BUNDLED:
@@ -121,11 +117,7 @@ def resolve_model_path(name: str) -> Path:
                 "with the command in the README"
             )
         return path
-    if name.startswith("testbed:"):
-        raise ConfigError(f"unknown bundled model {name!r}: choose one of {sorted(BUNDLED)}")
     path = Path(name)
-    if not path.is_dir():
-        raise missing_model(name)
     if not (path / "config.json").exists():
         raise FileNotFoundError(f"model directory {path} has no config.json: not an HF checkpoint")
     return path
