@@ -138,6 +138,22 @@ def test_ul_paired_benchmark_reports_the_same_rows_from_one_call(tmp_path):
     assert res["s_per_step_apart"] > 0 and res["s_per_step_paired"] > 0
 
 
+def test_packed_decode_benchmark_times_both_weight_layouts(tmp_path):
+    """benchmarks/packed_decode.py on the testbed student, packed although narrow: a time per
+    call for each layout and the share of rows whose tokens the layouts agree on."""
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "packed_decode.py"),
+                           "--model", "testbed:student", "--steps", "1", "--eval-n", "4",
+                           "--horizon", "16", "--budget", "32", "--repeats", "1",
+                           "--pack-narrow"],
+                          capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    res = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert res["packed"] is True
+    assert res["opd_step_speedup"] > 0 and res["evaluation_speedup"] > 0
+    assert res["opd_step_same_rows"] >= 0.75 and res["evaluation_same_rows"] >= 0.75
+    assert "BLAS matmul" in proc.stdout and "packed (oneDNN)" in proc.stdout
+
+
 def test_shared_prefix_benchmark_times_each_setting_at_the_same_loss(tmp_path):
     """benchmarks/shared_prefix.py on the testbed pair (no shared prefix there: its prompts
     start at once with the program): a time for each setting, and grad_accum's trimmed

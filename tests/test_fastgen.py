@@ -186,3 +186,36 @@ def test_position_dependent_rope_falls_back():
     dynamic = {"rope_type": "dynamic", "factor": 2.0, "rope_theta": 10000.0}
     model = LlamaForCausalLM(LlamaConfig(**COMMON, rope_parameters=dynamic))
     assert not supports(model, 64)  # its frequencies change with the sequence length
+
+
+@pytest.mark.parametrize("arch", sorted(ARCHS))
+def test_packed_weights_give_the_blas_steps_logits(arch, monkeypatch):
+    """On a CPU in float32 the decode step reads its projections and LM head from weights
+    packed for oneDNN (faster at a few rows); its logits equal the plain matmuls' up to float
+    rounding, and HOPD_PACKED_DECODE=off keeps the plain ones. Models narrower than
+    PACK_MIN_HIDDEN, where packing is slower, keep them too."""
+    from transformers import DynamicCache
+
+    from hopd import fastgen
+    from hopd.fastgen import StaticDecoder
+
+    torch.manual_seed(0)
+    model = ARCHS[arch]().eval()
+    assert not StaticDecoder(model, 2, 12).head.is_mkldnn  # too narrow to gain
+    monkeypatch.setattr(fastgen, "PACK_MIN_HIDDEN", model.config.hidden_size)
+    prompt = torch.tensor([[0, 3, 4, 5], [6, 7, 8, 9]])
+    attn = torch.tensor([[0, 1, 1, 1], [1, 1, 1, 1]])
+    logits = {}
+    for mode in ("on", "off"):
+        monkeypatch.setenv("HOPD_PACKED_DECODE", mode)
+        cache = DynamicCache()
+        with torch.no_grad():
+            model(input_ids=prompt, attention_mask=attn, use_cache=True, past_key_values=cache)
+            dec = StaticDecoder(model, 2, 12)
+            dec.load_prefill(cache, attn)
+            assert dec.head.is_mkldnn == (mode == "on")
+            assert all(w.is_mkldnn == (mode == "on") for w in dec.fused[0][2:])
+            logits[mode] = torch.stack([dec.step(torch.tensor([10 + t, 20 + t]),
+                                                 torch.tensor([3 + t, 4 + t])) for t in range(6)])
+    assert torch.allclose(logits["on"], logits["off"], atol=1e-4, rtol=1e-4)
+    assert logits["on"].abs().max() > 1e-2  # not a trivially small output
