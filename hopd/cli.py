@@ -75,11 +75,11 @@ def _cmd_eval(args: argparse.Namespace) -> int:
                           f"{Path(args.out) / 'eval.json'}")
     args.device = _check_device(args.device)
     source = PromptSource(args.task, args.eval_data)
-    name = _model_dir(args.model)
     budget = args.budget or source.default_budget()
     examples = source.eval_set(args.n, seed=args.seed, part=args.split)
     if args.threads:
         torch.set_num_threads(args.threads)
+    name = _model_dir(args.model)
     tok = load_tokenizer(name, trust_remote_code=args.trust_remote_code)
     teacher, vocab = _eval_teacher(args, tok)
     model = load_model(name, device=args.device, trust_remote_code=args.trust_remote_code)

@@ -15,7 +15,7 @@ buffers:
   bias that hides the prompt's left padding;
 - on a CPU, the projections' and the LM head's weights are packed once per batch into oneDNN's
   blocked layout for that many rows (`packed_weights`), the kernels PyTorch's own compiler
-  uses for CPU inference: at 8-32 rows they run 1.5-3x faster than the BLAS matmul, whose
+  uses for CPU inference: at 8-32 rows they ran 1.3-2.9x faster than the BLAS matmul, whose
   small-row kernels are far from reading the weights at memory speed.
 
 That is the float32 step. In bf16/fp16 those fused roundings made the sampler's log-probs drift
