@@ -68,13 +68,14 @@ def supports(model: PreTrainedModel, max_len: int) -> bool:
 
 
 def packed_weights(p: torch.Tensor, hidden: int) -> bool:
-    """Whether a decoder of weights like `p` packs them for oneDNN: float32 on a CPU whose
-    PyTorch build has the packed linear op, for a model at least PACK_MIN_HIDDEN wide
-    (HOPD_PACKED_DECODE=off: never)."""
+    """Whether a decoder of weights like `p` packs them for oneDNN: plain float32 tensors on a
+    CPU whose PyTorch build has the packed linear op (not a sharded DTensor), for a model at
+    least PACK_MIN_HIDDEN wide (HOPD_PACKED_DECODE=off: never)."""
     if os.environ.get("HOPD_PACKED_DECODE", "").lower() in ("off", "0", "false"):
         return False
     return p.device.type == "cpu" and p.dtype == torch.float32 and hidden >= PACK_MIN_HIDDEN \
-        and torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+        and type(p.detach()) is torch.Tensor and torch.backends.mkldnn.is_available() \
+        and hasattr(torch.ops.mkldnn, "_linear_pointwise")
 
 
 def _pack(w: torch.Tensor, rows: int) -> torch.Tensor:
