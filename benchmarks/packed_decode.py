@@ -38,7 +38,13 @@ from common import (  # noqa: E402
 from hopd import fastgen  # noqa: E402
 from hopd.rollout import HFSampler, Rollout  # noqa: E402
 
-MODES = {"BLAS matmul": "off", "packed (oneDNN)": "on"}
+BLAS, PACKED = "BLAS matmul", "packed (oneDNN)"
+MODES = {BLAS: "off", PACKED: "on"}  # the layout's name: HOPD_PACKED_DECODE
+
+
+def same_share(base: list[list[int]], other: list[list[int]]) -> float:
+    """The share of rows whose tokens equal the base rows'."""
+    return sum(a == b for a, b in zip(base, other)) / len(other)
 
 
 def timed_calls(mode: str, calls: list) -> tuple[float, list[Rollout]]:
@@ -96,15 +102,14 @@ def main() -> None:
               f"{fastgen.PACK_MIN_HIDDEN}, or not float32 on a CPU; --pack-narrow packs it)\n")
     table, out = [], {"model": args.model, "packed": packs}
     for job in jobs:
-        base = median(times[job, "BLAS matmul"])
+        base = median(times[job, BLAS])
         for name in MODES:
             s = median(times[job, name])
-            same = sum(a == b for a, b in zip(rows[job, "BLAS matmul"], rows[job, name]))
             table.append([job, name, f"{s:.2f}", f"{base / s:.2f}x",
-                          f"{same / len(rows[job, name]):.0%}"])
+                          f"{same_share(rows[job, BLAS], rows[job, name]):.0%}"])
         key = job.split(":")[0].replace(" ", "_").lower()
-        out[key + "_speedup"] = base / median(times[job, "packed (oneDNN)"])
-        out[key + "_same_rows"] = same / len(rows[job, name])
+        out[key + "_speedup"] = base / median(times[job, PACKED])
+        out[key + "_same_rows"] = same_share(rows[job, BLAS], rows[job, PACKED])
     print_table(["call", "weights", "s per call", "vs BLAS", "rows as BLAS"], table)
     print(json.dumps(out))
 
