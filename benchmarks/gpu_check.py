@@ -191,6 +191,8 @@ def main() -> None:
     result: dict = {"device": machine(device), "commit": commit(), "dry_run": args.dry_run,
                     "transformers": transformers.__version__, "date": time.strftime("%Y-%m-%d"),
                     "checks": {}}
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
     for name in args.checks.split(","):
         t0 = time.perf_counter()
         try:
@@ -200,9 +202,7 @@ def main() -> None:
         res["seconds"] = time.perf_counter() - t0
         result["checks"][name] = res
         print(f"gpu_check: {name} done in {res['seconds']:.1f}s", file=sys.stderr, flush=True)
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2))
+        out.write_text(json.dumps(result, indent=2))  # after each check: a timeout keeps it
     print(f"\nGPU check: {result['device']}, commit {result['commit']}"
           + (" (dry run: toy sizes, CPU)" if args.dry_run else "") + "\n")
     rows = []

@@ -223,3 +223,53 @@ def test_real_frontier_reads_each_mark_and_the_trend_by_hand(tmp_path):
     assert "= -0.150 + 0.643 x teacher NLL (r = 0.98)" in fit, fit
     assert "at the pruned student's NLL 1.100 it reads 0.557" in fit, fit
     assert out.stat().st_size > 10_000
+
+
+def test_real_pair_table_reads_each_run_and_variant_by_hand(tmp_path):
+    """benchmarks/real_pair_table.py on a hand-made grid folder: each run's last reading on val
+    and its test.json judged against the pruned student of that split, a run killed before its
+    first reading after step 0 left out, each variant's distinct-2 over its seeds and the count
+    of runs that met every mark, and the plot written."""
+    def reading(step, rkl, nll, d2):
+        return {"step": step, "eval_rkl": rkl, "eval_teacher_nll": nll, "eval_distinct_2": d2}
+
+    def result(rkl, nll, d2, mostly=0.0):  # hopd eval's JSON: the keys without eval_
+        return {"rkl": rkl, "teacher_nll": nll, "distinct_2": d2, "looping": 0.1,
+                "mostly_one_token": mostly, "eos_rate": 0.7, "mean_length": 60.0}
+
+    (tmp_path / "student_val.json").write_text(json.dumps(result(1.0, 1.1, 0.3)))
+    (tmp_path / "student_test.json").write_text(json.dumps(result(1.2, 1.2, 0.3)))
+    a = _run_folder(tmp_path / "recipe_s0", [reading(0, 1.0, 1.1, 0.3),
+                                             reading(120, 0.6, 1.0, 0.45),
+                                             reading(240, 0.5, 1.0, 0.5)])
+    (a / "test.json").write_text(json.dumps(result(0.55, 1.1, 0.52, mostly=1 / 32)))
+    _run_folder(tmp_path / "recipe_s1", [reading(240, 0.4, 1.05, 0.48)])
+    _run_folder(tmp_path / "ul1.0_s0", [reading(0, 1.0, 1.1, 0.3)])  # killed before step 120
+    _run_folder(tmp_path / "warm_s0", [reading(40, 0.5, 0.9, 0.35)])  # a warm start, not a run
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "real_pair_table.py"),
+                           str(tmp_path)], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    rows = [line.split(" | ") for line in proc.stdout.splitlines()
+            if line.startswith(("| recipe", "| ul", "| warm"))]
+    runs = [(r[0], r[1], r[2], r[-2]) for r in rows if "_s" in r[0]]
+    assert runs == [("| recipe_s0", "val", "240", "all"),  # 0.5 is half of 1.0
+                    ("| recipe_s0", "test", "240", "not no mostly-one"),  # 0.55 <= 0.6
+                    ("| recipe_s1", "val", "240", "not distinct-2")]
+    summary = [r for r in rows if "_s" not in r[0]]
+    assert [(r[0], r[1], r[2], r[3], r[4], r[5], r[6]) for r in summary] == [
+        ("| recipe", "val", "2", "0.490", "0.480", "0.500", "1 of 2 |"),
+        ("| recipe", "test", "1", "0.520", "0.520", "0.520", "0 of 1 |")]
+    assert (tmp_path / "grid.png").stat().st_size > 10_000
+
+
+def test_real_pair_grid_recipe_variant_is_the_recipe():
+    """The grid's `recipe` variant is the OPD stage of benchmarks/real_pair.sh: its steps, rate
+    and unlikelihood weight, with the same horizon."""
+    grid = (ROOT / "benchmarks" / "real_pair_grid.sh").read_text()
+    steps, *ours = re.search(r'\[recipe\]="([^"]*)"', grid).group(1).split()
+    script = (ROOT / "benchmarks" / "real_pair.sh").read_text().replace("\\\n", " ")
+    opd = re.search(r"hopd distill --out \"\$OUT/opd\"(.*)", script).group(1).split()
+    assert f"max_steps={steps}" in opd and all(s in opd for s in ours), (steps, ours, opd)
+    run = grid.split("run() {", 1)[1].replace("\\\n", " ")
+    assert all(s in opd and s in run for s in ("horizon.kind=truncated",
+                                               "horizon.fraction=0.25", "loss.kind=rkl"))

@@ -1,0 +1,63 @@
+#!/usr/bin/env bash
+# The real-pair recipe (benchmarks/real_pair.sh) over several seeds and a few variants of its OPD
+# stage, JOBS runs at a time: how reliably each meets the marks of the real-pair issue (held-out
+# reverse KL at most half the pruned student's, teacher NLL below it, distinct-2 >= 0.5, no
+# answer mostly one token). Each seed has its own warm start; every OPD run is read on 32 `val`
+# prompts halfway and at its end, then on 32 `test` prompts (hopd eval): choose on val, then
+# read test. The table and grid.png come from benchmarks/real_pair_table.py, which can also be
+# run on a grid that was stopped (finished readings only). For a GPU: on a lent H200, 12 runs
+# side by side took 2.3 s a step each (2026-12-04), so the full grid needs about 20 minutes
+# there; on the 2-core CPU one run is the recipe's hour or more (JOBS=1).
+#   bash benchmarks/real_pair_grid.sh TEACHER OUT [JOBS]
+#   TEACHER: smollm2:135m-instruct, a .gguf file or a folder. Environment: SEEDS (default
+#   "0 1 2"), VARIANTS (names below), WARM_STEPS (40), EVAL_N (32), STEPS_CAP (0; at most this
+#   many OPD steps, for a dry run), KEEP (the layers), HOPD (the command, default hopd).
+set -euo pipefail
+T=$1; OUT=$2; JOBS=${3:-4}
+SEEDS=${SEEDS:-"0 1 2"}; WARM_STEPS=${WARM_STEPS:-40}; EVAL_N=${EVAL_N:-32}
+STEPS_CAP=${STEPS_CAP:-0}; HOPD=${HOPD:-hopd}
+# The variants of the OPD stage, fixed before any run: name, steps, then settings.
+declare -A VARIANT=(
+  [recipe]="240 optim.lr=2e-4 loss.unlikelihood=0.1"
+  [ul0.3]="240 optim.lr=2e-4 loss.unlikelihood=0.3"
+  [ul1.0]="240 optim.lr=2e-4 loss.unlikelihood=1.0"
+  [steps480]="480 optim.lr=2e-4 loss.unlikelihood=0.1"
+  [b4x480]="480 optim.lr=2e-4 loss.unlikelihood=0.1 batch_size=4"  # same rollouts, 2x updates
+)
+VARIANTS=${VARIANTS:-"steps480 recipe ul0.3 ul1.0"}  # the longest first
+mkdir -p "$OUT"
+COMMON=(teacher=$T data=chat:prompts budget=128 batch_size=8 optim.warmup_steps=3
+        eval_split=val eval_n=$EVAL_N eval_kl_n=$EVAL_N diag_every=0)  # a variant's come after
+# The layers the recipe's `hopd prune --layers 25` keeps on the CPU (block influence), named so
+# that every machine distils the same student.
+KEEP=${KEEP:-0,1,2,3,4,5,7,8,9,10,11,12,16,18,19,20,21,22,23,24,25,26,27,28,29}
+[ -d "$OUT/student" ] || $HOPD prune "$T" --keep "$KEEP" --out "$OUT/student" > "$OUT/prune.log" 2>&1
+for split in val test; do  # the pruned student, the marks' reference
+  $HOPD eval --model "$OUT/student" --teacher "$T" --task chat:prompts --split $split \
+      --n "$EVAL_N" --budget 128 --kl-n "$EVAL_N" --quiet --out "$OUT/student_$split.json" \
+      > "$OUT/student_$split.log" 2>&1 &
+done
+for s in $SEEDS; do
+  [ -f "$OUT/warm_s$s/model/config.json" ] || $HOPD distill --out "$OUT/warm_s$s" \
+      student="$OUT/student" loss.kind=sft max_steps="$WARM_STEPS" optim.lr=1e-4 \
+      eval_every="$WARM_STEPS" sampling.ahead="$WARM_STEPS" grad_accum=2 seed="$s" \
+      "${COMMON[@]}" --quiet --overwrite > "$OUT/warm_s$s.log" 2>&1 &
+done
+wait
+run() {  # variant seed: the OPD stage from that seed's warm start, then its test evaluation
+  local v=$1 s=$2 dir="$OUT/$1_s$2"; set -- ${VARIANT[$1]}
+  local steps=$1; shift
+  [ "$STEPS_CAP" -eq 0 ] || [ "$steps" -le "$STEPS_CAP" ] || steps=$STEPS_CAP
+  $HOPD distill --out "$dir" student="$OUT/warm_s$s/model" loss.kind=rkl max_steps="$steps" \
+      horizon.kind=truncated horizon.fraction=0.25 eval_every=$(( (steps + 1) / 2 )) seed="$s" \
+      "${COMMON[@]}" "$@" --quiet --overwrite > "$dir.log" 2>&1 || { echo "$dir failed"; return; }
+  $HOPD eval --model "$dir/model" --teacher "$T" --task chat:prompts --split test --n "$EVAL_N" \
+      --budget 128 --kl-n "$EVAL_N" --show 5 --quiet --out "$dir/test.json" > "$dir.test.log" 2>&1
+  echo "$dir done"
+}
+for v in $VARIANTS; do for s in $SEEDS; do echo "$v $s"; done; done |
+  { while read -r v s; do
+      while [ "$(jobs -rp | wc -l)" -ge "$JOBS" ]; do sleep 1; done
+      run "$v" "$s" &
+    done; wait; }
+python "$(dirname "$0")/real_pair_table.py" "$OUT"
