@@ -5,9 +5,10 @@
 # answer mostly one token). Each seed has its own warm start; every OPD run is read on 32 `val`
 # prompts halfway and at its end, then on 32 `test` prompts (hopd eval): choose on val, then
 # read test. The table and grid.png come from benchmarks/real_pair_table.py, which can also be
-# run on a grid that was stopped (finished readings only). For a GPU: on a lent H200, 12 runs
-# side by side took 2.3 s a step each (2026-12-04), so the full grid needs about 20 minutes
-# there; on the 2-core CPU one run is the recipe's hour or more (JOBS=1).
+# run on a grid that was stopped (finished readings only). On a lent H200 12 runs side by side
+# took 2.3 s a step each, 5.2 steps a second together (2026-12-04), so the default grid's 3,600
+# OPD steps are about 12 minutes there; on the 2-core CPU one run is the recipe's hour or more
+# (JOBS=1).
 #   bash benchmarks/real_pair_grid.sh TEACHER OUT [JOBS]
 #   TEACHER: smollm2:135m-instruct, a .gguf file or a folder. Environment: SEEDS (default
 #   "0 1 2"), VARIANTS (names below), WARM_STEPS (40), EVAL_N (32), STEPS_CAP (0; at most this
