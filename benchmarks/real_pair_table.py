@@ -2,8 +2,8 @@
 evaluation, which of the real-pair marks it meets against the pruned student on the same split
 (real_frontier.marks: reverse KL at most half, teacher NLL below, distinct-2 >= 0.5, no answer
 mostly one token), then each variant's distinct-2 over its seeds and how many runs met every
-mark; OUT/grid.png shows each run's distinct-2, reverse KL and teacher NLL by variant. Runs
-still going, or killed before their first evaluation, are left out.
+mark (the last line: the same as JSON); OUT/grid.png shows each run's distinct-2, reverse KL and
+teacher NLL by variant. Runs still going, or killed before their first evaluation, are left out.
 
     python benchmarks/real_pair_table.py OUT
 """
@@ -49,6 +49,22 @@ def collect(out: Path) -> tuple[dict, dict]:
     return pruned, found
 
 
+def summary(pruned: dict, found: dict) -> dict:
+    """Each variant's readings by split: runs, distinct-2 mean / min / max, runs that met every
+    mark."""
+    out: dict = {}
+    for variant, runs in found.items():
+        for split in ("val", "test"):
+            got = [s[split] for s in runs.values() if split in s]
+            if got:
+                d2 = [r["eval_distinct_2"] for r in got]
+                out.setdefault(variant, {})[split] = {
+                    "runs": len(got), "distinct_2_mean": statistics.mean(d2),
+                    "distinct_2_min": min(d2), "distinct_2_max": max(d2),
+                    "every_mark": sum(all(marks(r, pruned[split]).values()) for r in got)}
+    return out
+
+
 def lines(pruned: dict, found: dict) -> list[str]:
     out = [f"pruned student, {s}: " + ", ".join(f"{k} {r['eval_' + k]:.3f}" for k in SHOWN
                                                  if r.get("eval_" + k) is not None)
@@ -68,15 +84,11 @@ def lines(pruned: dict, found: dict) -> list[str]:
                            + f" | {verdict} | {secs} |")
     out += ["", "| variant | split | runs | distinct-2 mean | min | max | every mark met |",
             "|---|---|---|---|---|---|---|"]
-    for variant, runs in found.items():
-        for split in ("val", "test"):
-            got = [s[split] for s in runs.values() if split in s]
-            if not got:
-                continue
-            d2 = [r["eval_distinct_2"] for r in got]
-            out.append(f"| {variant} | {split} | {len(got)} | {statistics.mean(d2):.3f} | "
-                       f"{min(d2):.3f} | {max(d2):.3f} | "
-                       f"{sum(all(marks(r, pruned[split]).values()) for r in got)} of {len(got)} |")
+    for variant, splits in summary(pruned, found).items():
+        for split, v in splits.items():
+            out.append(f"| {variant} | {split} | {v['runs']} | {v['distinct_2_mean']:.3f} | "
+                       f"{v['distinct_2_min']:.3f} | {v['distinct_2_max']:.3f} | "
+                       f"{v['every_mark']} of {v['runs']} |")
     return out
 
 
@@ -120,6 +132,7 @@ def main(out: Path) -> None:
     if found:
         plot(pruned, found, out / "grid.png")
         print(f"wrote {out / 'grid.png'}")
+    print(json.dumps({"grid": str(out), "variants": summary(pruned, found)}))
 
 
 if __name__ == "__main__":

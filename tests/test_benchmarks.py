@@ -259,6 +259,9 @@ def test_real_pair_table_reads_each_run_and_variant_by_hand(tmp_path):
     assert [(r[0], r[1], r[2], r[3], r[4], r[5], r[6]) for r in summary] == [
         ("| recipe", "val", "2", "0.490", "0.480", "0.500", "1 of 2 |"),
         ("| recipe", "test", "1", "0.520", "0.520", "0.520", "0 of 1 |")]
+    last = json.loads(proc.stdout.splitlines()[-1])["variants"]
+    assert last["recipe"]["val"]["every_mark"] == 1 and last["recipe"]["test"]["runs"] == 1
+    assert last["recipe"]["val"]["distinct_2_mean"] == pytest.approx(0.49)
     assert (tmp_path / "grid.png").stat().st_size > 10_000
 
 
