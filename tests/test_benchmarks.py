@@ -3,6 +3,7 @@ through every check in seconds and writes the JSON the GPU run will write, and t
 real-pair recipe is the one `benchmarks/real_pair.sh` runs."""
 
 import json
+import os
 import re
 import shlex
 import subprocess
@@ -276,3 +277,71 @@ def test_real_pair_grid_recipe_variant_is_the_recipe():
     run = grid.split("run() {", 1)[1].replace("\\\n", " ")
     assert all(s in opd and s in run for s in ("horizon.kind=truncated",
                                                "horizon.fraction=0.25", "loss.kind=rkl"))
+
+
+FAKE_HOPD = r'''
+"""A stand-in for the hopd command: logs its arguments, writes what the grid reads."""
+import json, os, sys
+from pathlib import Path
+args = sys.argv[1:]
+with open(os.environ["FAKE_LOG"], "a") as f:
+    f.write(json.dumps(args) + "\n")
+opt = {a: b for a, b in zip(args, args[1:]) if a.startswith("--")}
+kv = dict(a.split("=", 1) for a in args if "=" in a and not a.startswith("-"))
+reading = {"rkl": 1.0, "teacher_nll": 1.1, "distinct_2": 0.3, "looping": 0.4,
+           "mostly_one_token": 0.0, "eos_rate": 0.6, "mean_length": 66.0}
+if args[0] == "prune":
+    Path(opt["--out"]).mkdir(parents=True)
+elif args[0] == "eval":
+    trained = not opt["--model"].endswith("student")
+    Path(opt["--out"]).write_text(json.dumps({**reading, **({"rkl": 0.45, "teacher_nll": 1.0,
+                                                            "distinct_2": 0.55} if trained
+                                                           else {})}))
+elif args[0] == "distill":
+    out, steps = Path(opt["--out"]), int(kv["max_steps"])
+    (out / "model").mkdir(parents=True)
+    (out / "model" / "config.json").write_text("{}")
+    rows = [{"step": s, "eval_accuracy": None, "train_time_s": float(s),
+             **{f"eval_{k}": v for k, v in reading.items()}}
+            for s in range(0, steps + 1, int(kv["eval_every"]))]
+    rows[-1].update(eval_rkl=0.4, eval_teacher_nll=1.0, eval_distinct_2=0.5)
+    (out / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+'''
+
+
+def test_real_pair_grid_runs_each_variant_and_seed_once(tmp_path):
+    """benchmarks/real_pair_grid.sh with a stand-in hopd: one prune with the named layers, the
+    pruned student read on both splits, one warm start per seed, each variant from each seed's
+    warm start with the variant's settings after the shared ones (so b4x480's batch 4 wins),
+    read halfway, then on test, and the table at the end."""
+    fake, log, out = tmp_path / "fake_hopd.py", tmp_path / "calls.jsonl", tmp_path / "grid"
+    fake.write_text(FAKE_HOPD)
+    env = {**os.environ, "FAKE_LOG": str(log), "HOPD": f"{sys.executable} {fake}",
+           "SEEDS": "0 1", "VARIANTS": "recipe b4x480"}
+    proc = subprocess.run(["bash", str(ROOT / "benchmarks" / "real_pair_grid.sh"), "T.gguf",
+                           str(out), "3"], capture_output=True, text=True, env=env, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:] + proc.stdout[-2000:]
+    calls = [json.loads(line) for line in log.read_text().splitlines()]
+    prune = [c for c in calls if c[0] == "prune"]
+    assert len(prune) == 1 and prune[0][1] == "T.gguf" and "--keep" in prune[0]
+    distill = {Path(c[c.index("--out") + 1]).name: c for c in calls if c[0] == "distill"}
+    assert sorted(distill) == ["b4x480_s0", "b4x480_s1", "recipe_s0", "recipe_s1",
+                               "warm_s0", "warm_s1"]
+
+    def last(call, key):
+        return [a.split("=", 1)[1] for a in call if a.startswith(key + "=")][-1]
+
+    assert last(distill["warm_s1"], "loss.kind") == "sft" and last(distill["warm_s1"],
+                                                                   "seed") == "1"
+    assert last(distill["recipe_s1"], "student") == f"{out}/warm_s1/model"
+    assert [last(distill["recipe_s0"], k) for k in ("max_steps", "eval_every", "batch_size",
+                                                    "loss.unlikelihood")] == [
+        "240", "120", "8", "0.1"]
+    assert [last(distill["b4x480_s0"], k) for k in ("max_steps", "eval_every",
+                                                    "batch_size")] == ["480", "240", "4"]
+    evals = sorted(Path(c[c.index("--model") + 1]).parent.name + ":" + c[c.index("--split") + 1]
+                   for c in calls if c[0] == "eval")
+    assert evals == ["b4x480_s0:test", "b4x480_s1:test", "grid:test", "grid:val",
+                     "recipe_s0:test", "recipe_s1:test"]
+    assert "| recipe | val | 2 | 0.500 | 0.500 | 0.500 | 2 of 2 |" in proc.stdout
+    assert "| b4x480 | test | 2 | 0.550 | 0.550 | 0.550 | 2 of 2 |" in proc.stdout
