@@ -5,7 +5,8 @@
 # answer mostly one token). Each seed has its own warm start; every OPD run is read on 32 `val`
 # prompts halfway and at its end, then on 32 `test` prompts (hopd eval): choose on val, then
 # read test. The table and grid.png come from benchmarks/real_pair_table.py, which can also be
-# run on a grid that was stopped (finished readings only). On a lent H200 12 runs side by side
+# run on a grid that was stopped (finished readings only); run again on the same OUT, the grid
+# skips the prune, warm starts and runs that finished. On a lent H200 12 runs side by side
 # took 2.3 s a step each, 5.2 steps a second together (2026-12-04), so the default grid's 3,600
 # OPD steps are about 12 minutes there; on the 2-core CPU one run is the recipe's hour or more
 # (JOBS=1).
@@ -34,7 +35,7 @@ COMMON=(teacher=$T data=chat:prompts budget=128 batch_size=8 optim.warmup_steps=
 KEEP=${KEEP:-0,1,2,3,4,5,7,8,9,10,11,12,16,18,19,20,21,22,23,24,25,26,27,28,29}
 [ -d "$OUT/student" ] || $HOPD prune "$T" --keep "$KEEP" --out "$OUT/student" > "$OUT/prune.log" 2>&1
 for split in val test; do  # the pruned student, the marks' reference
-  $HOPD eval --model "$OUT/student" --teacher "$T" --task chat:prompts --split $split \
+  [ -f "$OUT/student_$split.json" ] || $HOPD eval --model "$OUT/student" --teacher "$T" --task chat:prompts --split $split \
       --n "$EVAL_N" --budget 128 --kl-n "$EVAL_N" --quiet --out "$OUT/student_$split.json" \
       > "$OUT/student_$split.log" 2>&1 &
 done
@@ -46,7 +47,8 @@ for s in $SEEDS; do
 done
 wait
 run() {  # variant seed: the OPD stage from that seed's warm start, then its test evaluation
-  local v=$1 s=$2 dir="$OUT/$1_s$2"; set -- ${VARIANT[$1]}
+  local dir="$OUT/$1_s$2" s=$2; set -- ${VARIANT[$1]}
+  [ ! -f "$dir/test.json" ] || return 0  # finished by an earlier call on this OUT
   local steps=$1; shift
   [ "$STEPS_CAP" -eq 0 ] || [ "$steps" -le "$STEPS_CAP" ] || steps=$STEPS_CAP
   $HOPD distill --out "$dir" student="$OUT/warm_s$s/model" loss.kind=rkl max_steps="$steps" \

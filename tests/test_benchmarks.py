@@ -299,7 +299,7 @@ elif args[0] == "eval":
                                                            else {})}))
 elif args[0] == "distill":
     out, steps = Path(opt["--out"]), int(kv["max_steps"])
-    (out / "model").mkdir(parents=True)
+    (out / "model").mkdir(parents=True, exist_ok=True)  # --overwrite
     (out / "model" / "config.json").write_text("{}")
     rows = [{"step": s, "eval_accuracy": None, "train_time_s": float(s),
              **{f"eval_{k}": v for k, v in reading.items()}}
@@ -345,3 +345,12 @@ def test_real_pair_grid_runs_each_variant_and_seed_once(tmp_path):
                      "recipe_s0:test", "recipe_s1:test"]
     assert "| recipe | val | 2 | 0.500 | 0.500 | 0.500 | 2 of 2 |" in proc.stdout
     assert "| b4x480 | test | 2 | 0.550 | 0.550 | 0.550 | 2 of 2 |" in proc.stdout
+    # again on the same folder: nothing to redo but the one run whose test reading is gone
+    (out / "recipe_s1" / "test.json").unlink()
+    log.unlink()
+    again = subprocess.run(["bash", str(ROOT / "benchmarks" / "real_pair_grid.sh"), "T.gguf",
+                            str(out), "3"], capture_output=True, text=True, env=env, timeout=120)
+    assert again.returncode == 0, again.stderr[-2000:]
+    calls = [json.loads(line) for line in log.read_text().splitlines()]
+    assert [(c[0], c[2]) for c in calls] == [("distill", f"{out}/recipe_s1"),
+                                             ("eval", f"{out}/recipe_s1/model")], calls
