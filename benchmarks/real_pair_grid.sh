@@ -5,11 +5,11 @@
 # answer mostly one token). Each seed has its own warm start; every OPD run is read on 32 `val`
 # prompts halfway and at its end, then on 32 `test` prompts (hopd eval): choose on val, then
 # read test. The table and grid.png come from benchmarks/real_pair_table.py, which can also be
-# run on a grid that was stopped (finished readings only); run again on the same OUT, the grid
-# skips the prune, warm starts and runs that finished. On a lent H200 12 runs side by side
-# took 2.3 s a step each, 5.2 steps a second together (2026-12-04), so the default grid's 3,600
-# OPD steps are about 12 minutes there; on the 2-core CPU one run is the recipe's hour or more
-# (JOBS=1).
+# run on a grid that was stopped (finished readings only). Run again on the same OUT, the grid
+# skips the prune, warm starts and runs that finished, and resumes a run that a signal stopped
+# from its checkpoint. On a lent H200 12 runs side by side took 2.3 s a step each, 5.2 steps a
+# second together (2026-12-04), so the default grid's 3,600 OPD steps are about 12 minutes
+# there; on the 2-core CPU one run is the recipe's hour or more (JOBS=1).
 #   bash benchmarks/real_pair_grid.sh TEACHER OUT [JOBS]
 #   TEACHER: smollm2:135m-instruct, a .gguf file or a folder. Environment: SEEDS (default
 #   "0 1 2"), VARIANTS (names below), WARM_STEPS (40), EVAL_N (32), STEPS_CAP (0; at most this
@@ -51,9 +51,15 @@ run() {  # variant seed: the OPD stage from that seed's warm start, then its tes
   [ ! -f "$dir/test.json" ] || return 0  # finished by an earlier call on this OUT
   local steps=$1; shift
   [ "$STEPS_CAP" -eq 0 ] || [ "$steps" -le "$STEPS_CAP" ] || steps=$STEPS_CAP
-  $HOPD distill --out "$dir" student="$OUT/warm_s$s/model" loss.kind=rkl max_steps="$steps" \
-      horizon.kind=truncated horizon.fraction=0.25 eval_every=$(( (steps + 1) / 2 )) seed="$s" \
-      "${COMMON[@]}" "$@" --quiet --overwrite > "$dir.log" 2>&1 || { echo "$dir failed"; return; }
+  if [ -d "$dir/checkpoints" ] && [ ! -f "$dir/model/config.json" ]; then
+    # stopped by a signal (hopd saves a checkpoint at once; `timeout` signals the whole group)
+    $HOPD distill --resume "$dir" --quiet >> "$dir.log" 2>&1 || { echo "$dir failed"; return; }
+  else
+    $HOPD distill --out "$dir" student="$OUT/warm_s$s/model" loss.kind=rkl max_steps="$steps" \
+        horizon.kind=truncated horizon.fraction=0.25 eval_every=$(( (steps + 1) / 2 )) \
+        seed="$s" "${COMMON[@]}" "$@" --quiet --overwrite > "$dir.log" 2>&1 ||
+        { echo "$dir failed"; return; }
+  fi
   $HOPD eval --model "$dir/model" --teacher "$T" --task chat:prompts --split test --n "$EVAL_N" \
       --budget 128 --kl-n "$EVAL_N" --show 5 --quiet --out "$dir/test.json" > "$dir.test.log" 2>&1
   echo "$dir done"

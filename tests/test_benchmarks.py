@@ -6,6 +6,7 @@ import json
 import os
 import re
 import shlex
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -298,14 +299,16 @@ elif args[0] == "eval":
                                                             "distinct_2": 0.55} if trained
                                                            else {})}))
 elif args[0] == "distill":
-    out, steps = Path(opt["--out"]), int(kv["max_steps"])
-    (out / "model").mkdir(parents=True, exist_ok=True)  # --overwrite
+    out = Path(opt.get("--out") or opt["--resume"])
+    (out / "model").mkdir(parents=True, exist_ok=True)  # --overwrite, or a resumed run's end
     (out / "model" / "config.json").write_text("{}")
-    rows = [{"step": s, "eval_accuracy": None, "train_time_s": float(s),
-             **{f"eval_{k}": v for k, v in reading.items()}}
-            for s in range(0, steps + 1, int(kv["eval_every"]))]
-    rows[-1].update(eval_rkl=0.4, eval_teacher_nll=1.0, eval_distinct_2=0.5)
-    (out / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    if "--resume" not in opt:
+        steps = int(kv["max_steps"])
+        rows = [{"step": s, "eval_accuracy": None, "train_time_s": float(s),
+                 **{f"eval_{k}": v for k, v in reading.items()}}
+                for s in range(0, steps + 1, int(kv["eval_every"]))]
+        rows[-1].update(eval_rkl=0.4, eval_teacher_nll=1.0, eval_distinct_2=0.5)
+        (out / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
 '''
 
 
@@ -313,7 +316,8 @@ def test_real_pair_grid_runs_each_variant_and_seed_once(tmp_path):
     """benchmarks/real_pair_grid.sh with a stand-in hopd: one prune with the named layers, the
     pruned student read on both splits, one warm start per seed, each variant from each seed's
     warm start with the variant's settings after the shared ones (so b4x480's batch 4 wins),
-    read halfway, then on test, and the table at the end."""
+    read halfway, then on test, and the table at the end; run again, it redoes only what did
+    not finish, and resumes a run that a signal stopped."""
     fake, log, out = tmp_path / "fake_hopd.py", tmp_path / "calls.jsonl", tmp_path / "grid"
     fake.write_text(FAKE_HOPD)
     env = {**os.environ, "FAKE_LOG": str(log), "HOPD": f"{sys.executable} {fake}",
@@ -354,3 +358,14 @@ def test_real_pair_grid_runs_each_variant_and_seed_once(tmp_path):
     calls = [json.loads(line) for line in log.read_text().splitlines()]
     assert [(c[0], c[2]) for c in calls] == [("distill", f"{out}/recipe_s1"),
                                              ("eval", f"{out}/recipe_s1/model")], calls
+    # a run stopped by a signal (a checkpoint, no final model) is resumed, not started over
+    shutil.rmtree(out / "b4x480_s0" / "model")
+    (out / "b4x480_s0" / "test.json").unlink()
+    (out / "b4x480_s0" / "checkpoints" / "step_100").mkdir(parents=True)
+    log.unlink()
+    again = subprocess.run(["bash", str(ROOT / "benchmarks" / "real_pair_grid.sh"), "T.gguf",
+                            str(out), "3"], capture_output=True, text=True, env=env, timeout=120)
+    assert again.returncode == 0, again.stderr[-2000:]
+    calls = [json.loads(line) for line in log.read_text().splitlines()]
+    assert [c[:3] for c in calls] == [["distill", "--resume", f"{out}/b4x480_s0"],
+                                      ["eval", "--model", f"{out}/b4x480_s0/model"]], calls
