@@ -177,3 +177,8 @@ def response_rows(rollouts) -> list[list[int]]:
     """Every row's response tokens (up to and including EOS), over a list of rollouts."""
     return [ids[:n] for r in rollouts for ids, n in zip(r.response_ids_B_R.tolist(),
                                                         r.response_mask_B_R.sum(-1).tolist())]
+
+
+def same_share(base: list[list[int]], other: list[list[int]]) -> float:
+    """The share of rows (`response_rows`) whose tokens equal the base rows'."""
+    return sum(a == b for a, b in zip(base, other)) / len(base)

@@ -32,6 +32,7 @@ from common import (  # noqa: E402
     median,
     print_table,
     response_rows,
+    same_share,
     sampling_steps,
 )
 
@@ -40,11 +41,6 @@ from hopd.rollout import HFSampler, Rollout  # noqa: E402
 
 BLAS, PACKED = "BLAS matmul", "packed (oneDNN)"
 MODES = {BLAS: "off", PACKED: "on"}  # the layout's name: HOPD_PACKED_DECODE
-
-
-def same_share(base: list[list[int]], other: list[list[int]]) -> float:
-    """The share of rows whose tokens equal the base rows'."""
-    return sum(a == b for a, b in zip(base, other)) / len(other)
 
 
 def timed_calls(mode: str, calls: list) -> tuple[float, list[Rollout]]:

@@ -42,10 +42,9 @@ def collect(out: Path) -> tuple[dict, dict]:
         if not done:
             continue
         last = done[-1]
-        found[d.name.rsplit("_s", 1)[0]][d.name] = {"val": last}
+        run = found[d.name.rsplit("_s", 1)[0]][d.name] = {"val": last}
         if (d / "test.json").exists():
-            found[d.name.rsplit("_s", 1)[0]][d.name]["test"] = as_reading(
-                json.loads((d / "test.json").read_text()), last["step"])
+            run["test"] = as_reading(json.loads((d / "test.json").read_text()), last["step"])
     return pruned, found
 
 

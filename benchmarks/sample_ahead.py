@@ -28,6 +28,7 @@ from common import (  # noqa: E402
     median,
     print_table,
     response_rows,
+    same_share,
     sampling_steps,
 )
 
@@ -72,7 +73,7 @@ def main() -> None:
     ref, base = response_rows(answers[1]), median(times[1]) / args.steps
     result = []
     for a in aheads:
-        same = sum(x == y for x, y in zip(response_rows(answers[a]), ref)) / len(ref)
+        same = same_share(ref, response_rows(answers[a]))
         per_step = median(times[a]) / args.steps
         result.append({"ahead": a, "s_per_step": per_step, "speedup": base / per_step,
                        "same_rows": same})

@@ -31,6 +31,7 @@ from common import (  # noqa: E402
     median,
     print_table,
     response_rows,
+    same_share,
     sampling_steps,
 )
 
@@ -71,7 +72,7 @@ def main() -> None:
             times[paired].append(dt)
 
     apart, paired = response_rows(rollouts[False]), response_rows(rollouts[True])
-    same = sum(x == y for x, y in zip(apart, paired)) / len(apart)
+    same = same_share(apart, paired)
     s_apart, s_paired = (median(times[m]) / args.steps for m in (False, True))
     print(f"\nUnlikelihood's greedy answers beside the rollouts: {machine('cpu')}, "
           f"commit {commit()}")
