@@ -25,6 +25,9 @@ declare -A VARIANT=(
   [ul1.0]="240 optim.lr=2e-4 loss.unlikelihood=1.0"
   [steps480]="480 optim.lr=2e-4 loss.unlikelihood=0.1"
   [b4x480]="480 optim.lr=2e-4 loss.unlikelihood=0.1 batch_size=4"  # same rollouts, 2x updates
+  # added after the first grid's step-120 val readings (no test read): the recipe at the rate
+  # the horizon study chose for OPD on val; the same cost as the recipe
+  [lr3e-4]="240 optim.lr=3e-4 loss.unlikelihood=0.1"
 )
 VARIANTS=${VARIANTS:-"steps480 recipe ul0.3 ul1.0"}  # the longest first
 mkdir -p "$OUT"
