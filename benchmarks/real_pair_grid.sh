@@ -1,10 +1,10 @@
 #!/usr/bin/env bash
 # The real-pair recipe (benchmarks/real_pair.sh) over several seeds and a few variants of its OPD
-# stage, JOBS runs at a time: how reliably each meets the marks of the real-pair issue (held-out
-# reverse KL at most half the pruned student's, teacher NLL below it, distinct-2 >= 0.5, no
-# answer mostly one token). Each seed has its own warm start; every OPD run is read on 32 `val`
-# prompts halfway and at its end, then on 32 `test` prompts (hopd eval): choose on val, then
-# read test. The table and grid.png come from benchmarks/real_pair_table.py, which can also be
+# stage, JOBS processes at a time in every phase: how reliably each meets the marks of the
+# real-pair issue (held-out reverse KL at most half the pruned student's, teacher NLL below it,
+# distinct-2 >= 0.5, no answer mostly one token). Each seed has its own warm start; every OPD
+# run is read on 32 `val` prompts halfway and at its end, then on 32 `test` prompts (hopd
+# eval): choose on val, then read test. The table and grid.png come from benchmarks/real_pair_table.py, which can also be
 # run on a grid that was stopped (finished readings only). Run again on the same OUT, the grid
 # skips the prune, warm starts and runs that finished, and resumes a run that a signal stopped
 # from its checkpoint. On a lent H200 12 runs side by side took 2.3 s a step each, 5.2 steps a
@@ -40,14 +40,15 @@ COMMON=(teacher=$T data=chat:prompts budget=128 batch_size=8 optim.warmup_steps=
 # The layers the recipe's `hopd prune --layers 25` keeps on the CPU (block influence), named so
 # that every machine distils the same student.
 KEEP=${KEEP:-0,1,2,3,4,5,7,8,9,10,11,12,16,18,19,20,21,22,23,24,25,26,27,28,29}
+slot() { while [ "$(jobs -rp | wc -l)" -ge "$JOBS" ]; do sleep 1; done; }  # at most JOBS at once
 [ -d "$OUT/student" ] || $HOPD prune "$T" --keep "$KEEP" --out "$OUT/student" > "$OUT/prune.log" 2>&1
 for split in val test; do  # the pruned student, the marks' reference
-  [ -f "$OUT/student_$split.json" ] || $HOPD eval --model "$OUT/student" --teacher "$T" --task chat:prompts --split $split \
+  slot; [ -f "$OUT/student_$split.json" ] || $HOPD eval --model "$OUT/student" --teacher "$T" --task chat:prompts --split $split \
       --n "$EVAL_N" --budget 128 --kl-n "$EVAL_N" --quiet --out "$OUT/student_$split.json" \
       > "$OUT/student_$split.log" 2>&1 &
 done
 for s in $SEEDS; do
-  [ -f "$OUT/warm_s$s/model/config.json" ] || $HOPD distill --out "$OUT/warm_s$s" \
+  slot; [ -f "$OUT/warm_s$s/model/config.json" ] || $HOPD distill --out "$OUT/warm_s$s" \
       student="$OUT/student" loss.kind=sft max_steps="$WARM_STEPS" optim.lr=1e-4 \
       eval_every="$WARM_STEPS" sampling.ahead="$WARM_STEPS" grad_accum=2 seed="$s" \
       "${COMMON[@]}" --quiet --overwrite > "$OUT/warm_s$s.log" 2>&1 &
@@ -73,7 +74,6 @@ run() {  # variant seed: the OPD stage from that seed's warm start, then its tes
 }
 for v in $VARIANTS; do for s in $SEEDS; do echo "$v $s"; done; done |
   { while read -r v s; do
-      while [ "$(jobs -rp | wc -l)" -ge "$JOBS" ]; do sleep 1; done
-      run "$v" "$s" &
+      slot; run "$v" "$s" &
     done; wait; }
 python "$(dirname "$0")/real_pair_table.py" "$OUT"

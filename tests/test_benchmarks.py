@@ -282,9 +282,14 @@ def test_real_pair_grid_recipe_variant_is_the_recipe():
 
 FAKE_HOPD = r'''
 """A stand-in for the hopd command: logs its arguments, writes what the grid reads."""
-import json, os, sys
+import json, os, sys, time
 from pathlib import Path
 args = sys.argv[1:]
+if os.environ.get("FAKE_SPANS"):  # when each call ran, for the concurrency check
+    start = time.time()
+    time.sleep(0.3)
+    with open(os.environ["FAKE_SPANS"], "a") as f:
+        f.write(json.dumps([start, time.time()]) + "\n")
 with open(os.environ["FAKE_LOG"], "a") as f:
     f.write(json.dumps(args) + "\n")
 opt = {a: b for a, b in zip(args, args[1:]) if a.startswith("--")}
@@ -369,3 +374,23 @@ def test_real_pair_grid_runs_each_variant_and_seed_once(tmp_path):
     calls = [json.loads(line) for line in log.read_text().splitlines()]
     assert [c[:3] for c in calls] == [["distill", "--resume", f"{out}/b4x480_s0"],
                                       ["eval", "--model", f"{out}/b4x480_s0/model"]], calls
+
+
+@pytest.mark.parametrize("jobs", [1, 2])
+def test_real_pair_grid_runs_at_most_jobs_at_once(tmp_path, jobs):
+    """JOBS bounds every phase of the grid, the pruned student's readings and the warm starts
+    included. On a 2-core CPU the pruned student's val reading took 3.5 minutes alone; side by
+    side with its test reading and a warm start (three processes of two threads each) neither
+    reading had finished after 17 minutes."""
+    fake, log, spans = tmp_path / "fake_hopd.py", tmp_path / "calls.jsonl", tmp_path / "spans"
+    fake.write_text(FAKE_HOPD)
+    env = {**os.environ, "FAKE_LOG": str(log), "FAKE_SPANS": str(spans),
+           "HOPD": f"{sys.executable} {fake}", "SEEDS": "0 1", "VARIANTS": "recipe"}
+    proc = subprocess.run(["bash", str(ROOT / "benchmarks" / "real_pair_grid.sh"), "T.gguf",
+                           str(tmp_path / "grid"), str(jobs)], capture_output=True, text=True,
+                          env=env, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:] + proc.stdout[-2000:]
+    runs = [json.loads(line) for line in spans.read_text().splitlines()]
+    assert len(runs) == 9  # prune, two readings, two warm starts, two runs and their tests
+    most = max(sum(a <= t < b for a, b in runs) for t, _ in runs)
+    assert most == jobs, (most, runs)
