@@ -4,8 +4,9 @@
 # real-pair issue (held-out reverse KL at most half the pruned student's, teacher NLL below it,
 # distinct-2 >= 0.5, no answer mostly one token). Each seed has its own warm start; every OPD
 # run is read on 32 `val` prompts halfway and at its end, then on 32 `test` prompts (hopd
-# eval): choose on val, then read test. The table and grid.png come from benchmarks/real_pair_table.py, which can also be
-# run on a grid that was stopped (finished readings only). Run again on the same OUT, the grid
+# eval): choose on val, then read test. The table and grid.png come from
+# benchmarks/real_pair_table.py, which can also be run on a grid that was stopped (finished
+# readings only). Run again on the same OUT, the grid
 # skips the prune, warm starts and runs that finished, and resumes a run that a signal stopped
 # from its checkpoint. On a lent H200 12 runs side by side took 2.3 s a step each, 5.2 steps a
 # second together (2026-12-04), so the default grid's 3,600 OPD steps are about 12 minutes
@@ -26,11 +27,12 @@ declare -A VARIANT=(
   [steps480]="480 optim.lr=2e-4 loss.unlikelihood=0.1"
   [b4x480]="480 optim.lr=2e-4 loss.unlikelihood=0.1 batch_size=4"  # same rollouts, 2x updates
   # added after the first grid's step-120 val readings (no test read): the recipe at the rate
-  # the horizon study chose for OPD on val; the same cost as the recipe
+  # the horizon study chose for OPD on val; the same cost as the recipe (one CPU run read
+  # behind the recipe at step 120: BENCHMARKS)
   [lr3e-4]="240 optim.lr=3e-4 loss.unlikelihood=0.1"
   # on-policy forward KL (the teacher's whole distribution at the student's tokens): in the
   # first recipe's full-horizon stage it gave the lowest teacher NLL of any try (0.821 against
-  # reverse KL's 0.989) and more loops; here the unlikelihood term takes the loops
+  # reverse KL's 0.989) and more loops; here with the unlikelihood term against them
   [fkl]="240 optim.lr=2e-4 loss.unlikelihood=0.1 loss.kind=fkl"
 )
 VARIANTS=${VARIANTS:-"steps480 recipe ul0.3 ul1.0"}  # the longest first
