@@ -6,9 +6,8 @@
 # run is read on 32 `val` prompts halfway and at its end, then on 32 `test` prompts (hopd
 # eval): choose on val, then read test. The table and grid.png come from
 # benchmarks/real_pair_table.py, which can also be run on a grid that was stopped (finished
-# readings only). Run again on the same OUT, the grid
-# skips the prune, warm starts and runs that finished, and resumes a run that a signal stopped
-# from its checkpoint. On a lent H200 12 runs side by side took 2.3 s a step each, 5.2 steps a
+# readings only). Run again on the same OUT, the grid skips the prune, warm starts and runs that
+# finished, and resumes a run that a signal stopped from its checkpoint. On a lent H200 12 runs side by side took 2.3 s a step each, 5.2 steps a
 # second together (2026-12-04), so the default grid's 3,600 OPD steps are about 12 minutes
 # there; on the 2-core CPU one run is the recipe's hour or more (JOBS=1).
 #   bash benchmarks/real_pair_grid.sh TEACHER OUT [JOBS]

@@ -317,6 +317,13 @@ elif args[0] == "distill":
 '''
 
 
+def run_grid(out: Path, jobs: int, env: dict) -> subprocess.CompletedProcess:
+    """benchmarks/real_pair_grid.sh on teacher "T.gguf" into `out`, `jobs` at a time."""
+    return subprocess.run(["bash", str(ROOT / "benchmarks" / "real_pair_grid.sh"), "T.gguf",
+                           str(out), str(jobs)], capture_output=True, text=True, env=env,
+                          timeout=120)
+
+
 def test_real_pair_grid_runs_each_variant_and_seed_once(tmp_path):
     """benchmarks/real_pair_grid.sh with a stand-in hopd: one prune with the named layers, the
     pruned student read on both splits, one warm start per seed, each variant from each seed's
@@ -327,8 +334,7 @@ def test_real_pair_grid_runs_each_variant_and_seed_once(tmp_path):
     fake.write_text(FAKE_HOPD)
     env = {**os.environ, "FAKE_LOG": str(log), "HOPD": f"{sys.executable} {fake}",
            "SEEDS": "0 1", "VARIANTS": "recipe b4x480"}
-    proc = subprocess.run(["bash", str(ROOT / "benchmarks" / "real_pair_grid.sh"), "T.gguf",
-                           str(out), "3"], capture_output=True, text=True, env=env, timeout=120)
+    proc = run_grid(out, 3, env)
     assert proc.returncode == 0, proc.stderr[-2000:] + proc.stdout[-2000:]
     calls = [json.loads(line) for line in log.read_text().splitlines()]
     prune = [c for c in calls if c[0] == "prune"]
@@ -357,8 +363,7 @@ def test_real_pair_grid_runs_each_variant_and_seed_once(tmp_path):
     # again on the same folder: nothing to redo but the one run whose test reading is gone
     (out / "recipe_s1" / "test.json").unlink()
     log.unlink()
-    again = subprocess.run(["bash", str(ROOT / "benchmarks" / "real_pair_grid.sh"), "T.gguf",
-                            str(out), "3"], capture_output=True, text=True, env=env, timeout=120)
+    again = run_grid(out, 3, env)
     assert again.returncode == 0, again.stderr[-2000:]
     calls = [json.loads(line) for line in log.read_text().splitlines()]
     assert [(c[0], c[2]) for c in calls] == [("distill", f"{out}/recipe_s1"),
@@ -368,8 +373,7 @@ def test_real_pair_grid_runs_each_variant_and_seed_once(tmp_path):
     (out / "b4x480_s0" / "test.json").unlink()
     (out / "b4x480_s0" / "checkpoints" / "step_100").mkdir(parents=True)
     log.unlink()
-    again = subprocess.run(["bash", str(ROOT / "benchmarks" / "real_pair_grid.sh"), "T.gguf",
-                            str(out), "3"], capture_output=True, text=True, env=env, timeout=120)
+    again = run_grid(out, 3, env)
     assert again.returncode == 0, again.stderr[-2000:]
     calls = [json.loads(line) for line in log.read_text().splitlines()]
     assert [c[:3] for c in calls] == [["distill", "--resume", f"{out}/b4x480_s0"],
@@ -386,9 +390,7 @@ def test_real_pair_grid_runs_at_most_jobs_at_once(tmp_path, jobs):
     fake.write_text(FAKE_HOPD)
     env = {**os.environ, "FAKE_LOG": str(log), "FAKE_SPANS": str(spans),
            "HOPD": f"{sys.executable} {fake}", "SEEDS": "0 1", "VARIANTS": "recipe"}
-    proc = subprocess.run(["bash", str(ROOT / "benchmarks" / "real_pair_grid.sh"), "T.gguf",
-                           str(tmp_path / "grid"), str(jobs)], capture_output=True, text=True,
-                          env=env, timeout=120)
+    proc = run_grid(tmp_path / "grid", jobs, env)
     assert proc.returncode == 0, proc.stderr[-2000:] + proc.stdout[-2000:]
     runs = [json.loads(line) for line in spans.read_text().splitlines()]
     assert len(runs) == 9  # prune, two readings, two warm starts, two runs and their tests
