@@ -209,7 +209,8 @@ def train(ctx: RunContext, bar: Bar) -> tuple[int, int]:
                                     cfg, sampler=ctx.sampler, vocab=ctx.inp.vocab,
                                     teacher_prompts=batch.teacher_prompts,
                                     row_seeds=batch.row_seeds, dist=dist, learner=ctx.learner,
-                                    budget=ctx.budget, greedy=ctx.greedy)
+                                    budget=ctx.budget, greedy=ctx.greedy,
+                                    unlearn=batch.step % cfg.loss.unlikelihood_every == 0)
             except TeacherUnavailable as e:
                 with flag.saving():
                     ctx.save(batch.step)
@@ -313,7 +314,7 @@ def record(ctx: RunContext, batch: Batch, st: StepStats, step_time: float) -> di
         "lr": batch.lr, "grad_norm": st.grad_norm, "skipped": not st.finite,
         "rho_mean": st.rho_mean, "rho_max": st.rho_max, "act_mem_mb": st.act_mem_mb,
         **({"ul_loss": st.ul_loss, "greedy_repeats": st.greedy_repeats}
-           if ctx.cfg.loss.unlikelihood else {}),
+           if st.greedy_tokens else {}),  # the steps that ran loss.unlikelihood
         "peak_mem_mb": peak_memory_mb(ctx.dist.device), **ctx.totals,
     }
 

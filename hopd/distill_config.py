@@ -47,6 +47,11 @@ class LossConfig:
     # it has started)
     unlikelihood: float = 0.0  # weight of -log(1 - s(y)) on greedy answers' repeats (0: off)
     unlikelihood_n: int = 4  # n of the repeated n-grams it penalises
+    # the greedy answers' length: at H they hold few of the loops that a full-budget answer
+    # falls into (on the real pair 12% of the repeated 4-grams' tokens lay in the first 32 of
+    # 128); longer answers cost a decode and a pass as long, which `_every` spreads out
+    unlikelihood_horizon: int = 0  # greedy answers' tokens for the term (0: the step's H)
+    unlikelihood_every: int = 1  # add the term every N steps (its greedy answers only then)
 
     @property
     def teacher_rollouts(self) -> bool:
@@ -72,6 +77,11 @@ class LossConfig:
                 f"loss.unlikelihood={self.unlikelihood}: must be >= 0 (0: off; e.g. 1.0)")
         C.check(self.unlikelihood_n >= 1,
                 f"loss.unlikelihood_n={self.unlikelihood_n}: must be >= 1 (e.g. 4)")
+        C.check(self.unlikelihood_horizon >= 0,
+                f"loss.unlikelihood_horizon={self.unlikelihood_horizon}: must be >= 0 (0: the "
+                "step's H; e.g. the budget)")
+        C.check(self.unlikelihood_every >= 1,
+                f"loss.unlikelihood_every={self.unlikelihood_every}: must be >= 1 (1: every step)")
 
 
 @dataclass
@@ -286,6 +296,9 @@ class DistillConfig:
                         f"{name}={v!r}: use auto, cpu, cuda or cuda:N")
         for section in (self.loss, self.sampling, self.optim):
             section.validate()
+        C.check(not self.budget or self.loss.unlikelihood_horizon <= self.budget,
+                f"loss.unlikelihood_horizon={self.loss.unlikelihood_horizon}: above budget="
+                f"{self.budget}; at most the budget (0: the step's H)")
         self.horizon.validate(self.budget or None)
 
 

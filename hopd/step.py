@@ -81,7 +81,8 @@ def opd_step(student: PreTrainedModel, teacher: Teacher | PreTrainedModel,
              *, sampler: Sampler, vocab: int, teacher_prompts: list[list[int]] | None = None,
              row_seeds: list[int] | None = None, dist: Dist | None = None,
              learner: torch.nn.Module | None = None, budget: int = 0,
-             greedy: Sampler | None = None) -> tuple[Rollout, TeacherScores, StepStats]:
+             greedy: Sampler | None = None, unlearn: bool = True
+             ) -> tuple[Rollout, TeacherScores, StepStats]:
     """One optimizer step of OPD at horizon H; returns the rollout, the teacher's scores and the
     step's stats.
 
@@ -89,8 +90,13 @@ def opd_step(student: PreTrainedModel, teacher: Teacher | PreTrainedModel,
     draws the rollouts (the student's; the teacher's for the SFT baseline and supervised KD);
     `learner` is the module that runs forward/backward (the DDP wrapper of `student` when
     distributed); `budget` is L, for the `constant` normaliser. `greedy` is the student's greedy
-    sampler, which loss.unlikelihood needs: its answers to the same prompts, to the same H.
+    sampler, which loss.unlikelihood needs: its answers to the same prompts, to H or to
+    loss.unlikelihood_horizon (at most `budget` when given); `unlearn=False` leaves the term out
+    of this step (loss.unlikelihood_every).
     """
+    ul_horizon = cfg.loss.unlikelihood_horizon or H
+    ul_horizon = min(ul_horizon, budget) if budget else ul_horizon
+    unlearn = bool(cfg.loss.unlikelihood) and unlearn
     if cfg.loss.unlikelihood and greedy is None:
         raise ValueError(f"loss.unlikelihood={cfg.loss.unlikelihood} needs the student's greedy "
                          "answers: pass greedy= (context.make_greedy builds it), or set "
@@ -99,12 +105,12 @@ def opd_step(student: PreTrainedModel, teacher: Teacher | PreTrainedModel,
     t0 = time.perf_counter()
     # 1. sample: <= H tokens per prompt
     with dist.full_weights(student):  # FSDP: the whole student on every rank while sampling
-        if cfg.loss.unlikelihood and getattr(greedy, "twin_of", None) is sampler:
+        if unlearn and ul_horizon == H and getattr(greedy, "twin_of", None) is sampler:
             # the twin's greedy answers decoded in the same batch as the rollouts
             rollout, answers = sampler.sample_with_greedy(prompts, H, row_seeds=row_seeds)
         else:
             rollout = sampler.sample(prompts, H, row_seeds=row_seeds)
-            answers = greedy.sample(prompts, H) if cfg.loss.unlikelihood else None
+            answers = greedy.sample(prompts, ul_horizon) if unlearn else None
     t1 = time.perf_counter()
     # 2. score: one teacher forward pass over prompt + response (SFT needs none)
     if cfg.loss.kind == "sft":

@@ -203,20 +203,27 @@ def test_unlikelihood_gradient_matches_brute_force(tokenizer, accum):
     assert stats["ul_tokens"] == int(r.attn_B_T[looped].sum()) < stats["greedy_tokens"]
 
 
-def test_an_opd_step_adds_the_unlikelihood_gradient_of_its_greedy_answers(tokenizer):
-    """opd_step with loss.unlikelihood: its gradient is the plain step's plus the term's on the
-    student's greedy answers to the same prompts at the same H (the greedy twin shares the
-    sampler's model), and the step reports the term."""
-    from hopd.distill_config import DistillConfig, OptimConfig
+def _greedy_setup(tokenizer):
+    """A float64 micro student and teacher, six prompts, the student's sampler and an
+    optimizer that leaves the gradients to be read (lr 0)."""
     from hopd.rollout import HFSampler
-    from hopd.step import opd_step, unlearn_repeats
 
     student = tiny_llama("micro", tokenizer, seed=1).double()
     teacher = tiny_llama("micro", tokenizer, seed=2).double().eval()
     prompts = [[1] + tokenizer(f"a={i}+{i};", add_special_tokens=False)["input_ids"]
                for i in range(6)]
     sampler = HFSampler(student, 14, 0)
-    opt = torch.optim.SGD(student.parameters(), lr=0.0)  # the gradients stay to be read
+    return student, teacher, prompts, sampler, torch.optim.SGD(student.parameters(), lr=0.0)
+
+
+def test_an_opd_step_adds_the_unlikelihood_gradient_of_its_greedy_answers(tokenizer):
+    """opd_step with loss.unlikelihood: its gradient is the plain step's plus the term's on the
+    student's greedy answers to the same prompts at the same H (the greedy twin shares the
+    sampler's model), and the step reports the term."""
+    from hopd.distill_config import DistillConfig, OptimConfig
+    from hopd.step import opd_step, unlearn_repeats
+
+    student, teacher, prompts, sampler, opt = _greedy_setup(tokenizer)
     grads, stats = {}, {}
     for weight in (0.0, 0.5):
         cfg = DistillConfig(loss=LossConfig(kind="rkl", unlikelihood=weight, unlikelihood_n=2),
@@ -239,3 +246,66 @@ def test_an_opd_step_adds_the_unlikelihood_gradient_of_its_greedy_answers(tokeni
     with pytest.raises(ValueError, match="greedy="):  # the term asked for, without its answers
         opd_step(student, teacher, opt, prompts, 12, cfg, sampler=sampler, vocab=len(tokenizer))
     assert torch.equal(_grads(student), before)  # raised before any pass
+
+
+def test_the_unlikelihood_term_reads_answers_to_its_own_horizon_and_skips_when_told(tokenizer):
+    """loss.unlikelihood_horizon: the greedy answers run to that many tokens (capped at the
+    budget), not to the step's H; unlearn=False (loss.unlikelihood_every) leaves the term, and
+    its greedy decode, out of the step."""
+    from hopd.distill_config import DistillConfig, OptimConfig
+    from hopd.step import opd_step, unlearn_repeats
+
+    student, teacher, prompts, sampler, opt = _greedy_setup(tokenizer)
+
+    def step(budget=0, unlearn=True, weight=0.5):
+        cfg = DistillConfig(loss=LossConfig(kind="rkl", unlikelihood=weight, unlikelihood_n=2,
+                                            unlikelihood_horizon=30),
+                            optim=OptimConfig(grad_clip=1e9))
+        _, _, st = opd_step(student, teacher, opt, prompts, 8, cfg, sampler=sampler,
+                            vocab=len(tokenizer), greedy=sampler.greedy_twin(), budget=budget,
+                            row_seeds=list(range(6)), unlearn=unlearn)
+        return st, _grads(student)
+
+    for budget, length in ((0, 30), (20, 20)):  # 30 tokens; the budget caps it
+        st, _ = step(budget)
+        student.zero_grad(set_to_none=True)
+        answers = sample(student, prompts, length, eos_id=14, pad_id=0, greedy=True)
+        assert answers.response_ids_B_R.size(1) > 8  # longer than the step's H
+        ul = unlearn_repeats(student, answers, LossConfig(unlikelihood=0.5, unlikelihood_n=2),
+                             vocab=len(tokenizer))
+        assert ul["ul_loss"] > 0 and st.ul_loss == pytest.approx(ul["ul_loss"], rel=1e-9)
+        assert st.greedy_tokens == int(answers.attn_B_T.sum())
+    off, g_off = step(unlearn=False)
+    plain, g_plain = step(weight=0.0)
+    assert off.greedy_tokens == 0 and off.ul_loss == 0.0  # no greedy decode, no term
+    assert torch.equal(g_off, g_plain)
+
+
+def test_loss_unlikelihood_every_runs_the_term_on_every_nth_step(tmp_path, micro_pair):
+    from hopd.cli import main
+    from hopd.progress import read_metrics
+
+    s, t = micro_pair
+    run = tmp_path / "run"
+    assert main(["distill", "--out", str(run), "--quiet", f"student={s}", f"teacher={t}",
+                 "data=chain:tiny", "batch_size=4", "eval_n=4", "diag_every=0", "threads=1",
+                 "max_steps=5", "eval_every=0", "loss.kind=rkl", "loss.unlikelihood=0.5",
+                 "loss.unlikelihood_n=1", "loss.unlikelihood_every=2"]) == 0
+    steps = [r for r in read_metrics(run / "metrics.jsonl") if "loss" in r]
+    assert [r["step"] for r in steps] == [1, 2, 3, 4, 5]
+    assert [r["step"] for r in steps if "ul_loss" in r] == [1, 3, 5]
+
+
+@pytest.mark.parametrize("arg,match", [("loss.unlikelihood_every=0", "unlikelihood_every"),
+                                       ("loss.unlikelihood_horizon=-1", "unlikelihood_horizon"),
+                                       ("loss.unlikelihood_horizon=65", "above budget=64")])
+def test_bad_unlikelihood_settings_are_refused_before_any_work(tmp_path, micro_pair, capsys,
+                                                               arg, match):
+    from hopd.cli import main
+
+    s, t = micro_pair
+    run = tmp_path / "run"
+    assert main(["distill", "--out", str(run), f"student={s}", f"teacher={t}",
+                 "data=chain:tiny", "budget=64", "loss.unlikelihood=0.5", arg]) == 2
+    assert match in capsys.readouterr().err
+    assert not run.exists()
