@@ -5,9 +5,12 @@ forcing), and the script prints, for the looping answers (`hopd.quality.loops`) 
 the teacher's NLL per token in each answer's first and second half, how often the teacher's own
 top-1 token is the one the student wrote, how many answers go on past a position where the
 teacher's top-1 was EOS ("missed stops"), and where each looping answer's first repeated 4-gram
-starts (within H, the unlikelihood term sees it). Then the teacher itself continues each
-looping answer greedily from the student's first k tokens, and the script counts how many of
-those continuations loop: if the teacher loops too, the loop was decided by the first k tokens.
+starts (within H, the unlikelihood term sees it), and how many of all answers' repeated
+4-gram tokens lie inside the first H tokens (`--horizon`; the unlikelihood term's greedy
+answers reach H unless `loss.unlikelihood_horizon` is set) and how many past it. Then the
+teacher itself continues each looping answer greedily from the student's first k tokens, and
+the script counts how many of those continuations loop: if the teacher loops too, the loop was
+decided by the first k tokens.
 `--against B` reads a second student on the same prompts and compares the two on the prompts
 where neither loops (`paired`).
 
@@ -63,6 +66,20 @@ def first_repeat(answer: list[int], n: int = 4) -> int:
     ids = torch.tensor([answer])
     at = repeated_ngrams(ids, torch.ones_like(ids), n)[0].nonzero()
     return int(at[0]) if len(at) else -1
+
+
+def repeats_inside(answers: list[list[int]], horizon: int, n: int = 4) -> tuple[int, int]:
+    """Of all `answers`' tokens inside a repeated n-gram (`losses.repeated_ngrams`: the tokens
+    loss.unlikelihood pushes down), how many lie in an answer's first `horizon` tokens, and how
+    many past them."""
+    inside = past = 0
+    for a in answers:
+        if a:
+            ids = torch.tensor([a])
+            marks = repeated_ngrams(ids, torch.ones_like(ids), n)[0]
+            inside += int(marks[:horizon].sum())
+            past += int(marks[horizon:].sum())
+    return inside, past
 
 
 def read_answer(tokens: list[int], teacher_logp: list[float], teacher_top1: list[int],
@@ -154,6 +171,8 @@ def main() -> None:
                     help="eval: both halves of the held-out prompts")
     ap.add_argument("--n", type=int, default=32, help="held-out prompts")
     ap.add_argument("--budget", type=int, default=128)
+    ap.add_argument("--horizon", type=int, default=32,
+                    help="count the repeated 4-grams' tokens inside and past this many tokens")
     ap.add_argument("--prefixes", default="8,16,32",
                     help="the teacher continues looping answers after these many tokens")
     ap.add_argument("--against", default="",
@@ -172,6 +191,8 @@ def main() -> None:
               "distinct_2": distinct_n([strip_eos(a, eos) for a in answers]),
               "looping": summary([r for r in readings if r.loops]),
               "loop_starts": sorted(readings[i].first_repeat for i in looping),
+              "repeats_inside_past": repeats_inside([strip_eos(a, eos) for a in answers],
+                                                    args.horizon),
               "other": summary([r for r in readings if not r.loops]),
               "teacher_continues": {}}
     for k in [int(x) for x in args.prefixes.split(",") if x]:
@@ -195,6 +216,9 @@ def main() -> None:
         print(f"| {name} | {s['answers']} | {s['nll_first_half']:.3f} | {s['nll_second_half']:.3f}"
               f" | {s['teacher_top1_agrees']:.2f} | {s['missed_stops']} |")
     print(f"the looping answers' first repeated 4-gram starts at token {result['loop_starts']}")
+    inside, past = result["repeats_inside_past"]
+    print(f"of all answers' {inside + past} tokens inside a repeated 4-gram, {inside} lie in the "
+          f"first {args.horizon} tokens, {past} past them")
     for k, v in result["teacher_continues"].items():
         print(f"the teacher, continuing the {len(looping)} looping answers after their first {k}"
               f" tokens, loops on {v}")

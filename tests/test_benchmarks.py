@@ -73,6 +73,8 @@ def test_loop_anatomy_reads_an_answer_by_hand():
     # "5 6 5 6" first ends at 4; the one starting at 2 overlaps it, the one at 4 repeats it
     assert r.first_repeat == 4 and la.first_repeat([1, 2, 3, 4, 1, 2, 3]) == -1
     assert la.first_repeat([7, 1, 2, 3, 4, 9, 1, 2, 3, 4]) == 6 and la.first_repeat([]) == -1
+    # 4-gram repeats: "5 6 5 6" x 5 marks tokens 4-19; in [7 1 2 3 4 9 1 2 3 4], 6-9
+    assert la.repeats_inside([loop, [7, 1, 2, 3, 4, 9, 1, 2, 3, 4], []], 8) == (4 + 2, 12 + 2)
     assert r.nll_first == [0.5] * 10 and r.nll_second == [0.1] * 10
     assert sum(r.teacher_agrees) == 1  # position 0 only: then EOS, then out of phase
     ended = [1, 2, 3, eos]  # stops where the teacher's top-1 is EOS: no missed stop
@@ -108,6 +110,9 @@ def test_loop_anatomy_runs_on_the_testbed_pair():
     # leave the teacher's top-1 agreeing with few of its tokens
     assert res["other"]["teacher_top1_agrees"] > 0.9
     assert "missed stops" in proc.stdout
+    inside, past = res["repeats_inside_past"]  # the default horizon, 32, of 48 tokens
+    assert f"{inside + past} tokens inside a repeated 4-gram, {inside} lie in the first 32" in \
+        proc.stdout
     # against itself: the same greedy answers, so no difference on any prompt
     p = res["paired"]
     assert p["prompts"] == res["other"]["answers"] and p["nll_diff"] == 0 and p["b_worse_on"] == 0
