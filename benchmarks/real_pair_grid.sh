@@ -33,6 +33,11 @@ declare -A VARIANT=(
   # first recipe's full-horizon stage it gave the lowest teacher NLL of any try (0.821 against
   # reverse KL's 0.989) and more loops; here with the unlikelihood term against them
   [fkl]="240 optim.lr=2e-4 loss.unlikelihood=0.1 loss.kind=fkl"
+  # added before any run of it: the term's greedy answers to the full 128 tokens, on every 4th
+  # step. At H = 32 they hold few of the loops' repeated tokens (a run's val answers: 66 of
+  # 535 in the first 32; benchmarks/loop_anatomy.py); every 4th step keeps about the recipe's
+  # cost per step (a 128-token decode and pass a quarter of the time)
+  [ul128e4]="240 optim.lr=2e-4 loss.unlikelihood=0.1 loss.unlikelihood_horizon=128 loss.unlikelihood_every=4"
 )
 VARIANTS=${VARIANTS:-"steps480 recipe ul0.3 ul1.0"}  # the longest first
 mkdir -p "$OUT"
