@@ -57,29 +57,27 @@ def strip_eos(answer: list[int], eos: int) -> list[int]:
     return [t for t in answer if t != eos]
 
 
+def repeat_marks(answer: list[int], n: int = 4) -> torch.Tensor:
+    """(len(answer),) bool: the tokens of `answer` inside a repeated n-gram (an n-gram that
+    occurred, whole, earlier: the tokens loss.unlikelihood pushes down,
+    `losses.repeated_ngrams`)."""
+    ids = torch.tensor([answer], dtype=torch.long)
+    return repeated_ngrams(ids, torch.ones_like(ids), n)[0]
+
+
 def first_repeat(answer: list[int], n: int = 4) -> int:
-    """The position where `answer`'s first repeated n-gram starts (an n-gram that occurred,
-    whole, earlier: the tokens loss.unlikelihood pushes down, `losses.repeated_ngrams`); -1 when
+    """The position where `answer`'s first repeated n-gram starts (`repeat_marks`); -1 when
     none repeats."""
-    if not answer:
-        return -1
-    ids = torch.tensor([answer])
-    at = repeated_ngrams(ids, torch.ones_like(ids), n)[0].nonzero()
+    at = repeat_marks(answer, n).nonzero() if answer else []
     return int(at[0]) if len(at) else -1
 
 
 def repeats_inside(answers: list[list[int]], horizon: int, n: int = 4) -> tuple[int, int]:
-    """Of all `answers`' tokens inside a repeated n-gram (`losses.repeated_ngrams`: the tokens
-    loss.unlikelihood pushes down), how many lie in an answer's first `horizon` tokens, and how
-    many past them."""
-    inside = past = 0
-    for a in answers:
-        if a:
-            ids = torch.tensor([a])
-            marks = repeated_ngrams(ids, torch.ones_like(ids), n)[0]
-            inside += int(marks[:horizon].sum())
-            past += int(marks[horizon:].sum())
-    return inside, past
+    """Of all `answers`' tokens inside a repeated n-gram (`repeat_marks`), how many lie in an
+    answer's first `horizon` tokens, and how many past them."""
+    marks = [repeat_marks(a, n) for a in answers if a]
+    return (sum(int(m[:horizon].sum()) for m in marks),
+            sum(int(m[horizon:].sum()) for m in marks))
 
 
 def read_answer(tokens: list[int], teacher_logp: list[float], teacher_top1: list[int],

@@ -7,9 +7,10 @@
 # eval): choose on val, then read test. The table and grid.png come from
 # benchmarks/real_pair_table.py, which can also be run on a grid that was stopped (finished
 # readings only). Run again on the same OUT, the grid skips the prune, warm starts and runs that
-# finished, and resumes a run that a signal stopped from its checkpoint. On a lent H200 12 runs side by side took 2.3 s a step each, 5.2 steps a
-# second together (2026-12-04), so the default grid's 3,600 OPD steps are about 12 minutes
-# there; on the 2-core CPU one run is the recipe's hour or more (JOBS=1).
+# finished, and resumes a run that a signal stopped from its checkpoint. On a lent H200 12 runs
+# side by side took 2.3 s a step each, 5.2 steps a second together (2026-12-04), so the default
+# grid's 3,600 OPD steps are about 12 minutes there; on the 2-core CPU one run is the recipe's
+# hour or more (JOBS=1).
 #   bash benchmarks/real_pair_grid.sh TEACHER OUT [JOBS]
 #   TEACHER: smollm2:135m-instruct, a .gguf file or a folder. Environment: SEEDS (default
 #   "0 1 2"), VARIANTS (names below), WARM_STEPS (40), EVAL_N (32), STEPS_CAP (0; at most this
@@ -35,7 +36,7 @@ declare -A VARIANT=(
   [fkl]="240 optim.lr=2e-4 loss.unlikelihood=0.1 loss.kind=fkl"
   # added before any run of it: the term's greedy answers to the full 128 tokens, on every 4th
   # step. At H = 32 they hold few of the loops' repeated tokens (a run's val answers: 66 of
-  # 535 in the first 32; benchmarks/loop_anatomy.py); every 4th step keeps about the recipe's
+  # 536 in the first 32; benchmarks/loop_anatomy.py); every 4th step keeps about the recipe's
   # cost per step (a 128-token decode and pass a quarter of the time)
   [ul128e4]="240 optim.lr=2e-4 loss.unlikelihood=0.1 loss.unlikelihood_horizon=128 loss.unlikelihood_every=4"
 )
