@@ -2,15 +2,15 @@
 # The real-pair recipe (benchmarks/real_pair.sh) over several seeds and a few variants of its OPD
 # stage, JOBS processes at a time in every phase: how reliably each meets the marks of the
 # real-pair issue (held-out reverse KL at most half the pruned student's, teacher NLL below it,
-# distinct-2 >= 0.5, no answer mostly one token). Each seed has its own warm start; every OPD
-# run is read on 32 `val` prompts halfway and at its end, then on 32 `test` prompts (hopd
-# eval): choose on val, then read test. The table and grid.png come from
-# benchmarks/real_pair_table.py, which can also be run on a grid that was stopped (finished
-# readings only). Run again on the same OUT, the grid skips the prune, warm starts and runs that
-# finished, and resumes a run that a signal stopped from its checkpoint. On a lent H200 12 runs
-# side by side took 2.3 s a step each, 5.2 steps a second together (2026-12-04), so the default
-# grid's 3,600 OPD steps are about 12 minutes there; on the 2-core CPU one run is the recipe's
-# hour or more (JOBS=1).
+# distinct-2 >= 0.5, no answer mostly one token). Each seed has its own warm start (a variant
+# may have its own: WARM); every OPD run is read on 32 `val` prompts halfway and at its end,
+# then on 32 `test` prompts (hopd eval): choose on val, then read test. The table and grid.png
+# come from benchmarks/real_pair_table.py, which can also be run on a grid that was stopped
+# (finished readings only). Run again on the same OUT, the grid skips the prune, warm starts and
+# runs that finished, and resumes a run that a signal stopped from its checkpoint. On a lent H200
+# 12 runs side by side took 2.3 s a step each, 5.2 steps a second together (2026-12-04), so the
+# default grid's 3,600 OPD steps are about 12 minutes there; on the 2-core CPU one run is the
+# recipe's hour or more (JOBS=1).
 #   bash benchmarks/real_pair_grid.sh TEACHER OUT [JOBS]
 #   TEACHER: smollm2:135m-instruct, a .gguf file or a folder. Environment: SEEDS (default
 #   "0 1 2"), VARIANTS (names below), WARM_STEPS (40), EVAL_N (32), STEPS_CAP (0; at most this
@@ -39,6 +39,15 @@ declare -A VARIANT=(
   # 536 in the first 32; benchmarks/loop_anatomy.py); every 4th step keeps about the recipe's
   # cost per step (a 128-token decode and pass a quarter of the time)
   [ul128e4]="240 optim.lr=2e-4 loss.unlikelihood=0.1 loss.unlikelihood_horizon=128 loss.unlikelihood_every=4"
+  # added after b4x480's run, before any of its own: the recipe's OPD stage from a warm start
+  # that has the term too (WARM below): SFT on the teacher's answers beside unlikelihood on the
+  # student's greedy answers to the budget, Welleck et al.'s MLE + sequence-level unlikelihood
+  [sftul]="240 optim.lr=2e-4 loss.unlikelihood=0.1"
+)
+# A variant's own warm start: its extra settings (warm_<variant>_s<seed>); the others share
+# the plain one (warm_s<seed>)
+declare -A WARM=(
+  [sftul]="loss.unlikelihood=0.1"
 )
 VARIANTS=${VARIANTS:-"steps480 recipe ul0.3 ul1.0"}  # the longest first
 mkdir -p "$OUT"
@@ -54,15 +63,21 @@ for split in val test; do  # the pruned student, the marks' reference
       --n "$EVAL_N" --budget 128 --kl-n "$EVAL_N" --quiet --out "$OUT/student_$split.json" \
       > "$OUT/student_$split.log" 2>&1 &
 done
-for s in $SEEDS; do
-  slot; [ -f "$OUT/warm_s$s/model/config.json" ] || $HOPD distill --out "$OUT/warm_s$s" \
-      student="$OUT/student" loss.kind=sft max_steps="$WARM_STEPS" optim.lr=1e-4 \
-      eval_every="$WARM_STEPS" sampling.ahead="$WARM_STEPS" grad_accum=2 seed="$s" \
-      "${COMMON[@]}" --quiet --overwrite > "$OUT/warm_s$s.log" 2>&1 &
+warm() {  # the warm start a variant starts from: warm_s<seed>, or warm_<variant>_s<seed>
+  if [ -n "${WARM[$1]:-}" ]; then echo "warm_$1"; else echo warm; fi
+}
+for w in $(for v in $VARIANTS; do warm "$v"; done | sort -u); do
+  extra=(); [ "$w" = warm ] || extra=(${WARM[${w#warm_}]})
+  for s in $SEEDS; do
+    slot; [ -f "$OUT/${w}_s$s/model/config.json" ] || $HOPD distill --out "$OUT/${w}_s$s" \
+        student="$OUT/student" loss.kind=sft max_steps="$WARM_STEPS" optim.lr=1e-4 \
+        eval_every="$WARM_STEPS" sampling.ahead="$WARM_STEPS" grad_accum=2 seed="$s" \
+        "${COMMON[@]}" "${extra[@]}" --quiet --overwrite > "$OUT/${w}_s$s.log" 2>&1 &
+  done
 done
 wait
 run() {  # variant seed: the OPD stage from that seed's warm start, then its test evaluation
-  local dir="$OUT/$1_s$2" s=$2; set -- ${VARIANT[$1]}
+  local dir="$OUT/$1_s$2" s=$2 from; from="$OUT/$(warm "$1")_s$2/model"; set -- ${VARIANT[$1]}
   [ ! -f "$dir/test.json" ] || return 0  # finished by an earlier call on this OUT
   local steps=$1; shift
   [ "$STEPS_CAP" -eq 0 ] || [ "$steps" -le "$STEPS_CAP" ] || steps=$STEPS_CAP
@@ -70,7 +85,7 @@ run() {  # variant seed: the OPD stage from that seed's warm start, then its tes
     # stopped by a signal (hopd saves a checkpoint at once; `timeout` signals the whole group)
     $HOPD distill --resume "$dir" --quiet >> "$dir.log" 2>&1 || { echo "$dir failed"; return; }
   else
-    $HOPD distill --out "$dir" student="$OUT/warm_s$s/model" loss.kind=rkl max_steps="$steps" \
+    $HOPD distill --out "$dir" student="$from" loss.kind=rkl max_steps="$steps" \
         horizon.kind=truncated horizon.fraction=0.25 eval_every=$(( (steps + 1) / 2 )) \
         seed="$s" "${COMMON[@]}" "$@" --quiet --overwrite > "$dir.log" 2>&1 ||
         { echo "$dir failed"; return; }

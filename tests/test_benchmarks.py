@@ -333,20 +333,22 @@ def test_real_pair_grid_runs_each_variant_and_seed_once(tmp_path):
     """benchmarks/real_pair_grid.sh with a stand-in hopd: one prune with the named layers, the
     pruned student read on both splits, one warm start per seed, each variant from each seed's
     warm start with the variant's settings after the shared ones (so b4x480's batch 4 wins),
-    read halfway, then on test, and the table at the end; run again, it redoes only what did
-    not finish, and resumes a run that a signal stopped."""
+    read halfway, then on test, and the table at the end; a variant with its own warm start
+    (sftul) from that one; run again, it redoes only what did not finish, and resumes a run
+    that a signal stopped."""
     fake, log, out = tmp_path / "fake_hopd.py", tmp_path / "calls.jsonl", tmp_path / "grid"
     fake.write_text(FAKE_HOPD)
     env = {**os.environ, "FAKE_LOG": str(log), "HOPD": f"{sys.executable} {fake}",
-           "SEEDS": "0 1", "VARIANTS": "recipe b4x480"}
+           "SEEDS": "0 1", "VARIANTS": "recipe b4x480 sftul"}
     proc = run_grid(out, 3, env)
     assert proc.returncode == 0, proc.stderr[-2000:] + proc.stdout[-2000:]
     calls = [json.loads(line) for line in log.read_text().splitlines()]
     prune = [c for c in calls if c[0] == "prune"]
     assert len(prune) == 1 and prune[0][1] == "T.gguf" and "--keep" in prune[0]
     distill = {Path(c[c.index("--out") + 1]).name: c for c in calls if c[0] == "distill"}
-    assert sorted(distill) == ["b4x480_s0", "b4x480_s1", "recipe_s0", "recipe_s1",
-                               "warm_s0", "warm_s1"]
+    assert sorted(distill) == ["b4x480_s0", "b4x480_s1", "recipe_s0", "recipe_s1", "sftul_s0",
+                               "sftul_s1", "warm_s0", "warm_s1", "warm_sftul_s0",
+                               "warm_sftul_s1"]
 
     def last(call, key):
         return [a.split("=", 1)[1] for a in call if a.startswith(key + "=")][-1]
@@ -354,6 +356,10 @@ def test_real_pair_grid_runs_each_variant_and_seed_once(tmp_path):
     assert last(distill["warm_s1"], "loss.kind") == "sft" and last(distill["warm_s1"],
                                                                    "seed") == "1"
     assert last(distill["recipe_s1"], "student") == f"{out}/warm_s1/model"
+    assert last(distill["sftul_s1"], "student") == f"{out}/warm_sftul_s1/model"
+    assert last(distill["warm_sftul_s1"], "loss.unlikelihood") == "0.1"
+    assert last(distill["warm_sftul_s1"], "seed") == "1"
+    assert not any(a.startswith("loss.unlikelihood") for a in distill["warm_s1"])
     assert [last(distill["recipe_s0"], k) for k in ("max_steps", "eval_every", "batch_size",
                                                     "loss.unlikelihood")] == [
         "240", "120", "8", "0.1"]
@@ -362,7 +368,7 @@ def test_real_pair_grid_runs_each_variant_and_seed_once(tmp_path):
     evals = sorted(Path(c[c.index("--model") + 1]).parent.name + ":" + c[c.index("--split") + 1]
                    for c in calls if c[0] == "eval")
     assert evals == ["b4x480_s0:test", "b4x480_s1:test", "grid:test", "grid:val",
-                     "recipe_s0:test", "recipe_s1:test"]
+                     "recipe_s0:test", "recipe_s1:test", "sftul_s0:test", "sftul_s1:test"]
     assert "| recipe | val | 2 | 0.500 | 0.500 | 0.500 | 2 of 2 |" in proc.stdout
     assert "| b4x480 | test | 2 | 0.550 | 0.550 | 0.550 | 2 of 2 |" in proc.stdout
     # again on the same folder: nothing to redo but the one run whose test reading is gone
