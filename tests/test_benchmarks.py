@@ -285,6 +285,28 @@ def test_real_pair_grid_recipe_variant_is_the_recipe():
                                                "horizon.fraction=0.25", "loss.kind=rkl"))
 
 
+def test_real_pair_grid_variants_are_valid_configs():
+    """Every variant's settings, after the grid's shared ones and its run's own, load as a
+    config (a misspelt key or a refused combination fails here, not an hour into a CPU run), and
+    keep the recipe's horizon; t40 stops on its time budget."""
+    from hopd.distill_config import load_config
+
+    grid = (ROOT / "benchmarks" / "real_pair_grid.sh").read_text()
+    table = re.search(r"declare -A VARIANT=\((.*?)\n\)", grid, re.S).group(1)
+    variants = dict(re.findall(r'^\s*\[([\w.-]+)\]="([^"]*)"', table, re.M))
+    assert {"recipe", "steps360", "t40", "b4x480", "sftul"} <= set(variants)
+    shared = ["teacher=T.gguf", "data=chat:prompts", "budget=128", "batch_size=8",
+              "optim.warmup_steps=3", "eval_split=val", "eval_n=32", "eval_kl_n=32",
+              "diag_every=0", "student=S", "loss.kind=rkl", "horizon.kind=truncated",
+              "horizon.fraction=0.25"]
+    for name, spec in variants.items():
+        steps, *ours = spec.split()
+        cfg = load_config(None, [*shared, f"max_steps={steps}", *ours])
+        assert cfg.max_steps == int(steps) and cfg.horizon.kind == "truncated", name
+    t40 = load_config(None, [*shared, *variants["t40"].split()[1:]])
+    assert t40.max_time_s == 2400 and t40.loss.unlikelihood == 0.1
+
+
 FAKE_HOPD = r'''
 """A stand-in for the hopd command: logs its arguments, writes what the grid reads."""
 import json, os, sys, time
