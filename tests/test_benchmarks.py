@@ -305,6 +305,7 @@ def test_real_pair_grid_variants_are_valid_configs():
         assert cfg.max_steps == int(steps) and cfg.horizon.kind == "truncated", name
     t40 = load_config(None, [*shared, *variants["t40"].split()[1:]])
     assert t40.max_time_s == 2400 and t40.loss.unlikelihood == 0.1
+    assert variants["recipe"] == variants["t40"]  # the recipe since t40's runs
 
 
 FAKE_HOPD = r'''
@@ -382,9 +383,9 @@ def test_real_pair_grid_runs_each_variant_and_seed_once(tmp_path):
     assert last(distill["warm_sftul_s1"], "loss.unlikelihood") == "0.1"
     assert last(distill["warm_sftul_s1"], "seed") == "1"
     assert not any(a.startswith("loss.unlikelihood") for a in distill["warm_s1"])
-    assert [last(distill["recipe_s0"], k) for k in ("max_steps", "eval_every", "batch_size",
-                                                    "loss.unlikelihood")] == [
-        "240", "120", "8", "0.1"]
+    assert [last(distill["recipe_s0"], k) for k in ("max_steps", "max_time_s", "eval_every",
+                                                    "batch_size", "loss.unlikelihood")] == [
+        "480", "2400", "240", "8", "0.1"]
     assert [last(distill["b4x480_s0"], k) for k in ("max_steps", "eval_every",
                                                     "batch_size")] == ["480", "240", "4"]
     evals = sorted(Path(c[c.index("--model") + 1]).parent.name + ":" + c[c.index("--split") + 1]
