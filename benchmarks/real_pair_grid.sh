@@ -53,9 +53,9 @@ declare -A VARIANT=(
   [steps360]="360 optim.lr=2e-4 loss.unlikelihood=0.1"
   # added after steps360's seed-0 run, before any run of its own: the stage given 40 minutes
   # of training instead of a step count (at most 480 steps; the LR schedule follows the time
-  # spent), so that the recipe fits the hour on any 2-core machine and a faster one spends the
-  # time on more rollouts: about 357 steps where the recipe's stage takes 6.7 s a step, about
-  # 250 where it takes 9.6
+  # spent), so that the stage costs the same time on any machine (the recipe's hour on the
+  # 2-core machines measured, not on the slowest) and a faster one spends it on more rollouts:
+  # about 357 steps where the recipe's stage takes 6.7 s a step, about 250 where it takes 9.6
   [t40]="480 optim.lr=2e-4 loss.unlikelihood=0.1 max_time_s=2400"
 )
 # A variant's own warm start: its extra settings (warm_<variant>_s<seed>); the others share
