@@ -45,8 +45,8 @@ for stage in ("warm", "opd"):
             print("| teacher (val) | | | | | " + " | ".join(
                 f"{ref[k[5:]]:.3f}" if k[5:] in ref else "" for k in keys[3:]) + " | |")
 test = json.loads((out / "test.json").read_text())
-last = json.loads((out / "opd" / "metrics.jsonl").read_text().splitlines()[-1])["step"]
-print(f"| opd, test | {last} | " + " | ".join(f"{test[k[5:]]:.3f}" if k[5:] in test else ""
+# r: the OPD stage's last metrics line, where the loop above ends
+print(f"| opd, test | {r['step']} | " + " | ".join(f"{test[k[5:]]:.3f}" if k[5:] in test else ""
                                                for k in keys) + " | |")
 EOF
 for m in "$OUT/opd/model" $T; do

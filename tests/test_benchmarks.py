@@ -295,16 +295,18 @@ def test_real_pair_grid_variants_are_valid_configs():
     table = re.search(r"declare -A VARIANT=\((.*?)\n\)", grid, re.S).group(1)
     variants = dict(re.findall(r'^\s*\[([\w.-]+)\]="([^"]*)"', table, re.M))
     assert {"recipe", "steps360", "t40", "b4x480", "sftul"} <= set(variants)
-    shared = ["teacher=T.gguf", "data=chat:prompts", "budget=128", "batch_size=8",
-              "optim.warmup_steps=3", "eval_split=val", "eval_n=32", "eval_kl_n=32",
-              "diag_every=0", "student=S", "loss.kind=rkl", "horizon.kind=truncated",
-              "horizon.fraction=0.25"]
-    for name, spec in variants.items():
-        steps, *ours = spec.split()
-        cfg = load_config(None, [*shared, f"max_steps={steps}", *ours])
-        assert cfg.max_steps == int(steps) and cfg.horizon.kind == "truncated", name
-    t40 = load_config(None, [*shared, *variants["t40"].split()[1:]])
-    assert t40.max_time_s == 2400 and t40.loss.unlikelihood == 0.1
+    # the grid's shared settings and the run's own, as the grid writes them (those that name a
+    # shell variable aside: the models, the step counts)
+    fixed = re.search(r"COMMON=\((.*?)\)", grid, re.S).group(1) + grid.split("run() {", 1)[1]
+    shared = ["teacher=T.gguf", "student=S",
+              *re.findall(r"(?<![\w$])([a-z_.]+=[^\s$\"]+)", fixed)]
+    assert {"data=chat:prompts", "loss.kind=rkl", "horizon.fraction=0.25"} <= set(shared)
+    cfgs = {name: load_config(None, [*shared, f"max_steps={spec.split()[0]}",
+                                     *spec.split()[1:]]) for name, spec in variants.items()}
+    for name, cfg in cfgs.items():
+        assert cfg.max_steps == int(variants[name].split()[0]), name
+        assert cfg.horizon.kind == "truncated", name
+    assert cfgs["t40"].max_time_s == 2400 and cfgs["t40"].loss.unlikelihood == 0.1
     assert variants["recipe"] == variants["t40"]  # the recipe since t40's runs
 
 
